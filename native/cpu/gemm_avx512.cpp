@@ -1,0 +1,397 @@
+// AVX-512 kernels of the CPU matrix products (AVX-512F/DQ/BW/VL + FMA): the 14x32 micro-kernel and its
+// packing routines for the blocked sgemm, the small-M (decode) float path, and the fused NF4 paths.
+// Compiled with per-function target attributes (no -march), picked at run time by gemm.cpp.
+#include <immintrin.h>
+
+// GCC 12 reports the self-initialized _mm512_undefined_* inside its own intrinsics headers as
+// "maybe uninitialized" once they are inlined here; the warning is a known false positive.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include <cstring>
+
+#define TS_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+#include "cpu/gemm_blocked.h"
+
+namespace ts::cpu::detail {
+namespace {
+
+// In-place transpose of a 16x16 block held as 16 row vectors: afterwards r[c] is column c.
+TS_TARGET inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);      // per 128-bit lane: r_i0 r_{i+1}0 r_i1 r_{i+1}1
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);  //                    r_i2 r_{i+1}2 r_i3 r_{i+1}3
+  }
+  for (int i = 0; i < 16; i += 4) {  // rows i..i+3 of columns {c, c+4, c+8, c+12} in the 4 lanes
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);      // column 0 (+4, +8, +12)
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);  // column 1
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int h = 0; h < 2; h++) {  // h = 0: rows 0..7, h = 1: rows 8..15
+    const int i = 8 * h;
+    for (int c = 0; c < 4; c++) {
+      t[i + c] = _mm512_shuffle_f32x4(r[i + c], r[i + 4 + c], 0x88);      // columns c, c+8
+      t[i + 4 + c] = _mm512_shuffle_f32x4(r[i + c], r[i + 4 + c], 0xDD);  // columns c+4, c+12
+    }
+  }
+  for (int c = 0; c < 8; c++) {
+    r[c] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0x88);
+    r[c + 8] = _mm512_shuffle_f32x4(t[c], t[c + 8], 0xDD);
+  }
+}
+
+TS_TARGET inline __mmask16 first_lanes(int n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+TS_TARGET inline __m512 nf4_lut() { return _mm512_loadu_ps(NF4_LEVELS); }
+
+// 16 dequantized weights in natural order from 8 code bytes (high nibble first): each byte is doubled,
+// widened to two lanes and shifted by 4 / 0, and vpermps reads only the low 4 bits of the index.
+TS_TARGET inline __m512 nf4_decode16(const uint8_t* codes, __m512 lut, __m512 absmax) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
+  const __m512i lanes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(bytes, bytes));
+  const __m512i shifts = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  return _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srlv_epi32(lanes, shifts), lut), absmax);
+}
+
+struct Tile14x32 {
+  static constexpr int MR = 14, NR = 32;
+  // KC x NR sliver of B = 32 KiB stays in L1 (48 KiB); MC x KC block of A = 336 KiB in L2 (2 MiB);
+  // the B panel KC x NC = 4 MiB streams from L3. Measured best of KC in {192, 256, 384}.
+  static constexpr int64_t KC = 256, MC = 336, NC = 4096;
+
+  // C[0:mv, 0:nv] = alpha * Σ_k a[k,:]ᵀ b[k,:] + beta * C (beta == 0: C not read).
+  // a: (kc, 14) packed, b: (kc, 32) packed and 64-byte aligned. 28 accumulators + 2 B vectors.
+  TS_TARGET static void kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+                               float beta, int mv, int nv) {
+    __m512 c0[MR], c1[MR];
+#pragma GCC unroll 14
+    for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kc; k++) {
+      const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 14
+      for (int r = 0; r < MR; r++) {
+        const __m512 av = _mm512_set1_ps(a[r]);
+        c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+        c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+      }
+      a += MR;
+      b += NR;
+    }
+    const __mmask16 m0 = first_lanes(nv), m1 = first_lanes(nv - 16 > 0 ? nv - 16 : 0);
+    const __m512 va = _mm512_set1_ps(alpha);
+    if (beta == 0.f) {
+#pragma GCC unroll 14
+      for (int r = 0; r < MR; r++) {
+        if (r >= mv) break;
+        _mm512_mask_storeu_ps(c + r * ldc, m0, _mm512_mul_ps(c0[r], va));
+        _mm512_mask_storeu_ps(c + r * ldc + 16, m1, _mm512_mul_ps(c1[r], va));
+      }
+    } else {
+      const __m512 vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 14
+      for (int r = 0; r < MR; r++) {
+        if (r >= mv) break;
+        float* cr = c + r * ldc;
+        const __m512 old0 = _mm512_maskz_loadu_ps(m0, cr), old1 = _mm512_maskz_loadu_ps(m1, cr + 16);
+        _mm512_mask_storeu_ps(cr, m0, _mm512_fmadd_ps(c0[r], va, _mm512_mul_ps(old0, vb)));
+        _mm512_mask_storeu_ps(cr + 16, m1, _mm512_fmadd_ps(c1[r], va, _mm512_mul_ps(old1, vb)));
+      }
+    }
+  }
+
+  // dst[k*14 + r] = op(A)(i + r, k0 + k), zero rows past mv.
+  TS_TARGET static void pack_a(const Operand& a, int64_t i, int mv, int64_t k0, int64_t kc, float* dst) {
+    const __mmask16 rows = first_lanes(mv);
+    if (a.trans) {  // op(A)(i+r, k) = A[k, i+r]: 14 contiguous floats per k
+      const float* src = a.data + k0 * a.ld + i;
+      for (int64_t k = 0; k < kc; k++)
+        _mm512_mask_storeu_ps(dst + k * MR, 0x3FFF, _mm512_maskz_loadu_ps(rows, src + k * a.ld));
+      return;
+    }
+    // rows of A run along k: transpose 16-wide k strips of up to 14 rows
+    const float* src = a.data + i * a.ld + k0;
+    for (int64_t k = 0; k < kc; k += 16) {
+      const __mmask16 cols = first_lanes(int(kc - k));
+      __m512 r[16];
+      for (int q = 0; q < 16; q++) r[q] = q < mv ? _mm512_maskz_loadu_ps(cols, src + q * a.ld + k) : _mm512_setzero_ps();
+      transpose16(r);
+      const int n = kc - k < 16 ? int(kc - k) : 16;
+      for (int t = 0; t < n; t++) _mm512_mask_storeu_ps(dst + (k + t) * MR, 0x3FFF, r[t]);
+    }
+  }
+
+  // dst[k*32 + c] = op(B)(k0 + k, j + c), zero columns past nv. dst is 64-byte aligned.
+  TS_TARGET static void pack_b(const GemmProblem& p, int64_t k0, int64_t kc, int64_t j, int nv, float* dst) {
+    if (p.b_nf4) {
+      const NF4Matrix& w = *p.b_nf4;
+      const __m512 lut = nf4_lut();
+      if (p.b_nf4_trans && kc % 16 == 0 && k0 % 16 == 0) {
+        // op(B)(k, j+c) = W[j+c, k]: decode 16 weights of each of 32 rows (one absmax each: 16 | 64),
+        // transpose into k-major order
+        for (int64_t k = 0; k < kc; k += 16) {
+          for (int half = 0; half < 2; half++) {
+            __m512 r[16];
+            for (int q = 0; q < 16; q++) {
+              const int c = 16 * half + q;
+              if (c < nv) {
+                const int64_t e = (j + c) * w.cols + k0 + k;
+                r[q] = nf4_decode16(w.codes.data() + e / 2, lut, _mm512_set1_ps(nf4_absmax(w, e / NF4_BLOCK)));
+              } else {
+                r[q] = _mm512_setzero_ps();
+              }
+            }
+            transpose16(r);
+            for (int t = 0; t < 16; t++) _mm512_store_ps(dst + (k + t) * NR + 16 * half, r[t]);
+          }
+        }
+        return;
+      }
+      if (!p.b_nf4_trans && nv == NR && j % 32 == 0) {
+        // op(B)(k, j+c) = W[k, j+c]: 32 consecutive weights of one row, one block (32 | 64)
+        for (int64_t k = 0; k < kc; k++) {
+          const int64_t e = (k0 + k) * w.cols + j;
+          const __m512 amax = _mm512_set1_ps(nf4_absmax(w, e / NF4_BLOCK));
+          _mm512_store_ps(dst + k * NR, nf4_decode16(w.codes.data() + e / 2, lut, amax));
+          _mm512_store_ps(dst + k * NR + 16, nf4_decode16(w.codes.data() + e / 2 + 8, lut, amax));
+        }
+        return;
+      }
+      pack_b_generic<NR>(p, k0, kc, j, nv, dst);  // unaligned partition edges (not produced by gemm.cpp)
+      return;
+    }
+    const Operand& b = p.b;
+    if (!b.trans) {  // rows of op(B) are rows of B: copy 32 floats per k
+      const __mmask16 m0 = first_lanes(nv), m1 = first_lanes(nv - 16 > 0 ? nv - 16 : 0);
+      const float* src = b.data + k0 * b.ld + j;
+      for (int64_t k = 0; k < kc; k++) {
+        _mm512_store_ps(dst + k * NR, _mm512_maskz_loadu_ps(m0, src + k * b.ld));
+        _mm512_store_ps(dst + k * NR + 16, _mm512_maskz_loadu_ps(m1, src + k * b.ld + 16));
+      }
+      return;
+    }
+    // op(B)(k, j+c) = B[j+c, k]: transpose 16x16 blocks of the 32 rows
+    const float* src = b.data + j * b.ld + k0;
+    for (int64_t k = 0; k < kc; k += 16) {
+      const __mmask16 cols = first_lanes(int(kc - k));
+      const int n = kc - k < 16 ? int(kc - k) : 16;
+      for (int half = 0; half < 2; half++) {
+        __m512 r[16];
+        for (int q = 0; q < 16; q++) {
+          const int c = 16 * half + q;
+          r[q] = c < nv ? _mm512_maskz_loadu_ps(cols, src + c * b.ld + k) : _mm512_setzero_ps();
+        }
+        transpose16(r);
+        for (int t = 0; t < n; t++) _mm512_store_ps(dst + (k + t) * NR + 16 * half, r[t]);
+      }
+    }
+  }
+};
+
+// ---- small M (decode) with float B, A = x (M, K) rows at x + m*ldx ----
+
+// C[m, j] for j in [j0, j1): dot products of x rows with rows of B (op(B) = Bᵀ, B is [N, K]); four rows
+// of B at a time so each x vector load feeds 4*MB FMAs. B is read exactly once.
+template <int MB>
+TS_TARGET void small_m_dot(const GemmProblem& p, const float* x, int64_t ldx, float* c, int64_t j0, int64_t j1) {
+  const int64_t K = p.K;
+  const float* B = p.b.data;
+  const int64_t ldb = p.b.ld;
+  int64_t j = j0;
+  for (; j < j1; j += 4) {
+    const int rows = j1 - j < 4 ? int(j1 - j) : 4;
+    const float* br[4];
+    for (int q = 0; q < 4; q++) br[q] = B + (q < rows ? j + q : j) * ldb;
+    __m512 acc[MB][4];
+    for (int m = 0; m < MB; m++)
+      for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = first_lanes(int(K - k));
+      __m512 bv[4];
+      for (int q = 0; q < 4; q++) bv[q] = _mm512_maskz_loadu_ps(mk, br[q] + k);
+      for (int m = 0; m < MB; m++) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mk, x + m * ldx + k);
+        for (int q = 0; q < 4; q++) acc[m][q] = _mm512_fmadd_ps(xv, bv[q], acc[m][q]);
+      }
+    }
+    for (int m = 0; m < MB; m++)
+      for (int q = 0; q < rows; q++) {
+        float* out = c + m * p.ldc + j + q;
+        const float s = p.alpha * _mm512_reduce_add_ps(acc[m][q]);
+        *out = p.beta == 0.f ? s : s + p.beta * *out;
+      }
+  }
+}
+
+// C[m, j0:j1] += rows of B (op(B) = B, B is [K, N]) weighted by x[m, k]; 64 columns at a time.
+template <int MB>
+TS_TARGET void small_m_axpy(const GemmProblem& p, const float* x, int64_t ldx, float* c, int64_t j0, int64_t j1) {
+  const int64_t K = p.K;
+  const float* B = p.b.data;
+  const int64_t ldb = p.b.ld;
+  for (int64_t j = j0; j < j1; j += 64) {
+    __mmask16 mj[4];
+    for (int v = 0; v < 4; v++) {
+      const int64_t left = j1 - j - 16 * v;
+      mj[v] = first_lanes(left > 0 ? int(left < 16 ? left : 16) : 0);
+    }
+    __m512 acc[MB][4];
+    for (int m = 0; m < MB; m++)
+      for (int v = 0; v < 4; v++) acc[m][v] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+      const float* row = B + k * ldb + j;
+      _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb + 32), _MM_HINT_T0);
+      __m512 bv[4];
+      for (int v = 0; v < 4; v++) bv[v] = _mm512_maskz_loadu_ps(mj[v], row + 16 * v);
+      for (int m = 0; m < MB; m++) {
+        const __m512 xs = _mm512_set1_ps(x[m * ldx + k]);
+        for (int v = 0; v < 4; v++) acc[m][v] = _mm512_fmadd_ps(xs, bv[v], acc[m][v]);
+      }
+    }
+    const __m512 va = _mm512_set1_ps(p.alpha), vb = _mm512_set1_ps(p.beta);
+    for (int m = 0; m < MB; m++)
+      for (int v = 0; v < 4; v++) {
+        float* out = c + m * p.ldc + j + 16 * v;
+        __m512 r = _mm512_mul_ps(acc[m][v], va);
+        if (p.beta != 0.f) r = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mj[v], out), vb, r);
+        _mm512_mask_storeu_ps(out, mj[v], r);
+      }
+  }
+}
+
+TS_TARGET void gemm_small_m(const GemmProblem& p, int64_t j0, int64_t j1) {
+  for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
+    const int mb = p.M - m0 < 4 ? int(p.M - m0) : 4;
+    const float* x = p.a.data + m0 * p.a.ld;
+    float* c = p.c + m0 * p.ldc;
+    GemmProblem q = p;
+    q.M = mb;
+    if (p.b.trans) {
+      switch (mb) {
+        case 1: small_m_dot<1>(q, x, p.a.ld, c, j0, j1); break;
+        case 2: small_m_dot<2>(q, x, p.a.ld, c, j0, j1); break;
+        case 3: small_m_dot<3>(q, x, p.a.ld, c, j0, j1); break;
+        default: small_m_dot<4>(q, x, p.a.ld, c, j0, j1); break;
+      }
+    } else {
+      switch (mb) {
+        case 1: small_m_axpy<1>(q, x, p.a.ld, c, j0, j1); break;
+        case 2: small_m_axpy<2>(q, x, p.a.ld, c, j0, j1); break;
+        case 3: small_m_axpy<3>(q, x, p.a.ld, c, j0, j1); break;
+        default: small_m_axpy<4>(q, x, p.a.ld, c, j0, j1); break;
+      }
+    }
+  }
+}
+
+// ---- fused NF4 (small M). A lane group is 64 code bytes = 128 weights = two absmax blocks: lanes 0..7
+// belong to the first block, lanes 8..15 to the second (see gemm_kernels.h for the slot order). ----
+
+// Loads group g of row `row` (a half group, lanes 8..15 zero, when the row ends after 64 weights) and
+// the per-lane absmax vector.
+TS_TARGET inline __m512i nf4_group(const NF4Matrix& w, int64_t row, int64_t g, __m512* absmax) {
+  const int64_t e = row * w.cols + g * 128, b = e / NF4_BLOCK;
+  const bool half = w.cols - g * 128 < 128;
+  const __m512 a0 = _mm512_set1_ps(nf4_absmax(w, b));
+  if (half) {
+    *absmax = a0;
+    return _mm512_maskz_loadu_epi32(0x00FF, w.codes.data() + e / 2);
+  }
+  *absmax = _mm512_insertf32x8(a0, _mm256_set1_ps(nf4_absmax(w, b + 1)), 1);
+  return _mm512_loadu_si512(w.codes.data() + e / 2);
+}
+
+// y[m, n] for MB rows of xp (slot order, (MB, Kp) at xp + m*Kp).
+template <int MB>
+TS_TARGET void nf4_nt_rows(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4Matrix& w, float beta,
+                           int64_t n0, int64_t n1) {
+  const __m512 lut = nf4_lut();
+  const int64_t groups = (w.cols + 127) / 128;
+  for (int64_t n = n0; n < n1; n++) {
+    __m512 acc[MB];
+    for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+      __m512 absmax;
+      const __m512i codes = nf4_group(w, n, g, &absmax);
+      __m512 level[8];
+      for (int s = 0; s < 8; s++)
+        level[s] = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4 * s), lut);  // slot s*16 + d
+      for (int m = 0; m < MB; m++) {
+        const float* xg = xp + m * Kp + g * 128;
+        __m512 t0 = _mm512_mul_ps(level[0], _mm512_loadu_ps(xg));
+        __m512 t1 = _mm512_mul_ps(level[1], _mm512_loadu_ps(xg + 16));
+        for (int s = 2; s < 8; s += 2) {
+          t0 = _mm512_fmadd_ps(level[s], _mm512_loadu_ps(xg + 16 * s), t0);
+          t1 = _mm512_fmadd_ps(level[s + 1], _mm512_loadu_ps(xg + 16 * s + 16), t1);
+        }
+        acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), absmax, acc[m]);
+      }
+    }
+    for (int m = 0; m < MB; m++) {
+      float* out = y + m * ldy + n;
+      const float s = _mm512_reduce_add_ps(acc[m]);
+      *out = beta == 0.f ? s : s + beta * *out;
+    }
+  }
+}
+
+TS_TARGET void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4Matrix& w, int64_t M,
+                            float beta, int64_t n0, int64_t n1) {
+  // Rows of W in chunks that stay in L1 while every 4-row slice of x passes over them.
+  const int64_t chunk = w.cols >= 8192 ? 4 : 16;
+  for (int64_t nc = n0; nc < n1; nc += chunk) {
+    const int64_t ne = nc + chunk < n1 ? nc + chunk : n1;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mb = M - m0 < 4 ? int(M - m0) : 4;
+      float* ym = y + m0 * ldy;
+      const float* xm = xp + m0 * Kp;
+      switch (mb) {
+        case 1: nf4_nt_rows<1>(ym, ldy, xm, Kp, w, beta, nc, ne); break;
+        case 2: nf4_nt_rows<2>(ym, ldy, xm, Kp, w, beta, nc, ne); break;
+        case 3: nf4_nt_rows<3>(ym, ldy, xm, Kp, w, beta, nc, ne); break;
+        default: nf4_nt_rows<4>(ym, ldy, xm, Kp, w, beta, nc, ne); break;
+      }
+    }
+  }
+}
+
+// dxp[m, slots of groups g0..g1) = Σ_n dy[m, n] W[n, :] in slot order; rows of W streamed two at a time
+// so each accumulator load/store carries two FMAs.
+TS_TARGET void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4Matrix& w, int64_t M, int64_t g0,
+                            int64_t g1) {
+  const __m512 lut = nf4_lut();
+  const int64_t N = w.rows;
+  for (int64_t m = 0; m < M; m++) std::memset(dxp + m * ldp + g0 * 128, 0, size_t(g1 - g0) * 128 * sizeof(float));
+  for (int64_t n = 0; n < N; n += 2) {
+    const bool pair = n + 1 < N;
+    for (int64_t g = g0; g < g1; g++) {
+      __m512 amax0, amax1 = _mm512_setzero_ps();
+      const __m512i codes0 = nf4_group(w, n, g, &amax0);
+      const __m512i codes1 = pair ? nf4_group(w, n + 1, g, &amax1) : _mm512_setzero_si512();
+      for (int64_t m = 0; m < M; m++) {
+        const __m512 s0 = _mm512_mul_ps(amax0, _mm512_set1_ps(dy[m * N + n]));
+        const __m512 s1 = pair ? _mm512_mul_ps(amax1, _mm512_set1_ps(dy[m * N + n + 1])) : _mm512_setzero_ps();
+        float* acc = dxp + m * ldp + g * 128;
+        for (int s = 0; s < 8; s++) {
+          __m512 v = _mm512_load_ps(acc + 16 * s);
+          v = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes0, 4 * s), lut), s0, v);
+          v = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes1, 4 * s), lut), s1, v);
+          _mm512_store_ps(acc + 16 * s, v);
+        }
+      }
+    }
+  }
+}
+
+const KernelSet AVX512_SET = {
+    "avx512", 16, Tile14x32::MR, Tile14x32::NR, gemm_block_t<Tile14x32>, gemm_small_m, nf4_nt_small, nf4_nn_small,
+};
+
+}  // namespace
+
+const KernelSet* kernels_avx512() { return &AVX512_SET; }
+
+}  // namespace ts::cpu::detail

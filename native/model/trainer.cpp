@@ -1,0 +1,156 @@
+// Trainer (trainer.h): data order, accumulation, clipping, AdamW and schedules.
+#include "model/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "core/error.h"
+#include "model/sampler.h"
+
+namespace ts {
+
+static double now_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double lr_multiplier(const std::string& scheduler, int64_t step, int64_t warmup, int64_t total) {
+  if (step < warmup) return (double)step / (double)std::max<int64_t>(1, warmup);
+  if (scheduler == "constant") return 1.0;
+  double progress = (double)(step - warmup) / (double)std::max<int64_t>(1, total - warmup);
+  if (scheduler == "linear") return std::max(0.0, (double)(total - step) / (double)std::max<int64_t>(1, total - warmup));
+  if (scheduler == "cosine") return std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * 0.5 * 2.0 * progress)));
+  throw EngineError("INVALID_ARGUMENT", "unknown scheduler '" + scheduler + "' (constant, linear or cosine)");
+}
+
+Trainer::Trainer(LlamaModel& model, std::shared_ptr<LoraAdapter> adapter, std::vector<TrainExample> examples,
+                 TrainHyper hyper)
+    : model_(model), adapter_(std::move(adapter)), examples_(std::move(examples)), hyper_(std::move(hyper)) {
+  require(!examples_.empty(), "INVALID_DATASET", "the training set has no examples");
+  require(hyper_.batch_size > 0 && hyper_.grad_accum > 0, "INVALID_ARGUMENT", "batch size and accumulation must be > 0");
+  lr_multiplier(hyper_.scheduler, 0, 0, 1);  // validates the name
+  for (const auto& e : examples_)
+    require(e.ids.size() == e.labels.size() && !e.ids.empty(), "INVALID_DATASET", "an example has mismatched ids/labels");
+  micro_batches_per_epoch_ = ((int64_t)examples_.size() + hyper_.batch_size - 1) / hyper_.batch_size;
+  steps_per_epoch_ = (micro_batches_per_epoch_ + hyper_.grad_accum - 1) / hyper_.grad_accum;
+  total_steps_ = hyper_.max_steps > 0 ? hyper_.max_steps : steps_per_epoch_ * std::max(1, hyper_.epochs);
+  adapter_->enable_training();
+  order_.resize(examples_.size());
+  cursor_ = micro_batches_per_epoch_;  // forces a new epoch order on the first plan
+  epoch_ = -1;
+}
+
+void Trainer::plan_step() {
+  planned_.clear();
+  planned_next_ = 0;
+  planned_targets_ = 0;
+  planned_tokens_ = 0;
+  step_loss_sum_ = 0;
+  if (cursor_ >= micro_batches_per_epoch_) {
+    epoch_++;
+    cursor_ = 0;
+    for (size_t i = 0; i < order_.size(); i++) order_[i] = (int64_t)i;
+    if (hyper_.shuffle) {  // Fisher-Yates with a stream seeded by (seed, epoch): reproducible
+      SamplerRng rng(hyper_.seed * 7919 + (uint64_t)epoch_);
+      for (size_t i = order_.size() - 1; i > 0; i--) std::swap(order_[i], order_[rng.next() % (i + 1)]);
+    }
+  }
+  // An optimizer step never spans two epochs (as the Hugging Face Trainer).
+  for (int a = 0; a < hyper_.grad_accum && cursor_ < micro_batches_per_epoch_; a++, cursor_++) {
+    std::vector<int64_t> ids;
+    for (int64_t i = cursor_ * hyper_.batch_size; i < std::min<int64_t>((cursor_ + 1) * hyper_.batch_size, order_.size()); i++)
+      ids.push_back(order_[i]);
+    for (int64_t e : ids) {
+      const auto& ex = examples_[e];
+      planned_tokens_ += (int64_t)ex.ids.size();
+      for (size_t t = 1; t < ex.labels.size(); t++) planned_targets_ += ex.labels[t] != -100;
+    }
+    planned_.push_back(std::move(ids));
+  }
+  adapter_->zero_grad();
+  step_started_ = now_seconds();
+}
+
+TrainBatch Trainer::make_batch(const std::vector<int64_t>& example_ids) const {
+  TrainBatch b;
+  b.B = (int)example_ids.size();
+  for (int64_t e : example_ids) b.T = std::max<int>(b.T, (int)examples_[e].ids.size());
+  b.ids.assign((size_t)b.B * b.T, hyper_.pad_id);
+  b.labels.assign((size_t)b.B * b.T, -100);  // right padding: causal attention never looks at it
+  for (int i = 0; i < b.B; i++) {
+    const auto& ex = examples_[example_ids[i]];
+    std::copy(ex.ids.begin(), ex.ids.end(), b.ids.begin() + (size_t)i * b.T);
+    std::copy(ex.labels.begin(), ex.labels.end(), b.labels.begin() + (size_t)i * b.T);
+  }
+  return b;
+}
+
+void Trainer::optimizer_update(double lr, double* grad_norm) {
+  double sq = 0;
+  for (auto& layer : adapter_->mods)
+    for (auto& m : layer) {
+      for (float g : m.dA) sq += (double)g * g;
+      for (float g : m.dB) sq += (double)g * g;
+    }
+  double norm = std::sqrt(sq);
+  *grad_norm = norm;
+  // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied when < 1.
+  float clip = 1.f;
+  if (hyper_.max_grad_norm > 0) clip = (float)std::min(1.0, hyper_.max_grad_norm / (norm + 1e-6));
+  const int64_t t = step_ + 1;
+  const double bc1 = 1.0 - std::pow((double)hyper_.beta1, (double)t);
+  const double bc2 = 1.0 - std::pow((double)hyper_.beta2, (double)t);
+  const float b1 = hyper_.beta1, b2 = hyper_.beta2;
+  const float step_size = (float)(lr / bc1);
+  const float sqrt_bc2 = (float)std::sqrt(bc2);
+  const float decay = (float)(1.0 - lr * hyper_.weight_decay);
+  auto update = [&](std::vector<float>& p, std::vector<float>& g, std::vector<float>& m, std::vector<float>& v) {
+    // torch.optim.AdamW (decoupled decay): p *= 1 - lr·wd; m, v moments; p -= lr/bc1 · m / (√v/√bc2 + eps)
+    for (size_t i = 0; i < p.size(); i++) {
+      float gi = g[i] * clip;
+      p[i] *= decay;
+      m[i] = b1 * m[i] + (1.f - b1) * gi;
+      v[i] = b2 * v[i] + (1.f - b2) * gi * gi;
+      p[i] -= step_size * m[i] / (std::sqrt(v[i]) / sqrt_bc2 + hyper_.eps);
+    }
+  };
+  for (auto& layer : adapter_->mods)
+    for (auto& m : layer) {
+      if (m.A.empty()) continue;
+      update(m.A, m.dA, m.mA, m.vA);
+      update(m.B, m.dB, m.mB, m.vB);
+    }
+}
+
+bool Trainer::micro_step(StepReport* report) {
+  require(!done(), "FAILED_PRECONDITION", "training already finished");
+  if (planned_next_ >= planned_.size()) plan_step();
+  TrainBatch batch = make_batch(planned_[planned_next_++]);
+  TrainPassOptions opt;
+  opt.recompute = hyper_.recompute;
+  // Every micro-batch's gradient is scaled by 1/(targets of the whole accumulated batch), so the
+  // accumulated gradient is that of the mean token loss over the step.
+  opt.loss_scale = planned_targets_ > 0 ? 1.f / (float)planned_targets_ : 0.f;
+  opt.dropout.p = adapter_->spec.dropout;
+  opt.dropout.seed = hyper_.seed;
+  opt.dropout.step = micro_counter_++;
+  step_loss_sum_ += llama_train_pass(model_, adapter_.get(), batch, opt);
+  if (planned_next_ < planned_.size()) return false;
+
+  const double lr = hyper_.lr * lr_multiplier(hyper_.scheduler, step_, hyper_.warmup_steps, total_steps_);
+  double grad_norm = 0;
+  optimizer_update(lr, &grad_norm);
+  step_++;
+  report->step = step_;
+  report->total_steps = total_steps_;
+  report->epoch = (double)epoch_ + (double)cursor_ / (double)micro_batches_per_epoch_;
+  report->loss = planned_targets_ > 0 ? step_loss_sum_ / (double)planned_targets_ : 0.0;
+  report->grad_norm = grad_norm;
+  report->lr = lr;
+  report->tokens = planned_tokens_;
+  report->targets = planned_targets_;
+  report->seconds = now_seconds() - step_started_;
+  return true;
+}
+
+}  // namespace ts

@@ -1,0 +1,86 @@
+// The LoRA training loop: epochs over shuffled examples, micro-batches with gradient accumulation,
+// loss normalised over the whole accumulated batch, global-norm clipping, AdamW (torch semantics) and
+// Hugging Face's LR schedules. It advances one micro-batch per call so the executor can interleave
+// generation between micro-steps.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/llama.h"
+
+namespace ts {
+
+struct TrainExample {
+  std::vector<int32_t> ids;     // (T)
+  std::vector<int32_t> labels;  // (T) Hugging Face convention, -100 ignored
+};
+
+struct TrainHyper {
+  float lr = 2e-4f;
+  float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;
+  float weight_decay = 0.f;
+  float max_grad_norm = 1.f;      // 0: no clipping
+  std::string scheduler = "linear";  // constant | linear | cosine
+  int warmup_steps = 0;
+  int batch_size = 4;
+  int grad_accum = 1;
+  int epochs = 1;
+  int64_t max_steps = 0;          // > 0 overrides epochs
+  uint64_t seed = 42;
+  bool shuffle = true;
+  bool recompute = true;          // gradient checkpointing
+  int32_t pad_id = 0;             // id written into padding positions (their labels are -100)
+};
+
+// Multiplier of the base LR after `step` optimizer steps (transformers' get_*_schedule_with_warmup).
+double lr_multiplier(const std::string& scheduler, int64_t step, int64_t warmup, int64_t total);
+
+struct StepReport {
+  int64_t step = 0;       // optimizer steps done (1-based after the first)
+  int64_t total_steps = 0;
+  double epoch = 0;       // fractional epoch
+  double loss = 0;        // mean token loss of the step's accumulated batch
+  double grad_norm = 0;   // global norm before clipping
+  double lr = 0;          // LR used by this step
+  int64_t tokens = 0;     // non-padding tokens processed by this step
+  int64_t targets = 0;    // trained (non-ignored) targets of this step
+  double seconds = 0;     // wall time of this step
+};
+
+class Trainer {
+ public:
+  Trainer(LlamaModel& model, std::shared_ptr<LoraAdapter> adapter, std::vector<TrainExample> examples, TrainHyper hyper);
+  int64_t total_steps() const { return total_steps_; }
+  bool done() const { return step_ >= total_steps_; }
+  // Runs one micro-batch; returns true (and fills *report) when it completed an optimizer step.
+  bool micro_step(StepReport* report);
+
+ private:
+  void plan_step();  // picks the micro-batches of the next optimizer step
+  TrainBatch make_batch(const std::vector<int64_t>& example_ids) const;
+  void optimizer_update(double lr, double* grad_norm);
+
+  LlamaModel& model_;
+  std::shared_ptr<LoraAdapter> adapter_;
+  std::vector<TrainExample> examples_;
+  TrainHyper hyper_;
+  int64_t total_steps_ = 0;
+  int64_t steps_per_epoch_ = 0;
+  int64_t step_ = 0;
+  int64_t epoch_ = 0;
+  std::vector<int64_t> order_;     // example order of the current epoch
+  int64_t cursor_ = 0;             // next micro-batch index within the epoch
+  int64_t micro_batches_per_epoch_ = 0;
+  // The optimizer step in progress.
+  std::vector<std::vector<int64_t>> planned_;
+  size_t planned_next_ = 0;
+  int64_t planned_targets_ = 0;
+  int64_t planned_tokens_ = 0;
+  double step_loss_sum_ = 0;
+  double step_started_ = 0;
+  uint64_t micro_counter_ = 0;
+};
+
+}  // namespace ts

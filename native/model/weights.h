@@ -1,0 +1,53 @@
+// The frozen base model in memory: float32 or NF4 linear weights, float32 embeddings and norms.
+// Loaded tensor by tensor from Hugging Face safetensors shards (F32/BF16/F16 converted to float32),
+// quantizing each linear weight right after it is read so the float copy of the whole model never
+// exists at once.
+#pragma once
+#include <array>
+#include <string>
+#include <vector>
+
+#include "core/nf4.h"
+#include "model/config.h"
+
+namespace ts {
+
+// A frozen linear layer y = x·Wᵀ, W [out, in], stored as float32 or NF4.
+struct Linear {
+  int out = 0, in = 0;
+  bool quantized = false;
+  std::vector<float> w;  // (out, in) when !quantized
+  NF4Matrix q;           // when quantized
+  size_t bytes() const { return quantized ? q.bytes() : w.size() * sizeof(float); }
+};
+// y[M,out] = x[M,in] · Wᵀ + beta·y
+void linear_forward(float* y, const float* x, const Linear& W, int64_t M, float beta);
+// dx[M,in] = dy[M,out] · W + beta·dx
+void linear_backward_input(float* dx, const float* dy, const Linear& W, int64_t M, float beta);
+
+struct LayerWeights {
+  std::vector<float> attn_norm;  // (H) input_layernorm
+  std::vector<float> mlp_norm;   // (H) post_attention_layernorm
+  std::array<Linear, NUM_TARGETS> lin;  // q (NH*D,H) k,v (NKV*D,H) o (H,NH*D) gate,up (I,H) down (H,I)
+};
+
+struct LlamaWeights {
+  LlamaConfig cfg;
+  std::string quant;              // "none" or "nf4"
+  std::vector<float> embed;       // (V, H)
+  std::vector<LayerWeights> layers;
+  std::vector<float> final_norm;  // (H)
+  std::vector<float> lm_head;     // (V, H); empty when tied (embed is used)
+  const float* lm_head_ptr() const { return cfg.tied ? embed.data() : lm_head.data(); }
+  size_t bytes() const;
+};
+
+// Loads the base model from `files` (all shards; a tensor is looked up by name across them).
+// quant: "none" or "nf4" (linear weights of the blocks only; embeddings, norms, lm_head stay float32).
+// Throws EngineError INVALID_SAFETENSORS / INVALID_CONFIG (missing tensor, wrong shape) naming the file.
+LlamaWeights load_llama_weights(const LlamaConfig& cfg, const std::vector<std::string>& files, const std::string& quant);
+
+// Hugging Face name of a block's linear weight, e.g. "model.layers.3.self_attn.q_proj.weight".
+std::string hf_linear_name(int layer, int target);
+
+}  // namespace ts

@@ -1,0 +1,216 @@
+// The engine commands of the `tuneserve` CLI: make-model, train, generate, merge. Their flag names
+// are a contract with scripts outside the project (issue #2); add flags, never rename them.
+
+import { parseArgs } from 'node:util';
+
+import { Engine, type Adapter } from '../engine/engine.js';
+import { EngineError } from '../engine/errors.js';
+import { loadDataset } from '../engine/dataset.js';
+import { makeModel, MODEL_PRESETS, type ModelPreset } from '../engine/make-model.js';
+import { mergeAdapterFolder, mergeFidelity, type MergeDtype, type MergeInto } from '../engine/merge.js';
+import { createLoraConfig } from '../engine/peft-config.js';
+import { ProgressBar } from './progress.js';
+
+type Flags = Record<string, string | boolean | undefined>;
+
+function str(flags: Flags, name: string): string | undefined {
+  const v = flags[name];
+  return typeof v === 'string' ? v : undefined;
+}
+
+function required(flags: Flags, name: string): string {
+  const v = str(flags, name);
+  if (v === undefined || v === '') throw new EngineError('INVALID_ARGUMENT', `--${name} is required`, { field: name });
+  return v;
+}
+
+function number(flags: Flags, name: string, fallback: number, kind: 'int' | 'float' = 'float'): number {
+  const v = str(flags, name);
+  if (v === undefined) return fallback;
+  const n = Number(v);
+  if (v.trim() === '' || !Number.isFinite(n) || (kind === 'int' && !Number.isSafeInteger(n))) {
+    throw new EngineError('INVALID_ARGUMENT', `--${name} must be ${kind === 'int' ? 'an integer' : 'a number'}, got ${JSON.stringify(v)}`, { field: name });
+  }
+  return n;
+}
+
+function oneOf<T extends string>(flags: Flags, name: string, allowed: readonly T[], fallback: T): T {
+  const v = str(flags, name) ?? fallback;
+  if (!(allowed as readonly string[]).includes(v)) throw new EngineError('INVALID_ARGUMENT', `--${name} must be one of ${allowed.join(', ')}, got ${JSON.stringify(v)}`, { field: name });
+  return v as T;
+}
+
+const ENGINE_FLAGS = {
+  quant: { type: 'string' },
+  device: { type: 'string' },
+  threads: { type: 'string' },
+} as const;
+
+function engineOptions(flags: Flags) {
+  const threads = number(flags, 'threads', 0, 'int');
+  return {
+    quant: oneOf(flags, 'quant', ['nf4', 'none'] as const, 'nf4'),
+    device: oneOf(flags, 'device', ['cpu', 'cuda', 'auto'] as const, 'auto'),
+    ...(threads > 0 ? { threads } : {}),
+  };
+}
+
+export async function makeModelCommand(argv: string[]): Promise<void> {
+  const { values } = parseArgs({ args: argv, strict: true, options: { preset: { type: 'string' }, out: { type: 'string' }, seed: { type: 'string' }, layers: { type: 'string' }, dtype: { type: 'string' } } });
+  const preset = oneOf(values, 'preset', MODEL_PRESETS, 'tiny') as ModelPreset;
+  const outDir = required(values, 'out');
+  const layers = number(values, 'layers', 0, 'int');
+  const dtype = str(values, 'dtype');
+  const made = await makeModel({
+    preset, outDir, seed: number(values, 'seed', 0, 'int'),
+    ...(layers > 0 ? { numLayers: layers } : {}),
+    ...(dtype ? { dtype: oneOf(values, 'dtype', ['float32', 'bfloat16', 'float16'] as const, 'float32') } : {}),
+  });
+  process.stdout.write(`made ${preset} model in ${made.dir}: ${made.shards.length} shard(s), ${(made.totalBytes / 1e6).toFixed(1)} MB of weights\n`);
+}
+
+export async function trainCommand(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv, strict: true,
+    options: {
+      model: { type: 'string' }, data: { type: 'string' }, out: { type: 'string' },
+      rank: { type: 'string' }, alpha: { type: 'string' }, dropout: { type: 'string' }, targets: { type: 'string' }, rslora: { type: 'boolean' },
+      lr: { type: 'string' }, steps: { type: 'string' }, epochs: { type: 'string' }, 'batch-size': { type: 'string' }, 'grad-accum': { type: 'string' },
+      'max-seq-len': { type: 'string' }, scheduler: { type: 'string' }, 'warmup-steps': { type: 'string' }, 'weight-decay': { type: 'string' },
+      'max-grad-norm': { type: 'string' }, seed: { type: 'string' }, 'no-shuffle': { type: 'boolean' }, 'init-adapter': { type: 'string' },
+      'no-gradient-checkpointing': { type: 'boolean' }, json: { type: 'boolean' }, ...ENGINE_FLAGS,
+    },
+  });
+  const modelDir = required(values, 'model');
+  const dataFile = required(values, 'data');
+  const outDir = required(values, 'out');
+  const seed = number(values, 'seed', 42, 'int');
+  const engine = await Engine.load(modelDir, engineOptions(values));
+  try {
+    const dataset = await loadDataset(dataFile, engine.tokenizer, { maxSeqLen: number(values, 'max-seq-len', 2048, 'int'), vocabSize: engine.config.vocabSize });
+    let adapter: Adapter;
+    const init = str(values, 'init-adapter');
+    if (init) {
+      adapter = await engine.loadAdapter(init);  // its rank, alpha and targets apply
+    } else {
+      adapter = engine.createAdapter(createLoraConfig({
+        r: number(values, 'rank', 16, 'int'), alpha: number(values, 'alpha', 32), dropout: number(values, 'dropout', 0.05),
+        targets: str(values, 'targets') ?? 'q_proj,k_proj,v_proj,o_proj', useRslora: values.rslora === true,
+      }), seed);
+    }
+    const stats = dataset.stats;
+    process.stderr.write(`training on ${stats.examples} examples (${stats.trainableTokens} trained tokens${stats.truncated ? `, ${stats.truncated} truncated` : ''}), ` +
+      `LoRA r=${adapter.config.r} alpha=${adapter.config.alpha} on ${adapter.config.targets.join(',')}, ${engine.quant} base on ${engine.device}\n`);
+    const steps = number(values, 'steps', 0, 'int');
+    const bar = values.json ? null : new ProgressBar(process.stderr);
+    const controller = new AbortController();
+    const onSigint = () => controller.abort();
+    process.once('SIGINT', onSigint);
+    const summary = await engine.train(adapter, dataset.examples, {
+      lr: number(values, 'lr', 2e-4), ...(steps > 0 ? { steps } : {}), epochs: number(values, 'epochs', 1, 'int'),
+      batchSize: number(values, 'batch-size', 4, 'int'), gradAccum: number(values, 'grad-accum', 1, 'int'),
+      scheduler: oneOf(values, 'scheduler', ['constant', 'linear', 'cosine'] as const, 'linear'),
+      warmupSteps: number(values, 'warmup-steps', 0, 'int'), weightDecay: number(values, 'weight-decay', 0),
+      maxGradNorm: number(values, 'max-grad-norm', 1), seed, shuffle: values['no-shuffle'] !== true,
+      gradientCheckpointing: values['no-gradient-checkpointing'] !== true,
+    }, {
+      signal: controller.signal,
+      onStep: (e) => {
+        if (values.json) {
+          process.stdout.write(`${JSON.stringify({ step: e.step, loss: e.loss, grad_norm: e.gradNorm, lr: e.lr, tokens_per_s: e.tokensPerS, epoch: e.epoch, total_steps: e.totalSteps, elapsed_s: e.elapsedS })}\n`);
+        } else {
+          bar?.update(e.step, e.totalSteps, `loss ${e.loss.toFixed(4)}  lr ${e.lr.toExponential(2)}  ${e.tokensPerS.toFixed(0)} tok/s`);
+        }
+      },
+    });
+    process.off('SIGINT', onSigint);
+    bar?.done();
+    await engine.saveAdapter(adapter, outDir);
+    process.stderr.write(`${summary.cancelled ? 'cancelled' : 'done'} after ${summary.steps} steps, final loss ${summary.finalLoss.toFixed(4)}, ${summary.seconds.toFixed(1)} s; adapter written to ${outDir}\n`);
+  } finally {
+    engine.close();
+  }
+}
+
+export async function generateCommand(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv, strict: true,
+    options: {
+      model: { type: 'string' }, adapter: { type: 'string' }, prompt: { type: 'string' }, 'prompt-ids': { type: 'string' }, chat: { type: 'boolean' },
+      'max-tokens': { type: 'string' }, temperature: { type: 'string' }, 'top-k': { type: 'string' }, 'top-p': { type: 'string' },
+      'repetition-penalty': { type: 'string' }, seed: { type: 'string' }, 'ignore-eos': { type: 'boolean' }, json: { type: 'boolean' }, ...ENGINE_FLAGS,
+    },
+  });
+  const modelDir = required(values, 'model');
+  const prompt = str(values, 'prompt');
+  const promptIdsFlag = str(values, 'prompt-ids');
+  if ((prompt === undefined) === (promptIdsFlag === undefined)) throw new EngineError('INVALID_ARGUMENT', 'give exactly one of --prompt and --prompt-ids', { field: 'prompt' });
+  const engine = await Engine.load(modelDir, engineOptions(values));
+  try {
+    const adapterDir = str(values, 'adapter');
+    const adapter = adapterDir ? await engine.loadAdapter(adapterDir) : null;
+    let promptIds: number[];
+    if (promptIdsFlag !== undefined) {
+      promptIds = promptIdsFlag.split(',').map((s, i) => {
+        const n = Number(s.trim());
+        if (s.trim() === '' || !Number.isSafeInteger(n)) throw new EngineError('INVALID_ARGUMENT', `--prompt-ids: item ${i + 1} (${JSON.stringify(s)}) is not an integer`, { field: 'prompt-ids' });
+        return n;
+      });
+    } else if (values.chat) {
+      promptIds = engine.tokenizer.encodeChat([{ role: 'user', content: prompt! }], { addGenerationPrompt: true }).ids;
+    } else {
+      promptIds = engine.tokenizer.encode(prompt!, { addBos: true });
+    }
+    const detok = engine.tokenizer.detokenizer({ skipSpecialTokens: true });
+    const controller = new AbortController();
+    const onSigint = () => controller.abort();
+    process.once('SIGINT', onSigint);
+    const result = await engine.generate({
+      promptIds, adapter, maxTokens: number(values, 'max-tokens', 64, 'int'), temperature: number(values, 'temperature', 0),
+      topK: number(values, 'top-k', 0, 'int'), topP: number(values, 'top-p', 1), repetitionPenalty: number(values, 'repetition-penalty', 1),
+      seed: number(values, 'seed', 0, 'int'), ...(values['ignore-eos'] ? { stopIds: [] } : {}),
+    }, { signal: controller.signal, onTokens: (ids) => process.stdout.write(detok.pushAll(ids)) });
+    process.off('SIGINT', onSigint);
+    process.stdout.write(detok.flush());
+    const decodeTps = result.decodeSeconds > 0 ? (result.completionTokens - 1) / result.decodeSeconds : 0;
+    if (values.json) {
+      process.stdout.write(`\n${JSON.stringify({ ids: result.ids, text: engine.tokenizer.decode(result.ids, { skipSpecialTokens: true }), finish_reason: result.finishReason, prompt_tokens: result.promptTokens, completion_tokens: result.completionTokens, decode_tokens_per_s: decodeTps })}\n`);
+    } else {
+      process.stdout.write('\n');
+      process.stderr.write(`[${result.finishReason}; ${result.promptTokens} prompt + ${result.completionTokens} generated tokens; ${decodeTps.toFixed(1)} tokens/s decoding]\n`);
+    }
+  } finally {
+    engine.close();
+  }
+}
+
+export async function mergeCommand(argv: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: argv, strict: true,
+    options: { model: { type: 'string' }, adapter: { type: 'string' }, out: { type: 'string' }, dtype: { type: 'string' }, into: { type: 'string' }, 'no-fidelity': { type: 'boolean' }, json: { type: 'boolean' }, ...ENGINE_FLAGS },
+  });
+  const modelDir = required(values, 'model');
+  const adapterDir = required(values, 'adapter');
+  const outDir = required(values, 'out');
+  const dtype = oneOf(values, 'dtype', ['bf16', 'f16', 'f32'] as const, 'bf16') as MergeDtype;
+  const into = oneOf(values, 'into', ['original', 'dequantized'] as const, 'original') as MergeInto;
+  const bar = values.json ? null : new ProgressBar(process.stderr);
+  const report = await mergeAdapterFolder({ modelDir, adapterDir, outDir, dtype, into }, { onProgress: (p) => bar?.update(p.index, p.total, p.tensor) });
+  bar?.done();
+  let fidelity = null;
+  if (values['no-fidelity'] !== true) {
+    // base + adapter as they were trained (quantized per --quant) against the merged folder
+    const engine = await Engine.load(modelDir, engineOptions(values));
+    try {
+      fidelity = await mergeFidelity(engine, await engine.loadAdapter(adapterDir), report.outDir);
+    } finally {
+      engine.close();
+    }
+  }
+  if (values.json) {
+    process.stdout.write(`${JSON.stringify({ ...report, fidelity })}\n`);
+  } else {
+    process.stdout.write(`merged ${report.mergedTensors} of ${report.tensors} tensors into ${report.outDir} (${dtype}, into ${into}, ${(report.bytes / 1e6).toFixed(1)} MB)\n`);
+    if (fidelity) process.stdout.write(`fidelity vs base+adapter on a ${fidelity.probeTokens}-token probe: max |Δlogit| ${fidelity.maxAbsLogitDiff.toExponential(3)}, mean ${fidelity.meanAbsLogitDiff.toExponential(3)}, top-1 agreement ${(fidelity.top1Agreement * 100).toFixed(1)}%\n`);
+  }
+}

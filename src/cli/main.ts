@@ -1,0 +1,46 @@
+// Entry point of the `tuneserve` command line: dispatches to the engine commands (make-model, train,
+// generate, merge) and the service commands. Errors print one line with their code and exit 1.
+
+import { generateCommand, makeModelCommand, mergeCommand, trainCommand } from './engine-commands.js';
+
+const USAGE = `usage: tuneserve <command> [flags]
+
+engine commands:
+  make-model --preset tiny|small|llama3-8b-shape --out DIR [--seed N] [--layers N] [--dtype float32|bfloat16|float16]
+  train      --model DIR --data FILE.jsonl --out ADAPTER_DIR [--rank --alpha --dropout --targets LIST|all-linear --rslora
+             --lr --steps --epochs --batch-size --grad-accum --max-seq-len --scheduler constant|linear|cosine
+             --warmup-steps --weight-decay --max-grad-norm --seed --no-shuffle --init-adapter DIR
+             --no-gradient-checkpointing --quant nf4|none --device cpu|cuda|auto --threads N --json]
+  generate   --model DIR [--adapter DIR] (--prompt TEXT [--chat] | --prompt-ids 1,2,3) [--max-tokens --temperature
+             --top-k --top-p --repetition-penalty --seed --ignore-eos --quant --device --threads --json]
+  merge      --model DIR --adapter DIR --out DIR [--dtype bf16|f16|f32] [--into original|dequantized] [--no-fidelity --quant --json]
+`;
+
+const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
+  'make-model': makeModelCommand,
+  train: trainCommand,
+  generate: generateCommand,
+  merge: mergeCommand,
+};
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (!command || command === '--help' || command === '-h' || command === 'help') {
+    process.stdout.write(USAGE);
+    return command ? 0 : 2;
+  }
+  const run = COMMANDS[command];
+  if (!run) {
+    process.stderr.write(`tuneserve: unknown command ${JSON.stringify(command)}\n\n${USAGE}`);
+    return 2;
+  }
+  try {
+    await run(rest);
+    return 0;
+  } catch (e) {
+    const err = e as Error & { code?: string };
+    process.stderr.write(`tuneserve ${command}: ${err.code ? `[${err.code}] ` : ''}${err.message}\n`);
+    if (process.env.TUNESERVE_DEBUG) process.stderr.write(`${err.stack}\n`);
+    return 1;
+  }
+}

@@ -1,0 +1,304 @@
+// The TypeScript face of the engine: one loaded base model (folder + tokenizer + native weights),
+// adapters in slots (PEFT folders in and out), training, generation and logits. Every long operation
+// runs on the native executor thread; this class validates inputs and translates to/from it.
+
+import { mkdir, rename, rm, stat } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
+import { randomBytes } from 'node:crypto';
+
+import { EngineError, toEngineError } from './errors.js';
+import { loadModelFolder, type LlamaConfig, type ModelFolder } from './model-folder.js';
+import { native, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativeStepReport, type NativeTrainHyper } from './native.js';
+import { ADAPTER_WEIGHTS_FILE, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
+import { LlamaTokenizer } from './tokenizer.js';
+import { resolveDevice, type DeviceChoice } from './device.js';
+import { syncDirectory } from './safetensors.js';
+
+export type Quantization = 'none' | 'nf4';
+
+export interface EngineOptions {
+  quant?: Quantization;
+  device?: DeviceChoice;
+  threads?: number;
+  maxActiveSequences?: number;
+  /** Where to send the one-line notices (device fallback). Default: stderr. */
+  log?: (line: string) => void;
+}
+
+export function nativeConfig(c: LlamaConfig): NativeModelConfig {
+  return {
+    H: c.hiddenSize, I: c.intermediateSize, L: c.numLayers, NH: c.numHeads, NKV: c.numKvHeads, D: c.headDim, V: c.vocabSize,
+    rmsEps: c.rmsNormEps, ropeTheta: c.ropeTheta,
+    ropeLlama3: c.ropeScaling !== null,
+    ropeFactor: c.ropeScaling?.factor ?? 8,
+    ropeLowFreqFactor: c.ropeScaling?.lowFreqFactor ?? 1,
+    ropeHighFreqFactor: c.ropeScaling?.highFreqFactor ?? 4,
+    ropeOriginalMaxPos: c.ropeScaling?.originalMaxPositionEmbeddings ?? 8192,
+    tied: c.tieWordEmbeddings, maxPos: c.maxPositionEmbeddings,
+  };
+}
+
+export function nativeLora(l: LoraConfig): NativeLoraSpec {
+  return { r: l.r, alpha: l.alpha, dropout: l.dropout, rslora: l.useRslora, targets: [...l.targets] };
+}
+
+/** An adapter occupying a slot of the engine. */
+export interface Adapter {
+  readonly slot: number;
+  readonly config: LoraConfig;
+}
+
+export interface TrainHyperparameters {
+  lr: number;
+  steps?: number; // > 0 overrides epochs
+  epochs: number;
+  batchSize: number;
+  gradAccum: number;
+  scheduler: 'constant' | 'linear' | 'cosine';
+  warmupSteps: number;
+  weightDecay: number;
+  maxGradNorm: number; // 0: no clipping
+  seed: number;
+  shuffle: boolean;
+  gradientCheckpointing?: boolean;
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+}
+
+export interface StepEvent extends NativeStepReport {
+  tokensPerS: number;
+  elapsedS: number;
+  etaS: number;
+}
+
+export interface TrainSummary {
+  steps: number;
+  finalLoss: number;
+  tokens: number;
+  seconds: number;
+  cancelled: boolean;
+}
+
+export interface GenerateRequest {
+  promptIds: readonly number[];
+  adapter?: Adapter | null;
+  maxTokens: number;
+  temperature?: number;
+  topK?: number;
+  topP?: number;
+  repetitionPenalty?: number;
+  seed?: number;
+  /** Default: the tokenizer's stop ids (eos, <|eot_id|>, <|eom_id|>, <|end_of_text|>). [] = none. */
+  stopIds?: readonly number[];
+}
+
+export interface GenerateResult {
+  ids: number[];
+  finishReason: 'stop' | 'length' | 'cancelled';
+  promptTokens: number;
+  completionTokens: number;
+  prefillSeconds: number;
+  decodeSeconds: number;
+}
+
+export class Engine {
+  private closed = false;
+
+  private constructor(
+    readonly folder: ModelFolder,
+    readonly tokenizer: LlamaTokenizer,
+    readonly native: NativeEngine,
+    readonly quant: Quantization,
+    readonly device: 'cpu',
+  ) {}
+
+  get config(): LlamaConfig {
+    return this.folder.config;
+  }
+
+  /** Loads a Hugging Face Llama folder (validated first) into the native engine. */
+  static async load(dir: string, options: EngineOptions = {}): Promise<Engine> {
+    const quant = options.quant ?? 'nf4';
+    if (quant !== 'none' && quant !== 'nf4') throw new EngineError('INVALID_ARGUMENT', `quant must be nf4 or none, got ${String(quant)}`);
+    const device = resolveDevice(options.device ?? 'auto', options.log);
+    const folder = await loadModelFolder(dir);
+    const tokenizer = await LlamaTokenizer.fromFolder(folder.dir);
+    const spec = { config: nativeConfig(folder.config), files: folder.shards, quant, ...(options.threads ? { threads: options.threads } : {}), ...(options.maxActiveSequences ? { maxActiveSequences: options.maxActiveSequences } : {}) };
+    const engine = await native().loadModel(spec).catch((e: unknown) => { throw toEngineError(e); });
+    return new Engine(folder, tokenizer, engine, quant, device);
+  }
+
+  info() {
+    return { ...this.native.info(), ...this.native.stats(), config: this.config, modelDir: this.folder.dir };
+  }
+
+  /** A fresh adapter (A kaiming-uniform from seed, B zero) in a new slot. */
+  createAdapter(config: LoraConfig, seed: number): Adapter {
+    return { slot: this.call(() => this.native.createAdapter(nativeLora(config), seed)), config };
+  }
+
+  /** Loads a PEFT adapter folder; ADAPTER_MISMATCH when its shapes do not fit this base. */
+  async loadAdapter(dir: string): Promise<Adapter> {
+    const { lora } = await readAdapterConfig(dir);
+    const file = join(dir, ADAPTER_WEIGHTS_FILE);
+    await stat(file).catch((e: unknown) => { throw new EngineError('NOT_FOUND', `missing ${file}`, { file }, { cause: e }); });
+    const slot = await this.native.loadAdapter(nativeLora(lora), file).catch((e: unknown) => { throw toEngineError(e); });
+    return { slot, config: lora };
+  }
+
+  /**
+   * Writes the adapter as a PEFT folder (adapter_config.json + adapter_model.safetensors). The folder
+   * is built beside `dir` and renamed into place, so `dir` is never half-written.
+   */
+  async saveAdapter(adapter: Adapter, dir: string, options: { baseModelNameOrPath?: string | null } = {}): Promise<void> {
+    const target = resolve(dir);
+    await mkdir(dirname(target), { recursive: true });
+    const tmp = join(dirname(target), `.${basename(target)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
+    await mkdir(tmp);
+    try {
+      await writeAdapterConfig(tmp, adapter.config, { baseModelNameOrPath: options.baseModelNameOrPath ?? this.folder.dir });
+      await this.native.saveAdapter(adapter.slot, join(tmp, ADAPTER_WEIGHTS_FILE)).catch((e: unknown) => { throw toEngineError(e); });
+      await syncDirectory(tmp);
+      await replaceDirectory(tmp, target);
+    } catch (e) {
+      await rm(tmp, { recursive: true, force: true });
+      throw e;
+    }
+  }
+
+  removeAdapter(adapter: Adapter): void {
+    this.native.removeAdapter(adapter.slot);
+  }
+
+  adapterTensors(adapter: Adapter): Promise<Record<string, Float32Array>> {
+    return this.native.adapterTensors(adapter.slot);
+  }
+
+  /** Logits (T × V, row-major) of one sequence, with an adapter or the base alone. */
+  async logits(ids: readonly number[], adapter: Adapter | null = null): Promise<Float32Array> {
+    this.checkIds(ids, 'ids');
+    return this.native.logits(Int32Array.from(ids), adapter?.slot ?? 0).catch((e: unknown) => { throw toEngineError(e); });
+  }
+
+  /** Trains `adapter` in place on pre-tokenized examples; one event per optimizer step. */
+  async train(
+    adapter: Adapter,
+    examples: readonly { ids: Int32Array; labels: Int32Array }[],
+    hyper: TrainHyperparameters,
+    handlers: { onStep?: (event: StepEvent) => void; signal?: AbortSignal } = {},
+  ): Promise<TrainSummary> {
+    if (examples.length === 0) throw new EngineError('INVALID_DATASET', 'the training set has no examples');
+    const positive = (v: number, field: string) => {
+      if (!Number.isSafeInteger(v) || v <= 0) throw new EngineError('INVALID_ARGUMENT', `${field} must be a positive integer, got ${v}`, { field });
+    };
+    positive(hyper.batchSize, 'batch_size');
+    positive(hyper.gradAccum, 'grad_accum');
+    positive(hyper.epochs, 'epochs');
+    if (!(hyper.lr >= 0) || !Number.isFinite(hyper.lr)) throw new EngineError('INVALID_ARGUMENT', `lr must be a finite number >= 0, got ${hyper.lr}`, { field: 'lr' });
+    if (!(hyper.maxGradNorm >= 0)) throw new EngineError('INVALID_ARGUMENT', 'max_grad_norm must be >= 0', { field: 'max_grad_norm' });
+    if (!(hyper.weightDecay >= 0)) throw new EngineError('INVALID_ARGUMENT', 'weight_decay must be >= 0', { field: 'weight_decay' });
+    if (!(hyper.warmupSteps >= 0)) throw new EngineError('INVALID_ARGUMENT', 'warmup_steps must be >= 0', { field: 'warmup_steps' });
+    if (!['constant', 'linear', 'cosine'].includes(hyper.scheduler)) throw new EngineError('INVALID_ARGUMENT', `scheduler must be constant, linear or cosine`, { field: 'scheduler' });
+    for (const e of examples) this.checkIds(e.ids, 'input_ids');
+    const nativeHyper: NativeTrainHyper = {
+      lr: hyper.lr, beta1: hyper.beta1 ?? 0.9, beta2: hyper.beta2 ?? 0.999, eps: hyper.eps ?? 1e-8,
+      weightDecay: hyper.weightDecay, maxGradNorm: hyper.maxGradNorm, scheduler: hyper.scheduler, warmupSteps: hyper.warmupSteps,
+      batchSize: hyper.batchSize, gradAccum: hyper.gradAccum, epochs: hyper.epochs, maxSteps: hyper.steps ?? 0,
+      seed: hyper.seed, shuffle: hyper.shuffle, recompute: hyper.gradientCheckpointing ?? true,
+      padId: this.tokenizer.specialIds.endOfText,
+    };
+    const started = performance.now();
+    let tokens = 0;
+    const job = this.native.train({ slot: adapter.slot, examples: examples.map((e) => ({ ids: e.ids, labels: e.labels })), hyper: nativeHyper }, (r) => {
+      tokens += r.tokens;
+      const elapsedS = (performance.now() - started) / 1000;
+      const perStep = elapsedS / r.step;
+      handlers.onStep?.({ ...r, tokensPerS: r.seconds > 0 ? r.tokens / r.seconds : 0, elapsedS, etaS: perStep * (r.totalSteps - r.step) });
+    });
+    const onAbort = () => this.native.cancel(job.id);
+    handlers.signal?.addEventListener('abort', onAbort, { once: true });
+    if (handlers.signal?.aborted) onAbort();
+    try {
+      const last = await job.promise;
+      return { steps: last.step, finalLoss: last.loss, tokens, seconds: (performance.now() - started) / 1000, cancelled: last.cancelled };
+    } catch (e) {
+      throw toEngineError(e);
+    } finally {
+      handlers.signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** Generates from token ids; onTokens receives each step's new ids as they are sampled. */
+  async generate(req: GenerateRequest, handlers: { onTokens?: (ids: number[]) => void; signal?: AbortSignal } = {}): Promise<GenerateResult> {
+    this.checkIds(req.promptIds, 'prompt_ids');
+    if (req.promptIds.length === 0) throw new EngineError('INVALID_ARGUMENT', 'the prompt is empty', { field: 'prompt' });
+    if (!Number.isSafeInteger(req.maxTokens) || req.maxTokens < 1) throw new EngineError('INVALID_ARGUMENT', `max_tokens must be a positive integer, got ${req.maxTokens}`, { field: 'max_tokens' });
+    const temperature = req.temperature ?? 0;
+    const topP = req.topP ?? 1;
+    const topK = req.topK ?? 0;
+    const repetitionPenalty = req.repetitionPenalty ?? 1;
+    if (!(temperature >= 0) || !Number.isFinite(temperature)) throw new EngineError('INVALID_ARGUMENT', 'temperature must be >= 0', { field: 'temperature' });
+    if (!(topP > 0 && topP <= 1)) throw new EngineError('INVALID_ARGUMENT', 'top_p must be in (0, 1]', { field: 'top_p' });
+    if (!Number.isSafeInteger(topK) || topK < 0) throw new EngineError('INVALID_ARGUMENT', 'top_k must be an integer >= 0', { field: 'top_k' });
+    if (!(repetitionPenalty > 0) || !Number.isFinite(repetitionPenalty)) throw new EngineError('INVALID_ARGUMENT', 'repetition_penalty must be > 0', { field: 'repetition_penalty' });
+    const seed = req.seed ?? 0;
+    if (!Number.isSafeInteger(seed) || seed < 0) throw new EngineError('INVALID_ARGUMENT', 'seed must be a non-negative integer', { field: 'seed' });
+    const job = this.native.generate(
+      {
+        slot: req.adapter?.slot ?? 0, promptIds: Int32Array.from(req.promptIds), maxTokens: req.maxTokens,
+        temperature, topK, topP, repetitionPenalty, seed, stopIds: [...(req.stopIds ?? this.tokenizer.stopTokenIds)],
+      },
+      (ids) => handlers.onTokens?.(Array.from(ids)),
+    );
+    const onAbort = () => this.native.cancel(job.id);
+    handlers.signal?.addEventListener('abort', onAbort, { once: true });
+    if (handlers.signal?.aborted) onAbort();
+    try {
+      const r = await job.promise;
+      return { ids: Array.from(r.ids), finishReason: r.finishReason, promptTokens: r.promptTokens, completionTokens: r.ids.length, prefillSeconds: r.prefillSeconds, decodeSeconds: r.decodeSeconds };
+    } catch (e) {
+      throw toEngineError(e);
+    } finally {
+      handlers.signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** Stops the executor and frees the weights. Idempotent. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.native.close();
+  }
+
+  private checkIds(ids: ArrayLike<number>, field: string): void {
+    const V = this.config.vocabSize;
+    for (let i = 0; i < ids.length; i++) {
+      const id = ids[i]!;
+      if (!Number.isInteger(id) || id < 0 || id >= V) throw new EngineError('INVALID_ARGUMENT', `${field}[${i}] = ${id} is not a token id of this model (0..${V - 1})`, { field });
+    }
+  }
+
+  private call<T>(fn: () => T): T {
+    try {
+      return fn();
+    } catch (e) {
+      throw toEngineError(e);
+    }
+  }
+}
+
+/** Moves the finished folder `tmp` to `target`, replacing an existing folder without a gap in which neither exists longer than a rename. */
+export async function replaceDirectory(tmp: string, target: string): Promise<void> {
+  const old = `${target}.old-${process.pid}-${randomBytes(4).toString('hex')}`;
+  let hadOld = false;
+  try {
+    await rename(target, old);
+    hadOld = true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+  }
+  await rename(tmp, target);
+  await syncDirectory(dirname(target));
+  if (hadOld) await rm(old, { recursive: true, force: true });
+}

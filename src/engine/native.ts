@@ -1,0 +1,124 @@
+// The native addon's JS surface, typed once. Everything here is implemented in native/addon/*.cpp;
+// callers validate arguments before crossing (the C++ side trusts shapes and ranges it is given).
+
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export interface NativeModelConfig {
+  H: number; I: number; L: number; NH: number; NKV: number; D: number; V: number;
+  rmsEps: number; ropeTheta: number;
+  ropeLlama3: boolean; ropeFactor: number; ropeLowFreqFactor: number; ropeHighFreqFactor: number; ropeOriginalMaxPos: number;
+  tied: boolean; maxPos: number;
+}
+
+export interface NativeLoraSpec {
+  r: number;
+  alpha: number;
+  dropout: number;
+  rslora: boolean;
+  targets: string[]; // PEFT module names
+}
+
+export interface NativeTrainHyper {
+  lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; maxGradNorm: number;
+  scheduler: 'constant' | 'linear' | 'cosine'; warmupSteps: number; batchSize: number; gradAccum: number;
+  epochs: number; maxSteps: number; seed: number; shuffle: boolean; recompute: boolean; padId: number;
+}
+
+export interface NativeStepReport {
+  step: number; totalSteps: number; epoch: number; loss: number; gradNorm: number; lr: number;
+  tokens: number; targets: number; seconds: number;
+}
+
+export interface NativeGenerateSpec {
+  slot: number; // 0: base model only
+  promptIds: Int32Array;
+  maxTokens: number; temperature: number; topK: number; topP: number; repetitionPenalty: number; seed: number;
+  stopIds: number[];
+}
+
+export interface NativeGenerateResult {
+  ids: Int32Array;
+  finishReason: 'stop' | 'length' | 'cancelled';
+  promptTokens: number;
+  prefillSeconds: number;
+  decodeSeconds: number;
+}
+
+export interface NativeJob<T> { id: number; promise: Promise<T> }
+
+export interface NativeEngine {
+  info(): { quant: string; weightBytes: number; device: string; gemmKernel: string; threads: number; vocabSize: number; numLayers: number; maxActiveSequences: number; prefillChunk: number };
+  stats(): { activeSequences: number; queuedSequences: number; training: boolean; kvBytes: number; adapters: number };
+  createAdapter(lora: NativeLoraSpec, seed: number): number;
+  loadAdapter(lora: NativeLoraSpec, file: string): Promise<number>;
+  saveAdapter(slot: number, file: string): Promise<void>;
+  removeAdapter(slot: number): void;
+  adapterTensors(slot: number, grads?: boolean): Promise<Record<string, Float32Array>>;
+  logits(ids: Int32Array, slot: number): Promise<Float32Array>;
+  trainPass(
+    batch: { B: number; T: number; ids: Int32Array; labels: Int32Array },
+    slot: number,
+    options?: { backward?: boolean; recompute?: boolean; lossScale?: number; dropout?: number; dropoutSeed?: number; dropoutStep?: number },
+  ): Promise<{ loss: number; targets: number; grads?: Record<string, Float32Array> }>;
+  train(spec: { slot: number; examples: { ids: Int32Array; labels: Int32Array }[]; hyper: NativeTrainHyper }, onStep: (r: NativeStepReport) => void): NativeJob<NativeStepReport & { cancelled: boolean }>;
+  generate(spec: NativeGenerateSpec, onTokens: (ids: Int32Array) => void): NativeJob<NativeGenerateResult>;
+  cancel(id: number): void;
+  close(): void;
+}
+
+export interface NativeMergeSpec {
+  config: NativeModelConfig;
+  shards: string[];
+  outDir: string;
+  adapterFile: string;
+  lora: NativeLoraSpec;
+  dtype: 'bf16' | 'f16' | 'f32';
+  into: 'original' | 'dequantized';
+}
+
+export interface NativeMergeResult {
+  files: string[];
+  bytes: number;
+  tensors: number;
+  mergedTensors: number;
+  weightMap: Record<string, string>;
+}
+
+export interface CudaProbe {
+  compiled: boolean;
+  deviceCount: number;
+  error: string;
+  devices: { name: string; totalMemory: number; freeMemory: number; major: number; minor: number }[];
+}
+
+export interface NativeAddon {
+  loadModel(spec: { config: NativeModelConfig; files: string[]; quant: 'none' | 'nf4'; threads?: number; maxActiveSequences?: number; prefillChunk?: number }): Promise<NativeEngine>;
+  lrMultiplier(scheduler: string, step: number, warmup: number, total: number): number;
+  mergeAdapter(spec: NativeMergeSpec, onProgress: (p: { tensor: string; index: number; total: number; merged: boolean }) => void): { promise: Promise<NativeMergeResult>; cancel(): void };
+  sampleToken(logits: Float32Array, params: { temperature: number; topK: number; topP: number; repetitionPenalty: number; seed: number }, context: Int32Array, draws: number): Int32Array;
+  safetensorsHeader(path: string): { tensors: { name: string; dtype: string; shape: number[]; begin: number; end: number }[]; metadata: Record<string, string> };
+  safetensorsReadF32(path: string, name: string): Float32Array;
+  safetensorsWrite(path: string, tensors: { name: string; dtype: 'F32' | 'BF16' | 'F16'; shape: number[]; data: Float32Array }[], metadata?: Record<string, string>): void;
+  nf4Quantize(w: Float32Array, rows: number, cols: number): { codes: Uint8Array; packed: Uint8Array; absmax: Float32Array; absmaxDq: Float32Array; dequantized: Float32Array; absmaxMean: number; groupScales: Float32Array };
+  cudaProbe(): CudaProbe;
+  gemmKernelName(): string;
+  setThreads(n: number): void;
+  numThreads(): number;
+  sgemm(transA: boolean, transB: boolean, M: number, N: number, K: number, alpha: number, A: Float32Array, lda: number, B: Float32Array, ldb: number, beta: number, C: Float32Array, ldc: number): void;
+}
+
+let cached: NativeAddon | null = null;
+
+/** Loads build/Release/tuneserve_native.node (built by `npm ci` through node-gyp). */
+export function native(): NativeAddon {
+  if (cached) return cached;
+  const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+  // TUNESERVE_NATIVE_ADDON points at another build of the addon (e.g. a debug or CUDA build).
+  const file = process.env.TUNESERVE_NATIVE_ADDON ?? join(root, 'build', 'Release', 'tuneserve_native.node');
+  if (!existsSync(file)) throw new Error(`the native engine is not built (${file} is missing): run \`npm ci\` or \`npx node-gyp rebuild\``);
+  cached = createRequire(import.meta.url)(file) as NativeAddon;
+  return cached;
+}

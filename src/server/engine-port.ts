@@ -1,0 +1,332 @@
+// The narrow face of the engine that the gRPC server is written against: model facts, the
+// tokenizer, the adapter pool, training, generation and merging. The real engine (src/engine)
+// implements it; the server never reaches past it.
+//
+// Conventions: paths handed to the engine are absolute, already resolved under the data root by
+// the server; the engine trusts them. Failures are Errors whose `code` is an EngineErrorCode
+// (see engineErrorCodes); anything else is treated as an internal error. Token ids are
+// non-negative integers below ModelConfig.vocabSize.
+
+/** Stable error codes the engine puts on the `code` property of the Errors it throws. */
+export const engineErrorCodes = [
+  /** An argument the server passed is out of range (a server bug or a limit the server missed). */
+  'INVALID_ARGUMENT',
+  /** A dataset row is malformed; the message names the line number. */
+  'INVALID_DATASET',
+  /**
+   * An adapter folder is not a PEFT LoRA adapter the engine supports (the engine's INVALID_CONFIG,
+   * INVALID_SAFETENSORS or UNSUPPORTED, when raised about an adapter folder).
+   */
+  'ADAPTER_INVALID',
+  /** An adapter's shapes or modules do not fit the loaded base. */
+  'ADAPTER_MISMATCH',
+  /** generate() named an adapter that is not in the pool. */
+  'ADAPTER_NOT_LOADED',
+  /** No free adapter slot, no KV-cache room, or no memory for a training workspace. */
+  'RESOURCE_EXHAUSTED',
+  /** The operation stopped because its AbortSignal fired (train and merge reject with it). */
+  'CANCELLED',
+  /** Reading or writing a file failed (disk full, permissions); the message names the file. */
+  'IO_ERROR',
+] as const;
+
+/** One of engineErrorCodes. */
+export type EngineErrorCode = (typeof engineErrorCodes)[number];
+
+/** The shape of an Error thrown by the engine. */
+export interface EngineError extends Error {
+  code: EngineErrorCode;
+}
+
+/** Names of the Llama linear modules that can carry LoRA weights. */
+export const targetModuleNames = [
+  'q_proj',
+  'k_proj',
+  'v_proj',
+  'o_proj',
+  'gate_proj',
+  'up_proj',
+  'down_proj',
+] as const;
+
+/** One of targetModuleNames. */
+export type TargetModule = (typeof targetModuleNames)[number];
+
+/** Llama architecture fields of the model's config.json. */
+export interface ModelConfig {
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numAttentionHeads: number;
+  numKeyValueHeads: number;
+  headDim: number;
+  vocabSize: number;
+  maxPositionEmbeddings: number;
+  ropeTheta: number;
+  /** rope_scaling.rope_type ("llama3"), or null when the config has none. */
+  ropeScalingType: string | null;
+  rmsNormEps: number;
+  tieWordEmbeddings: boolean;
+}
+
+/** Device memory budget in bytes (RAM for the CPU device). */
+export interface MemoryUsage {
+  weightsBytes: number;
+  adapterPoolBytes: number;
+  kvCacheBytes: number;
+  /** Workspace of the training run in progress; 0 when none runs. */
+  trainingWorkspaceBytes: number;
+  deviceTotalBytes: number;
+  deviceFreeBytes: number;
+}
+
+/** Facts about the loaded base model. memory is read fresh on every call. */
+export interface ModelInfo {
+  /** The model folder's base name, or "demo" for the built-in demo model. */
+  name: string;
+  config: ModelConfig;
+  /** Precision of the weights on disk. */
+  sourceDtype: 'f32' | 'bf16' | 'f16';
+  /** Quantization of the base weights in device memory. */
+  quantization: 'none' | 'nf4';
+  /** The device in words, e.g. "cpu (16 threads)" or "cuda:0 NVIDIA H200". */
+  device: string;
+  memory: MemoryUsage;
+  /** Hex SHA-256 of config.json and the weights index (tensor names, shapes, dtypes). */
+  fingerprint: string;
+  /** Longest sequence (prompt + completion, or training row) the engine accepts, in tokens. */
+  maxSeqLen: number;
+  /** Slots of the device adapter pool. */
+  adapterSlots: number;
+  /** One sentence on how generation and training share the device. */
+  scheduling: string;
+}
+
+/** One chat turn; roles are those the model's chat template knows. */
+export interface ChatMessage {
+  role: string;
+  content: string;
+}
+
+/** Turns token ids into text incrementally, never splitting a UTF-8 character. */
+export interface Detokenizer {
+  /** Adds ids; returns the text they complete (may be '' while a character is incomplete). */
+  push(ids: readonly number[]): string;
+  /** Returns whatever text is still held back (an incomplete character becomes U+FFFD). */
+  flush(): string;
+}
+
+/** The model's tokenizer and chat template. */
+export interface TokenizerPort {
+  /**
+   * Encodes plain text. Special-token text inside it (e.g. "<|eot_id|>") is encoded as plain
+   * text, never as a control token. With addBos the result starts with exactly one BOS.
+   */
+  encode(text: string, options: { addBos: boolean }): readonly number[];
+  /**
+   * Renders messages with the model's chat template (BOS included) and encodes them; message
+   * content is encoded as plain text. Throws code INVALID_ARGUMENT when the template rejects
+   * the messages (e.g. an unknown role) or the model has no chat template.
+   */
+  encodeChat(messages: readonly ChatMessage[], options: { addGenerationPrompt: boolean }): readonly number[];
+  /** Decodes ids to text, special tokens omitted. */
+  decode(ids: readonly number[]): string;
+  /** A fresh incremental decoder for one generation. */
+  createDetokenizer(): Detokenizer;
+  /** Whether the model ships a chat template (encodeChat works). */
+  readonly hasChatTemplate: boolean;
+  /** Ids that end generation (<|eot_id|>, <|eom_id|>, <|end_of_text|> for Llama 3 instruct). */
+  readonly eosIds: readonly number[];
+}
+
+/** LoRA settings of an adapter, as in its adapter_config.json. */
+export interface AdapterConfig {
+  rank: number;
+  alpha: number;
+  dropout: number;
+  targetModules: TargetModule[];
+  useRslora: boolean;
+}
+
+/** Hyperparameters and files of one training run (the flags of `tuneserve train`). */
+export interface TrainSpec {
+  /** JSONL dataset file (rows: text, prompt/completion, messages, input_ids/labels). */
+  datasetPath: string;
+  /** Folder to create and write the final PEFT adapter into; it does not exist yet. */
+  outDir: string;
+  /** Folder (exists, empty) for checkpoints; the engine writes one subfolder per checkpoint. */
+  checkpointDir: string;
+  /** PEFT folder to continue from (its rank, alpha and targets apply), or null. */
+  initAdapterDir: string | null;
+  rank: number;
+  alpha: number;
+  dropout: number;
+  targetModules: TargetModule[];
+  learningRate: number;
+  /** Optimizer steps; 0 means as many as `epochs` passes over the training rows take. */
+  maxSteps: number;
+  epochs: number;
+  batchSize: number;
+  gradAccum: number;
+  /** Rows longer than this many tokens are truncated. */
+  maxSeqLen: number;
+  scheduler: 'constant' | 'linear' | 'cosine';
+  warmupSteps: number;
+  weightDecay: number;
+  /** Global-norm clipping threshold; 0 disables clipping. */
+  maxGradNorm: number;
+  seed: number;
+  shuffle: boolean;
+  /** Fraction of rows held out for evaluation (0 = none). */
+  evalFraction: number;
+  /** Evaluate every this many steps and after the last; 0 = only after the last. */
+  evalEvery: number;
+  /** Write a checkpoint every this many steps; 0 = none. */
+  checkpointEvery: number;
+}
+
+/** Progress of a training run, reported in this order: started, then steps/evals/checkpoints. */
+export type TrainEvent =
+  | { kind: 'started'; totalSteps: number; trainExamples: number; evalExamples: number }
+  | {
+      kind: 'step';
+      step: number;
+      totalSteps: number;
+      epoch: number;
+      loss: number;
+      gradNorm: number;
+      learningRate: number;
+      tokensPerSecond: number;
+      elapsedSeconds: number;
+      etaSeconds: number;
+    }
+  | { kind: 'eval'; step: number; loss: number }
+  | { kind: 'checkpoint'; step: number; dir: string };
+
+/** What a finished training run measured. */
+export interface TrainResult {
+  finalLoss: number;
+  /** Loss on the held-out rows after the last step, or null without an eval split. */
+  evalLoss: number | null;
+  steps: number;
+  /** Loss-bearing tokens processed over the whole run. */
+  tokens: number;
+  /** The adapter written to outDir. */
+  config: AdapterConfig;
+}
+
+/** One generation, in token ids. */
+export interface GenerateSpec {
+  promptIds: Int32Array;
+  /** A loaded adapter's name, or null for the base alone. */
+  adapter: string | null;
+  /** Most tokens to generate; promptIds.length + maxTokens <= maxSeqLen. */
+  maxTokens: number;
+  /** 0 = greedy. */
+  temperature: number;
+  /** 0 = disabled. */
+  topK: number;
+  /** 1 = disabled. */
+  topP: number;
+  /** 1 = disabled. */
+  repetitionPenalty: number;
+  /** Sampler seed, 0 to 2^32 - 1. */
+  seed: number;
+  /** Generation stops after producing one of these (the id is included in the output). */
+  stopIds: readonly number[];
+}
+
+/** The end of one generation. */
+export interface GenerateResult {
+  /** Every generated id, a final stop id included. */
+  ids: readonly number[];
+  /** stop: a stop id was produced; length: maxTokens reached; cancelled: the signal fired. */
+  finishReason: 'stop' | 'length' | 'cancelled';
+  promptTokens: number;
+  completionTokens: number;
+}
+
+/** One merge: the adapter folder added into the base weights, written as a new model folder. */
+export interface MergeSpec {
+  adapterDir: string;
+  /** Folder to create (it does not exist yet) for the merged Hugging Face model. */
+  outDir: string;
+  dtype: 'bf16' | 'f16' | 'f32';
+  /** original: the full-precision source shards; dequantized: dequant(NF4(W)). */
+  into: 'original' | 'dequantized';
+}
+
+/** The end of a merge. */
+export interface MergeResult {
+  /** Total bytes written under outDir. */
+  bytes: number;
+  tensorCount: number;
+  /** Merged model vs base + adapter on a short probe prompt. */
+  fidelity: {
+    maxAbsLogitDiff: number;
+    meanAbsLogitDiff: number;
+    probeTokens: number;
+    /** Fraction of probe positions whose argmax agrees, 0 to 1. */
+    top1Agreement: number;
+  };
+}
+
+/** What the gRPC server needs from the engine. */
+export interface EnginePort {
+  /** Facts about the loaded base; cheap, memory figures current. */
+  modelInfo(): ModelInfo;
+
+  /** The model's tokenizer and chat template. */
+  readonly tokenizer: TokenizerPort;
+
+  /**
+   * Reads an adapter folder and checks it against the loaded base without taking a pool slot.
+   * Rejects ADAPTER_INVALID or ADAPTER_MISMATCH.
+   */
+  inspectAdapter(dir: string): Promise<AdapterConfig>;
+
+  /**
+   * Loads an adapter folder into a free pool slot under `name` (not loaded yet). Rejects
+   * ADAPTER_INVALID, ADAPTER_MISMATCH, or RESOURCE_EXHAUSTED when every slot is taken.
+   */
+  loadAdapter(name: string, dir: string): Promise<AdapterConfig>;
+
+  /** Frees the slot of a loaded adapter; the server calls it only when no generation uses it. */
+  unloadAdapter(name: string): Promise<void>;
+
+  /** Names of the adapters in the pool. */
+  loadedAdapters(): string[];
+
+  /**
+   * Runs one training run (the server runs at most one at a time) and writes the adapter to
+   * spec.outDir. Reports progress through onEvent (on the event loop). Rejects CANCELLED soon
+   * after the signal fires (between optimizer steps), INVALID_DATASET, RESOURCE_EXHAUSTED, ...
+   */
+  train(
+    spec: TrainSpec,
+    options: { onEvent(event: TrainEvent): void; signal: AbortSignal },
+  ): Promise<TrainResult>;
+
+  /**
+   * Generates tokens; calls onTokens with each batch of new ids (on the event loop, in order).
+   * When the signal fires it stops within one decode step, frees its KV-cache room and resolves
+   * with finishReason 'cancelled'. Rejects ADAPTER_NOT_LOADED, RESOURCE_EXHAUSTED (no KV room).
+   */
+  generate(
+    spec: GenerateSpec,
+    options: { onTokens(ids: readonly number[]): void; signal: AbortSignal },
+  ): Promise<GenerateResult>;
+
+  /**
+   * Merges an adapter into the base weights, tensor by tensor, reporting each tensor written.
+   * Rejects CANCELLED (leaving a partial outDir the server removes), ADAPTER_MISMATCH, IO_ERROR.
+   */
+  merge(
+    spec: MergeSpec,
+    options: {
+      /** index: tensors written so far (1 to total), tensor: the one just written. */
+      onProgress(progress: { tensor: string; index: number; total: number }): void;
+      signal: AbortSignal;
+    },
+  ): Promise<MergeResult>;
+}

@@ -1,0 +1,405 @@
+// The training queue: jobs run one at a time in submission order, each event is stored before
+// anyone sees it, and jobs belong to the server rather than to the stream that started them.
+// Watchers read the store from a sequence number onward and then wait for new events, so a
+// replay and the live tail join without gaps or duplicates, and a slow watcher leaves its
+// backlog in SQLite rather than in memory.
+
+import * as fs from 'node:fs/promises';
+import * as path from 'node:path';
+import type { AdapterRegistry } from './adapter-registry.js';
+import { DataRoot, writeFileAtomic } from './data-root.js';
+import type { DatasetStore } from './datasets.js';
+import type { EnginePort, TrainEvent } from './engine-port.js';
+import {
+  alreadyExists,
+  failedPrecondition,
+  isEngineError,
+  notFound,
+  resourceExhausted,
+  unavailable,
+} from './errors.js';
+import {
+  terminalStates,
+  type Hyperparameters,
+  type JobEventData,
+  type JobEventRecord,
+  type JobRecord,
+  type JobStore,
+} from './job-store.js';
+import type { Logger } from './logger.js';
+
+/** A job to queue; ids and hyperparameters already validated. */
+export interface JobSubmission {
+  jobId: string;
+  adapterId: string;
+  /** An uploaded dataset, or rows carried in the request. */
+  dataset: { datasetId: string } | { inlineJsonl: Uint8Array };
+  initAdapterId: string | null;
+  config: Hyperparameters;
+}
+
+/** What the queue needs around it. */
+export interface JobQueueDependencies {
+  store: JobStore;
+  dataRoot: DataRoot;
+  datasets: DatasetStore;
+  adapters: AdapterRegistry;
+  logger: Logger;
+  maxQueuedJobs: number;
+  now?: () => number;
+}
+
+interface RunningJob {
+  jobId: string;
+  controller: AbortController;
+  /** Why the run is being stopped, if it is. */
+  stop: 'cancel' | 'shutdown' | null;
+  done: Promise<void>;
+}
+
+const INLINE_DATASET_FILE = 'inline.jsonl';
+const EVENTS_PER_READ = 256;
+
+/** The one-at-a-time training queue. */
+export class JobQueue {
+  private readonly pending: string[] = [];
+  private running: RunningJob | null = null;
+  private readonly waiters = new Map<string, Set<() => void>>();
+  private readonly submitting = new Set<string>();
+  private engine: EnginePort | null = null;
+  private accepting = true;
+  private readonly now: () => number;
+
+  constructor(private readonly deps: JobQueueDependencies) {
+    this.now = deps.now ?? Date.now;
+  }
+
+  /** Starts running jobs on the engine, first those left queued when the server last stopped. */
+  start(engine: EnginePort): void {
+    this.engine = engine;
+    for (const job of this.deps.store.inState('queued')) {
+      this.deps.adapters.reserveUnchecked(job.adapterId);
+      this.pending.push(job.jobId);
+    }
+    if (this.pending.length > 0) this.deps.logger.info('re-queued jobs', { jobs: this.pending.length });
+    this.pump();
+  }
+
+  /** Jobs waiting. */
+  get queuedCount(): number {
+    return this.pending.length;
+  }
+
+  /** Jobs running (0 or 1). */
+  get runningCount(): number {
+    return this.running === null ? 0 : 1;
+  }
+
+  /** Jobs ahead of a queued job, or 0 when it is not queued. */
+  queuePosition(jobId: string): number {
+    return Math.max(0, this.pending.indexOf(jobId));
+  }
+
+  /**
+   * Queues a job. RESOURCE_EXHAUSTED when the queue is full, ALREADY_EXISTS for a taken job or
+   * adapter id, NOT_FOUND for a missing dataset or init adapter, UNAVAILABLE while draining.
+   */
+  async submit(submission: JobSubmission): Promise<JobRecord> {
+    const { store, adapters, datasets, dataRoot, maxQueuedJobs } = this.deps;
+    if (!this.accepting) throw unavailable('SERVER_DRAINING', 'the server is shutting down');
+    if (this.pending.length + this.submitting.size >= maxQueuedJobs) {
+      throw resourceExhausted(
+        'TRAINING_QUEUE_FULL',
+        `the training queue is full (${maxQueuedJobs} jobs waiting)`,
+        this.retryHintMs(),
+        { max_queued_jobs: String(maxQueuedJobs) },
+      );
+    }
+    const { jobId } = submission;
+    if (this.submitting.has(jobId) || store.get(jobId) !== null) throw alreadyExists('job', jobId);
+    this.submitting.add(jobId);
+    try {
+      await adapters.reserve(submission.adapterId);
+      try {
+        let datasetPath: string;
+        let datasetId: string | null = null;
+        if ('datasetId' in submission.dataset) {
+          datasetId = submission.dataset.datasetId;
+          datasetPath = path.relative(dataRoot.root, await datasets.dataFile(datasetId));
+        } else {
+          datasetPath = path.relative(dataRoot.root, path.join(dataRoot.entry('jobs', jobId), INLINE_DATASET_FILE));
+        }
+        if (submission.initAdapterId !== null) adapters.checkBase(await adapters.get(submission.initAdapterId));
+        const jobFolder = dataRoot.entry('jobs', jobId);
+        await fs.mkdir(path.join(jobFolder, 'checkpoints'), { recursive: true });
+        if ('inlineJsonl' in submission.dataset) {
+          await writeFileAtomic(path.join(jobFolder, INLINE_DATASET_FILE), submission.dataset.inlineJsonl);
+        }
+        if (!this.accepting) throw unavailable('SERVER_DRAINING', 'the server is shutting down');
+        const record = store.insert(
+          {
+            jobId,
+            adapterId: submission.adapterId,
+            datasetId,
+            datasetPath,
+            initAdapterId: submission.initAdapterId,
+            config: submission.config,
+          },
+          this.pending.length,
+          this.now(),
+        );
+        this.pending.push(jobId);
+        this.deps.logger.info('job queued', { jobId, adapterId: submission.adapterId, position: this.pending.length - 1 });
+        this.pump();
+        return record;
+      } catch (error) {
+        adapters.unreserve(submission.adapterId);
+        throw error;
+      }
+    } finally {
+      this.submitting.delete(jobId);
+    }
+  }
+
+  /**
+   * Cancels a job: a queued one ends at once, a running one stops between optimizer steps.
+   * NOT_FOUND, or FAILED_PRECONDITION when it has already ended.
+   */
+  cancel(jobId: string): JobRecord {
+    const job = this.require(jobId);
+    if (terminalStates.has(job.state)) {
+      throw failedPrecondition('JOB_ALREADY_ENDED', `job ${JSON.stringify(jobId)} has already ended (${job.state})`, {
+        job_id: jobId,
+        state: job.state,
+      });
+    }
+    const index = this.pending.indexOf(jobId);
+    if (index !== -1) {
+      this.pending.splice(index, 1);
+      this.record(jobId, { kind: 'cancelled', stepsCompleted: 0 });
+      this.deps.adapters.unreserve(job.adapterId);
+      this.deps.logger.info('job cancelled while queued', { jobId });
+    } else if (this.running?.jobId === jobId) {
+      this.running.stop ??= 'cancel';
+      this.running.controller.abort('cancel');
+      this.deps.logger.info('job cancellation requested', { jobId });
+    }
+    return this.require(jobId);
+  }
+
+  /** Whether a queued or running job reads this dataset. */
+  datasetInUse(datasetId: string): boolean {
+    return this.activeJobs().some((job) => job.datasetId === datasetId);
+  }
+
+  /** Why an adapter cannot be deleted now (a live job continues from it), or null. */
+  adapterBlocker(adapterId: string): string | null {
+    const job = this.activeJobs().find((j) => j.initAdapterId === adapterId);
+    return job ? `is the starting point of job ${JSON.stringify(job.jobId)} (${job.state})` : null;
+  }
+
+  /**
+   * Yields a job's events after `afterSequence`: first the stored history, then new events as
+   * they are stored, until the job's last event. Ends early (without error) when the signal fires.
+   */
+  async *follow(jobId: string, afterSequence: number, signal: AbortSignal): AsyncGenerator<JobEventRecord> {
+    let sequence = afterSequence;
+    while (!signal.aborted) {
+      const events = this.deps.store.eventsAfter(jobId, sequence, EVENTS_PER_READ);
+      for (const event of events) {
+        yield event;
+        sequence = event.sequence;
+        if (isFinal(event.data)) return;
+      }
+      if (events.length === EVENTS_PER_READ) continue;
+      const job = this.require(jobId);
+      if (terminalStates.has(job.state) && sequence >= job.lastSequence) return;
+      await this.changed(jobId, signal);
+    }
+  }
+
+  /**
+   * Stops taking jobs and stops the running one; it is recorded as interrupted (resumable from
+   * its checkpoints). Queued jobs stay queued in the store and run after the next start.
+   */
+  async shutdown(): Promise<void> {
+    this.accepting = false;
+    this.pending.length = 0;
+    const running = this.running;
+    if (running) {
+      running.stop = 'shutdown';
+      running.controller.abort('shutdown');
+      await running.done;
+    }
+  }
+
+  private activeJobs(): JobRecord[] {
+    const ids = [...this.pending, ...(this.running ? [this.running.jobId] : [])];
+    return ids.map((id) => this.deps.store.get(id)).filter((job): job is JobRecord => job !== null);
+  }
+
+  private require(jobId: string): JobRecord {
+    const job = this.deps.store.get(jobId);
+    if (!job) throw notFound('job', jobId);
+    return job;
+  }
+
+  /** Suggested wait before retrying a refused submission: the running job's remaining time. */
+  private retryHintMs(): number {
+    const eta = this.running ? this.deps.store.get(this.running.jobId)?.lastStep?.etaSeconds : undefined;
+    return Math.min(3_600_000, Math.max(5_000, Math.round((eta ?? 60) * 1000)));
+  }
+
+  /** Stores an event and wakes the job's watchers. */
+  private record(jobId: string, data: JobEventData): void {
+    const stored = this.deps.store.append(jobId, data, this.now());
+    if (stored === null) return;
+    const waiters = this.waiters.get(jobId);
+    if (waiters) {
+      this.waiters.delete(jobId);
+      for (const wake of waiters) wake();
+    }
+  }
+
+  /** Resolves at the job's next event, or when the signal fires. */
+  private changed(jobId: string, signal: AbortSignal): Promise<void> {
+    return new Promise<void>((resolve) => {
+      let waiters = this.waiters.get(jobId);
+      if (!waiters) {
+        waiters = new Set();
+        this.waiters.set(jobId, waiters);
+      }
+      const wake = (): void => {
+        signal.removeEventListener('abort', wake);
+        this.waiters.get(jobId)?.delete(wake);
+        resolve();
+      };
+      waiters.add(wake);
+      signal.addEventListener('abort', wake);
+    });
+  }
+
+  private pump(): void {
+    if (this.running !== null || this.engine === null || !this.accepting) return;
+    const jobId = this.pending.shift();
+    if (jobId === undefined) return;
+    const controller = new AbortController();
+    const running: RunningJob = { jobId, controller, stop: null, done: Promise.resolve() };
+    this.running = running;
+    running.done = this.run(running, this.engine).finally(() => {
+      this.running = null;
+      this.pump();
+    });
+  }
+
+  private async run(running: RunningJob, engine: EnginePort): Promise<void> {
+    const { store, dataRoot, adapters, logger } = this.deps;
+    const job = this.require(running.jobId);
+    const startTime = this.now();
+    store.markRunning(job.jobId, startTime);
+    logger.info('job started', { jobId: job.jobId });
+    let workFolder: string | null = null;
+    let lastStep = 0;
+    let outcome: 'succeeded' | 'failed' | 'cancelled' | 'interrupted' = 'failed';
+    try {
+      workFolder = await dataRoot.tempFolder(`job-${job.jobId}`);
+      const outDir = path.join(workFolder, 'adapter');
+      const jobFolder = dataRoot.entry('jobs', job.jobId);
+      const result = await engine.train(
+        {
+          ...job.config,
+          datasetPath: path.join(dataRoot.root, job.datasetPath),
+          outDir,
+          checkpointDir: path.join(jobFolder, 'checkpoints'),
+          initAdapterDir: job.initAdapterId === null ? null : await adapters.folder(job.initAdapterId),
+        },
+        {
+          signal: running.controller.signal,
+          onEvent: (event) => {
+            if (running.stop !== null) return;
+            if (event.kind === 'step') lastStep = event.step;
+            this.record(job.jobId, fromTrainEvent(event));
+          },
+        },
+      );
+      if (running.stop !== null) throw new Error('stopped');
+      const metrics = {
+        finalLoss: result.finalLoss,
+        evalLoss: result.evalLoss,
+        steps: result.steps,
+        tokens: result.tokens,
+        trainSeconds: (this.now() - startTime) / 1000,
+      };
+      await adapters.publish(outDir, {
+        adapterId: job.adapterId,
+        source: 'trained',
+        jobId: job.jobId,
+        createTime: this.now(),
+        baseFingerprint: engine.modelInfo().fingerprint,
+        config: result.config,
+        metrics,
+      });
+      this.record(job.jobId, { kind: 'completed', adapterId: job.adapterId, metrics });
+      outcome = 'succeeded';
+      logger.info('job succeeded', { jobId: job.jobId, adapterId: job.adapterId, finalLoss: result.finalLoss });
+    } catch (error) {
+      if (running.stop === 'cancel') {
+        this.record(job.jobId, { kind: 'cancelled', stepsCompleted: lastStep });
+        outcome = 'cancelled';
+        logger.info('job cancelled', { jobId: job.jobId, steps: lastStep });
+      } else if (running.stop === 'shutdown') {
+        const stored = store.get(job.jobId);
+        this.record(job.jobId, {
+          kind: 'interrupted',
+          lastStep,
+          lastCheckpointStep: stored?.lastCheckpointStep ?? 0,
+        });
+        outcome = 'interrupted';
+        logger.info('job interrupted by shutdown', { jobId: job.jobId, steps: lastStep });
+      } else {
+        const { reason, message } = failureOf(error, dataRoot);
+        if (reason === 'INTERNAL') logger.error('job failed', { jobId: job.jobId, error: String((error as Error)?.stack ?? error) });
+        else logger.warn('job failed', { jobId: job.jobId, reason, message });
+        this.record(job.jobId, { kind: 'failed', reason, message });
+      }
+    } finally {
+      adapters.unreserve(job.adapterId);
+      if (workFolder !== null) await fs.rm(workFolder, { recursive: true, force: true });
+      // Checkpoints only matter for a run that may be resumed.
+      if (outcome === 'succeeded' || outcome === 'cancelled') {
+        await fs.rm(path.join(dataRoot.entry('jobs', job.jobId), 'checkpoints'), { recursive: true, force: true });
+      }
+    }
+  }
+}
+
+/** Whether an event ends its job. */
+export function isFinal(data: JobEventData): boolean {
+  return data.kind === 'completed' || data.kind === 'failed' || data.kind === 'cancelled' || data.kind === 'interrupted';
+}
+
+/** The stored form of an engine progress event. */
+function fromTrainEvent(event: TrainEvent): JobEventData {
+  switch (event.kind) {
+    case 'started':
+      return event;
+    case 'step':
+      return event;
+    case 'eval':
+      return { kind: 'eval', step: event.step, loss: event.loss };
+    case 'checkpoint':
+      return { kind: 'checkpoint', step: event.step };
+  }
+}
+
+/** The reason and message a failed job records: engine codes as they are, the rest INTERNAL. */
+function failureOf(error: unknown, dataRoot: DataRoot): { reason: string; message: string } {
+  if (isEngineError(error)) {
+    if (error.code === 'IO_ERROR') return { reason: 'IO_ERROR', message: 'the server failed to read or write a file' };
+    return { reason: error.code, message: dataRoot.redact(error.message) };
+  }
+  if (error instanceof Error && 'reason' in error && typeof error.reason === 'string') {
+    return { reason: error.reason, message: error.message };
+  }
+  return { reason: 'INTERNAL', message: 'internal error' };
+}

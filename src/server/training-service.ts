@@ -1,0 +1,133 @@
+// tuneserve.v1.TrainingService: Train, WatchJob, GetJob, ListJobs, CancelJob.
+
+import { randomBytes } from 'node:crypto';
+import type {
+  CancelJobRequest,
+  CancelJobResponse,
+  GetJobRequest,
+  GetJobResponse,
+  ListJobsRequest,
+  ListJobsResponse,
+  TrainingServiceServer,
+  TrainRequest,
+  TrainResponse,
+  WatchJobRequest,
+  WatchJobResponse,
+} from '../gen/tuneserve/v1/training.js';
+import type { ServiceContext } from './context.js';
+import { invalidArgument, notFound } from './errors.js';
+import { resolveHyperparameters } from './hyperparameters.js';
+import { requireId } from './ids.js';
+import type { JobSubmission } from './job-queue.js';
+import type { JobState } from './job-store.js';
+import { JsonlChecker } from './jsonl-check.js';
+import { decodePageToken, encodePageToken, pageSize } from './paging.js';
+import type { RpcRunner } from './rpc.js';
+import { storedJobState, toJob, toJobEvent, toTrainingStep } from './wire.js';
+
+const SERVICE = 'TrainingService';
+
+/** A fresh server-chosen job id (matches the id rule). */
+function newJobId(): string {
+  return `job-${Date.now().toString(36)}-${randomBytes(4).toString('hex')}`;
+}
+
+/** Validates a TrainRequest into a queue submission. */
+async function submissionOf(request: TrainRequest, context: ServiceContext): Promise<JobSubmission> {
+  const jobId = request.jobId === '' ? newJobId() : requireId(request.jobId, 'job_id');
+  const adapterId = requireId(request.adapterId, 'adapter_id');
+  const hasDatasetId = request.datasetId !== undefined;
+  const hasInline = request.inlineJsonl !== undefined;
+  if (hasDatasetId === hasInline) throw invalidArgument('dataset', 'set exactly one of dataset_id or inline_jsonl');
+  const info = context.engine().modelInfo();
+  let dataset: JobSubmission['dataset'];
+  if (request.inlineJsonl !== undefined) {
+    const bytes = request.inlineJsonl;
+    if (bytes.length > context.limits.maxInlineDatasetBytes) {
+      throw invalidArgument(
+        'inline_jsonl',
+        `is ${bytes.length} bytes, above the server's limit of ${context.limits.maxInlineDatasetBytes}; upload it with DatasetService`,
+        'DATASET_TOO_LARGE',
+      );
+    }
+    const checker = new JsonlChecker('inline_jsonl', info.config.vocabSize);
+    checker.push(bytes);
+    checker.finish();
+    dataset = { inlineJsonl: bytes };
+  } else {
+    dataset = { datasetId: requireId(request.datasetId ?? '', 'dataset_id') };
+  }
+  const initAdapterId = request.initAdapterId === '' ? null : requireId(request.initAdapterId, 'init_adapter_id');
+  const init = initAdapterId === null ? null : await context.adapters.get(initAdapterId);
+  return {
+    jobId,
+    adapterId,
+    dataset,
+    initAdapterId,
+    config: resolveHyperparameters(request.config, init?.config ?? null, info.maxSeqLen),
+  };
+}
+
+/** The TrainingService handlers. */
+export function trainingService(context: ServiceContext, rpc: RpcRunner): TrainingServiceServer {
+  const { queue, store } = context;
+  const jobOrNotFound = (jobId: string) => {
+    const job = store.get(jobId);
+    if (!job) throw notFound('job', jobId);
+    return job;
+  };
+
+  return {
+    train: rpc.serverStream<TrainRequest, TrainResponse>(SERVICE, 'Train', async (request, writer, _call, watch) => {
+      const submission = await submissionOf(request, context);
+      const job = await queue.submit(submission);
+      for await (const event of queue.follow(job.jobId, 0, watch.signal)) {
+        await writer.write({ event: toJobEvent(event) });
+        if (request.detach && event.data.kind === 'queued') return;
+      }
+    }),
+
+    watchJob: rpc.serverStream<WatchJobRequest, WatchJobResponse>(SERVICE, 'WatchJob', async (request, writer, _call, watch) => {
+      const jobId = requireId(request.jobId, 'job_id');
+      jobOrNotFound(jobId);
+      for await (const event of queue.follow(jobId, request.afterSequence, watch.signal)) {
+        await writer.write({ event: toJobEvent(event) });
+      }
+    }),
+
+    getJob: rpc.unary<GetJobRequest, GetJobResponse>(SERVICE, 'GetJob', async (request) => {
+      const jobId = requireId(request.jobId, 'job_id');
+      const job = jobOrNotFound(jobId);
+      return {
+        job: toJob(job, queue.queuePosition(jobId)),
+        steps: request.includeHistory ? store.eventsOfKind(jobId, 'step').map((e) => toTrainingStep(e.data)) : [],
+        evaluations: request.includeHistory
+          ? store.eventsOfKind(jobId, 'eval').map((e) => ({ step: e.data.step, loss: e.data.loss }))
+          : [],
+      };
+    }),
+
+    listJobs: rpc.unary<ListJobsRequest, ListJobsResponse>(SERVICE, 'ListJobs', async (request) => {
+      const limit = pageSize(request.pageSize, 50, 1000);
+      const beforeOrdinal = decodePageToken<number>(request.pageToken, 'number');
+      const states: JobState[] = request.states.map((state, index) => {
+        const stored = storedJobState(state);
+        if (stored === null) throw invalidArgument(`states[${index}]`, `is not a known JobState value (${state})`);
+        return stored;
+      });
+      const jobs = store.list({ states, limit: limit + 1, beforeOrdinal });
+      const page = jobs.slice(0, limit);
+      const last = page[page.length - 1];
+      return {
+        jobs: page.map((job) => toJob(job, queue.queuePosition(job.jobId))),
+        nextPageToken: jobs.length > limit && last !== undefined ? encodePageToken(last.ordinal) : '',
+      };
+    }),
+
+    cancelJob: rpc.unary<CancelJobRequest, CancelJobResponse>(SERVICE, 'CancelJob', async (request) => {
+      const jobId = requireId(request.jobId, 'job_id');
+      const job = queue.cancel(jobId);
+      return { job: toJob(job, queue.queuePosition(jobId)) };
+    }),
+  };
+}

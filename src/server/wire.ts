@@ -1,0 +1,188 @@
+// Conversions from the server's stored records to the generated tuneserve.v1 messages. Handlers
+// speak records internally and messages on the wire; this file is the only place they meet.
+
+import { AdapterSource, type Adapter } from '../gen/tuneserve/v1/adapters.js';
+import type { TrainingMetrics } from '../gen/tuneserve/v1/common.js';
+import type { Dataset } from '../gen/tuneserve/v1/datasets.js';
+import { JobState, LrScheduler, type Job, type JobEvent, type TrainingConfig, type TrainingStep } from '../gen/tuneserve/v1/training.js';
+import type { AdapterView } from './adapter-registry.js';
+import type { DatasetRecord } from './datasets.js';
+import type {
+  Hyperparameters,
+  JobEventRecord,
+  JobRecord,
+  JobState as StoredJobState,
+  StepRecord,
+  TrainingMetricsRecord,
+} from './job-store.js';
+
+const jobStates: Record<StoredJobState, JobState> = {
+  queued: JobState.JOB_STATE_QUEUED,
+  running: JobState.JOB_STATE_RUNNING,
+  succeeded: JobState.JOB_STATE_SUCCEEDED,
+  failed: JobState.JOB_STATE_FAILED,
+  cancelled: JobState.JOB_STATE_CANCELLED,
+  interrupted: JobState.JOB_STATE_INTERRUPTED,
+};
+
+/** The stored state for a wire state, or null for UNSPECIFIED/unknown values. */
+export function storedJobState(state: JobState): StoredJobState | null {
+  for (const [stored, wire] of Object.entries(jobStates)) if (wire === state) return stored as StoredJobState;
+  return null;
+}
+
+const schedulers: Record<Hyperparameters['scheduler'], LrScheduler> = {
+  constant: LrScheduler.LR_SCHEDULER_CONSTANT,
+  linear: LrScheduler.LR_SCHEDULER_LINEAR,
+  cosine: LrScheduler.LR_SCHEDULER_COSINE,
+};
+
+/** Hyperparameters in force as a TrainingConfig message. */
+export function toTrainingConfig(config: Hyperparameters): TrainingConfig {
+  return {
+    rank: config.rank,
+    alpha: config.alpha,
+    dropout: config.dropout,
+    targetModules: [...config.targetModules],
+    learningRate: config.learningRate,
+    maxSteps: config.maxSteps,
+    epochs: config.epochs,
+    batchSize: config.batchSize,
+    gradAccum: config.gradAccum,
+    maxSeqLen: config.maxSeqLen,
+    scheduler: schedulers[config.scheduler],
+    warmupSteps: config.warmupSteps,
+    weightDecay: config.weightDecay,
+    maxGradNorm: config.maxGradNorm,
+    seed: config.seed,
+    shuffle: config.shuffle,
+    evalFraction: config.evalFraction,
+    evalEvery: config.evalEvery,
+    checkpointEvery: config.checkpointEvery,
+  };
+}
+
+/** The stored scheduler name for a wire value (UNSPECIFIED → linear), or null when unknown. */
+export function storedScheduler(value: LrScheduler): Hyperparameters['scheduler'] | null {
+  if (value === LrScheduler.LR_SCHEDULER_UNSPECIFIED) return 'linear';
+  for (const [name, wire] of Object.entries(schedulers)) if (wire === value) return name as Hyperparameters['scheduler'];
+  return null;
+}
+
+/** Training metrics as a message. */
+export function toTrainingMetrics(metrics: TrainingMetricsRecord): TrainingMetrics {
+  return {
+    finalLoss: metrics.finalLoss,
+    ...(metrics.evalLoss === null ? {} : { evalLoss: metrics.evalLoss }),
+    steps: metrics.steps,
+    tokens: metrics.tokens,
+    trainSeconds: metrics.trainSeconds,
+  };
+}
+
+/** One step as a message. */
+export function toTrainingStep(step: StepRecord): TrainingStep {
+  return {
+    step: step.step,
+    totalSteps: step.totalSteps,
+    epoch: step.epoch,
+    loss: step.loss,
+    gradNorm: step.gradNorm,
+    learningRate: step.learningRate,
+    tokensPerSecond: step.tokensPerSecond,
+    elapsedSeconds: step.elapsedSeconds,
+    etaSeconds: step.etaSeconds,
+  };
+}
+
+/** A stored job as a Job message; queuePosition comes from the live queue. */
+export function toJob(job: JobRecord, queuePosition: number): Job {
+  return {
+    jobId: job.jobId,
+    state: jobStates[job.state],
+    adapterId: job.adapterId,
+    datasetId: job.datasetId ?? '',
+    initAdapterId: job.initAdapterId ?? '',
+    config: toTrainingConfig(job.config),
+    createTime: new Date(job.createTime),
+    startTime: job.startTime === null ? undefined : new Date(job.startTime),
+    endTime: job.endTime === null ? undefined : new Date(job.endTime),
+    queuePosition: job.state === 'queued' ? queuePosition : 0,
+    totalSteps: job.totalSteps,
+    lastStep: job.lastStep === null ? undefined : toTrainingStep(job.lastStep),
+    metrics: job.metrics === null ? undefined : toTrainingMetrics(job.metrics),
+    failureReason: job.failureReason ?? '',
+    failureMessage: job.failureMessage ?? '',
+    lastCheckpointStep: job.lastCheckpointStep,
+    lastSequence: job.lastSequence,
+  };
+}
+
+/** A stored event as a JobEvent message. */
+export function toJobEvent(event: JobEventRecord): JobEvent {
+  const wire: JobEvent = { jobId: event.jobId, sequence: event.sequence, time: new Date(event.time) };
+  const data = event.data;
+  switch (data.kind) {
+    case 'queued':
+      wire.queued = { queuePosition: data.queuePosition };
+      break;
+    case 'started':
+      wire.started = { totalSteps: data.totalSteps, trainExamples: data.trainExamples, evalExamples: data.evalExamples };
+      break;
+    case 'step':
+      wire.step = toTrainingStep(data);
+      break;
+    case 'eval':
+      wire.evaluation = { step: data.step, loss: data.loss };
+      break;
+    case 'checkpoint':
+      wire.checkpoint = { step: data.step };
+      break;
+    case 'completed':
+      wire.completed = { adapterId: data.adapterId, metrics: toTrainingMetrics(data.metrics) };
+      break;
+    case 'failed':
+      wire.failed = { reason: data.reason, message: data.message };
+      break;
+    case 'cancelled':
+      wire.cancelled = { stepsCompleted: data.stepsCompleted };
+      break;
+    case 'interrupted':
+      wire.interrupted = { lastStep: data.lastStep, lastCheckpointStep: data.lastCheckpointStep };
+      break;
+  }
+  return wire;
+}
+
+/** A stored dataset as a message. */
+export function toDataset(record: DatasetRecord): Dataset {
+  return {
+    datasetId: record.datasetId,
+    sizeBytes: record.sizeBytes,
+    sha256: record.sha256,
+    rowCount: record.rowCount,
+    createTime: new Date(record.createTime),
+  };
+}
+
+/** A stored adapter as a message. */
+export function toAdapter(view: AdapterView, baseFingerprint: string): Adapter {
+  return {
+    adapterId: view.adapterId,
+    config: {
+      rank: view.config.rank,
+      alpha: view.config.alpha,
+      dropout: view.config.dropout,
+      targetModules: [...view.config.targetModules],
+      useRslora: view.config.useRslora,
+    },
+    baseFingerprint: view.baseFingerprint,
+    matchesBase: view.baseFingerprint === baseFingerprint,
+    loaded: view.loaded,
+    createTime: new Date(view.createTime),
+    source: view.source === 'trained' ? AdapterSource.ADAPTER_SOURCE_TRAINED : AdapterSource.ADAPTER_SOURCE_IMPORTED,
+    jobId: view.jobId ?? '',
+    metrics: view.metrics === null ? undefined : toTrainingMetrics(view.metrics),
+    sizeBytes: view.sizeBytes,
+  };
+}

@@ -1,0 +1,370 @@
+// TEST DOUBLE of EnginePort, for the server's own tests only (ids, errors, queue, persistence,
+// backpressure, cancellation). It is deterministic and does no machine learning: a byte-level
+// tokenizer, generations that spell out a scripted text one token per step, training that counts
+// rows and reports a falling loss, merges that write placeholder files. End-to-end tests against
+// the real engine live elsewhere.
+
+import * as fs from 'node:fs/promises';
+import * as path from 'node:path';
+import type {
+  AdapterConfig,
+  ChatMessage,
+  Detokenizer,
+  EngineErrorCode,
+  EnginePort,
+  GenerateResult,
+  GenerateSpec,
+  MergeResult,
+  MergeSpec,
+  ModelInfo,
+  TargetModule,
+  TokenizerPort,
+  TrainEvent,
+  TrainResult,
+  TrainSpec,
+} from '../../src/server/engine-port.js';
+
+/** Byte tokens 0..255, then the specials. */
+export const BOS = 256;
+export const EOT = 257;
+export const END_OF_TEXT = 258;
+/** A token whose text is 1 KiB of "w" (a stand-in for long tokens, to fill transport windows). */
+export const WIDE = 299;
+export const WIDE_TEXT = 'w'.repeat(1024);
+export const VOCAB_SIZE = 300;
+/** The double's "hidden size"; adapter weight files record the one they were made for. */
+export const HIDDEN = 64;
+
+export function engineError(code: EngineErrorCode, message: string): Error & { code: EngineErrorCode } {
+  return Object.assign(new Error(message), { code });
+}
+
+const encoder = new TextEncoder();
+
+class ByteDetokenizer implements Detokenizer {
+  private readonly decoder = new TextDecoder('utf-8');
+  push(ids: readonly number[]): string {
+    let text = '';
+    for (const id of ids) {
+      if (id < 256) text += this.decoder.decode(Uint8Array.of(id), { stream: true });
+      else if (id === WIDE) text += this.decoder.decode() + WIDE_TEXT;
+    }
+    return text;
+  }
+  flush(): string {
+    return this.decoder.decode();
+  }
+}
+
+/** A byte-level tokenizer: one token per UTF-8 byte; chat is "role: content\n" per message. */
+export const byteTokenizer: TokenizerPort = {
+  encode(text, { addBos }) {
+    return [...(addBos ? [BOS] : []), ...encoder.encode(text)];
+  },
+  encodeChat(messages: readonly ChatMessage[], { addGenerationPrompt }) {
+    const text = messages.map((m) => `${m.role}: ${m.content}\n`).join('') + (addGenerationPrompt ? 'assistant: ' : '');
+    return [BOS, ...encoder.encode(text)];
+  },
+  decode(ids) {
+    return new TextDecoder().decode(Uint8Array.from(ids.filter((id) => id < 256)));
+  },
+  createDetokenizer: () => new ByteDetokenizer(),
+  hasChatTemplate: true,
+  eosIds: [EOT, END_OF_TEXT],
+};
+
+/** The text a generation spells out unless a test scripts another. */
+export function defaultScript(spec: GenerateSpec): string {
+  const prompt = byteTokenizer.decode([...spec.promptIds]);
+  return `[${spec.adapter ?? 'base'}] ${prompt.slice(-12)}`;
+}
+
+/** Knobs and records of the double. */
+export interface DoubleSettings {
+  /** Milliseconds per generated token (0: one event-loop turn). */
+  decodeStepMs: number;
+  /** Milliseconds per optimizer step (0: one event-loop turn). */
+  trainStepMs: number;
+  /** Milliseconds per merged tensor. */
+  mergeTensorMs: number;
+  /** Tensors a merge writes. */
+  mergeTensors: number;
+  adapterSlots: number;
+  /** The text (then EOT) each generation produces. */
+  script: (spec: GenerateSpec) => string;
+  /** Token ids (then EOT) each generation produces; overrides script when set. */
+  scriptIds: ((spec: GenerateSpec) => number[]) | null;
+  /** Tokens reported per decode step (onTokens call). */
+  tokensPerStep: number;
+  /** When set, the next generate() rejects with this code. */
+  failNextGenerate: EngineErrorCode | null;
+}
+
+/** What the double saw. */
+export interface DoubleRecords {
+  /** Every path handed to the engine. */
+  paths: string[];
+  /** Per generation: tokens emitted after its signal fired (the double stops at the next step). */
+  tokensAfterAbort: number[];
+  /** Per finished generation: how it ended. */
+  results: GenerateResult[];
+  generations: GenerateSpec[];
+  trainSpecs: TrainSpec[];
+}
+
+/** The files of a placeholder PEFT folder the double accepts (or refuses, for another hidden size). */
+export function doubleAdapterFiles(options: { rank?: number; hidden?: number; targets?: TargetModule[] } = {}): Record<string, Buffer> {
+  const rank = options.rank ?? 8;
+  return {
+    'adapter_config.json': Buffer.from(
+      JSON.stringify({
+        peft_type: 'LORA',
+        task_type: 'CAUSAL_LM',
+        r: rank,
+        lora_alpha: 2 * rank,
+        lora_dropout: 0.05,
+        target_modules: options.targets ?? ['q_proj', 'v_proj'],
+        use_rslora: false,
+      }),
+    ),
+    'adapter_model.safetensors': Buffer.from(`double-weights hidden=${options.hidden ?? HIDDEN}\n`.repeat(4)),
+  };
+}
+
+/** Writes the placeholder PEFT folder. */
+export async function writeDoubleAdapter(dir: string, options: { rank?: number; hidden?: number; targets?: TargetModule[] } = {}): Promise<void> {
+  await fs.mkdir(dir, { recursive: true });
+  for (const [name, bytes] of Object.entries(doubleAdapterFiles(options))) await fs.writeFile(path.join(dir, name), bytes);
+}
+
+async function readDoubleAdapter(dir: string): Promise<AdapterConfig> {
+  let config: Record<string, unknown>;
+  let weights: string;
+  try {
+    config = JSON.parse(await fs.readFile(path.join(dir, 'adapter_config.json'), 'utf8')) as Record<string, unknown>;
+    weights = await fs.readFile(path.join(dir, 'adapter_model.safetensors'), 'utf8');
+  } catch (error) {
+    throw engineError('ADAPTER_INVALID', `cannot read adapter in ${dir}: ${(error as Error).message}`);
+  }
+  if (config.peft_type !== 'LORA') throw engineError('ADAPTER_INVALID', `${dir}/adapter_config.json is not a LoRA config`);
+  if (!weights.startsWith('double-weights')) throw engineError('ADAPTER_INVALID', `${dir}/adapter_model.safetensors is not a safetensors file`);
+  if (!weights.startsWith(`double-weights hidden=${HIDDEN}\n`)) {
+    throw engineError('ADAPTER_MISMATCH', `${dir}: lora_A of q_proj has 128 columns, the base has hidden size ${HIDDEN}`);
+  }
+  return {
+    rank: config.r as number,
+    alpha: config.lora_alpha as number,
+    dropout: config.lora_dropout as number,
+    targetModules: config.target_modules as TargetModule[],
+    useRslora: config.use_rslora === true,
+  };
+}
+
+const wait = (ms: number): Promise<void> =>
+  new Promise((resolve) => (ms > 0 ? setTimeout(resolve, ms) : setImmediate(resolve)));
+
+/** The deterministic engine double. */
+export class EngineDouble implements EnginePort {
+  readonly tokenizer = byteTokenizer;
+  readonly settings: DoubleSettings;
+  readonly records: DoubleRecords = {
+    paths: [],
+    tokensAfterAbort: [],
+    results: [],
+    generations: [],
+    trainSpecs: [],
+  };
+  private readonly slots = new Map<string, AdapterConfig>();
+
+  constructor(settings: Partial<DoubleSettings> = {}) {
+    this.settings = {
+      decodeStepMs: 0,
+      trainStepMs: 0,
+      mergeTensorMs: 0,
+      mergeTensors: 6,
+      adapterSlots: 2,
+      script: defaultScript,
+      scriptIds: null,
+      tokensPerStep: 1,
+      failNextGenerate: null,
+      ...settings,
+    };
+  }
+
+  modelInfo(): ModelInfo {
+    return {
+      name: 'double',
+      config: {
+        hiddenSize: HIDDEN,
+        intermediateSize: 128,
+        numLayers: 2,
+        numAttentionHeads: 4,
+        numKeyValueHeads: 2,
+        headDim: 16,
+        vocabSize: VOCAB_SIZE,
+        maxPositionEmbeddings: 8192,
+        ropeTheta: 500000,
+        ropeScalingType: 'llama3',
+        rmsNormEps: 1e-5,
+        tieWordEmbeddings: true,
+      },
+      sourceDtype: 'f32',
+      quantization: 'nf4',
+      device: 'cpu (test double)',
+      memory: {
+        weightsBytes: 1000,
+        adapterPoolBytes: 200,
+        kvCacheBytes: 300,
+        trainingWorkspaceBytes: 0,
+        deviceTotalBytes: 1 << 30,
+        deviceFreeBytes: 1 << 29,
+      },
+      fingerprint: 'f'.repeat(64),
+      maxSeqLen: 8192,
+      adapterSlots: this.settings.adapterSlots,
+      scheduling: 'test double: one generation step or one training step per event-loop turn',
+    };
+  }
+
+  async inspectAdapter(dir: string): Promise<AdapterConfig> {
+    this.records.paths.push(dir);
+    return readDoubleAdapter(dir);
+  }
+
+  async loadAdapter(name: string, dir: string): Promise<AdapterConfig> {
+    this.records.paths.push(dir);
+    if (this.slots.has(name)) throw engineError('INVALID_ARGUMENT', `${name} is already loaded`);
+    const config = await readDoubleAdapter(dir);
+    if (this.slots.size >= this.settings.adapterSlots) throw engineError('RESOURCE_EXHAUSTED', 'no free adapter slot');
+    this.slots.set(name, config);
+    return config;
+  }
+
+  async unloadAdapter(name: string): Promise<void> {
+    this.slots.delete(name);
+  }
+
+  loadedAdapters(): string[] {
+    return [...this.slots.keys()];
+  }
+
+  async train(spec: TrainSpec, options: { onEvent(event: TrainEvent): void; signal: AbortSignal }): Promise<TrainResult> {
+    this.records.paths.push(spec.datasetPath, spec.outDir, spec.checkpointDir, ...(spec.initAdapterDir ? [spec.initAdapterDir] : []));
+    this.records.trainSpecs.push(spec);
+    const lines = (await fs.readFile(spec.datasetPath, 'utf8')).split('\n').filter((line) => line.trim() !== '');
+    const bad = lines.findIndex((line) => line.includes('"FAIL"'));
+    if (bad !== -1) throw engineError('INVALID_DATASET', `${spec.datasetPath}:${bad + 1}: the row asks to fail`);
+    const evalExamples = Math.floor(lines.length * spec.evalFraction);
+    const perStep = spec.batchSize * spec.gradAccum;
+    const totalSteps = spec.maxSteps > 0 ? spec.maxSteps : Math.max(1, Math.ceil(((lines.length - evalExamples) * spec.epochs) / perStep));
+    options.onEvent({ kind: 'started', totalSteps, trainExamples: lines.length - evalExamples, evalExamples });
+    const started = Date.now();
+    let loss = 2;
+    for (let step = 1; step <= totalSteps; step += 1) {
+      await wait(this.settings.trainStepMs);
+      if (options.signal.aborted) throw engineError('CANCELLED', 'training cancelled');
+      loss = 2 / (1 + step);
+      const elapsedSeconds = (Date.now() - started) / 1000;
+      options.onEvent({
+        kind: 'step',
+        step,
+        totalSteps,
+        epoch: (step * perStep) / Math.max(1, lines.length - evalExamples),
+        loss,
+        gradNorm: 1 / step,
+        learningRate: spec.learningRate,
+        tokensPerSecond: 1000,
+        elapsedSeconds,
+        etaSeconds: (elapsedSeconds / step) * (totalSteps - step),
+      });
+      if (evalExamples > 0 && (step === totalSteps || (spec.evalEvery > 0 && step % spec.evalEvery === 0))) {
+        options.onEvent({ kind: 'eval', step, loss: loss * 1.1 });
+      }
+      if (spec.checkpointEvery > 0 && step % spec.checkpointEvery === 0) {
+        const dir = path.join(spec.checkpointDir, `step-${step}`);
+        await writeDoubleAdapter(dir, { rank: spec.rank, targets: spec.targetModules });
+        options.onEvent({ kind: 'checkpoint', step, dir });
+      }
+    }
+    await writeDoubleAdapter(spec.outDir, { rank: spec.rank, targets: spec.targetModules });
+    return {
+      finalLoss: loss,
+      evalLoss: evalExamples > 0 ? loss * 1.1 : null,
+      steps: totalSteps,
+      tokens: totalSteps * perStep * 10,
+      config: { rank: spec.rank, alpha: spec.alpha, dropout: spec.dropout, targetModules: spec.targetModules, useRslora: false },
+    };
+  }
+
+  async generate(
+    spec: GenerateSpec,
+    options: { onTokens(ids: readonly number[]): void; signal: AbortSignal },
+  ): Promise<GenerateResult> {
+    this.records.generations.push(spec);
+    const failure = this.settings.failNextGenerate;
+    if (failure !== null) {
+      this.settings.failNextGenerate = null;
+      throw engineError(failure, 'injected failure');
+    }
+    if (spec.adapter !== null && !this.slots.has(spec.adapter)) throw engineError('ADAPTER_NOT_LOADED', `${spec.adapter} is not loaded`);
+    // The scripted text then EOT, repeated (as a model ignoring EOS would go on) until maxTokens.
+    const script = [...(this.settings.scriptIds?.(spec) ?? encoder.encode(this.settings.script(spec))), EOT];
+    const ids: number[] = [];
+    const record = this.records.tokensAfterAbort.push(0) - 1;
+    let finishReason: GenerateResult['finishReason'] = 'length';
+    let index = 0;
+    decoding: while (ids.length < spec.maxTokens) {
+      await wait(this.settings.decodeStepMs);
+      if (options.signal.aborted) {
+        finishReason = 'cancelled';
+        break;
+      }
+      const step: number[] = [];
+      let stopped = false;
+      while (step.length < this.settings.tokensPerStep && ids.length + step.length < spec.maxTokens) {
+        const id = script[index % script.length] ?? EOT;
+        index += 1;
+        step.push(id);
+        if (spec.stopIds.includes(id)) {
+          stopped = true;
+          break;
+        }
+      }
+      ids.push(...step);
+      options.onTokens(step);
+      if (options.signal.aborted) this.records.tokensAfterAbort[record] = (this.records.tokensAfterAbort[record] ?? 0) + step.length;
+      if (stopped) {
+        finishReason = 'stop';
+        break decoding;
+      }
+    }
+    const result = { ids, finishReason, promptTokens: spec.promptIds.length, completionTokens: ids.length };
+    this.records.results.push(result);
+    return result;
+  }
+
+  async merge(
+    spec: MergeSpec,
+    options: { onProgress(progress: { tensor: string; index: number; total: number }): void; signal: AbortSignal },
+  ): Promise<MergeResult> {
+    this.records.paths.push(spec.adapterDir, spec.outDir);
+    await readDoubleAdapter(spec.adapterDir);
+    await fs.mkdir(spec.outDir, { recursive: true });
+    const total = this.settings.mergeTensors;
+    let bytes = 0;
+    for (let index = 1; index <= total; index += 1) {
+      await wait(this.settings.mergeTensorMs);
+      if (options.signal.aborted) throw engineError('CANCELLED', 'merge cancelled');
+      const line = `tensor ${index} ${spec.dtype} ${spec.into}\n`;
+      await fs.appendFile(path.join(spec.outDir, 'model.safetensors'), line);
+      bytes += line.length;
+      options.onProgress({ tensor: `model.layers.${index}.weight`, index, total });
+    }
+    await fs.writeFile(path.join(spec.outDir, 'config.json'), '{}');
+    return {
+      bytes: bytes + 2,
+      tensorCount: total,
+      fidelity: { maxAbsLogitDiff: 0.001, meanAbsLogitDiff: 0.0001, probeTokens: 16, top1Agreement: 1 },
+    };
+  }
+}

@@ -1,0 +1,22 @@
+import { it, expect } from 'vitest';
+import { GenerateRequest, type GenerateResponse } from '../../src/gen/tuneserve/v1/generation.js';
+import { EngineDouble, WIDE } from './engine-double.js';
+import { eventually, startHarness } from './harness.js';
+import { TestMetricReader } from './metric-reader.js';
+it('debug', async () => {
+  const reader = new TestMetricReader();
+  const h = await startHarness({ engine: new EngineDouble({ scriptIds: () => [WIDE], tokensPerStep: 4 }), server: { metricReaders: [reader] } });
+  const stream = h.clients.generation.generate(GenerateRequest.fromPartial({ text: 'p', maxTokens: 3000, ignoreEos: true }));
+  let n = 0;
+  stream.pause();
+  stream.on('data', (m: GenerateResponse) => { n++; });
+  stream.on('error', (e) => console.log('err', e.message));
+  await eventually(() => h.engine.records.results.length === 1);
+  console.log('received before resume', n, 'readableLength', stream.readableLength, 'flowing', stream.readableFlowing);
+  console.log('points', JSON.stringify(await reader.points('tuneserve.stream.drain_waits')));
+  console.log('rpc', await reader.histogramCount('rpc.server.call.duration'));
+  stream.resume();
+  await new Promise((r) => stream.on('end', r));
+  console.log('received', n);
+  await h.dispose();
+});
