@@ -110,12 +110,12 @@ export async function importAdapter(messages: AsyncGenerator<ImportAdapterReques
       },
       manifest,
     );
-    return await adapters.get(adapterId);
   } finally {
     adapters.unreserve(adapterId);
     for (const file of incoming.values()) await file.discard().catch(() => {});
     await fs.rm(folder, { recursive: true, force: true });
   }
+  return adapters.get(adapterId);
 }
 
 /** Streams an adapter's header and files (ExportAdapter). */

@@ -41,7 +41,8 @@ describe('generation', () => {
     expect(short.messages.at(-1)?.finishReason).toBe(FinishReason.FINISH_REASON_LENGTH);
     const long = await collect(harness.clients.generation.generate(request({ text: 'Hi', maxTokens: 20, ignoreEos: true })));
     expect(long.messages.at(-1)?.usage?.completionTokens).toBe(20);
-    expect(text(long.messages)).toBe('[base] Hi[base] Hi[b');
+    // 20 tokens: "[base] Hi" (9), EOT (no text), "[base] Hi" (9), EOT.
+    expect(text(long.messages)).toBe('[base] Hi[base] Hi');
   });
 
   it('cuts at a stop sequence split across tokens and sends none of it', async () => {
@@ -132,9 +133,13 @@ describe('generation', () => {
     const stream: ClientReadableStream<GenerateResponse> = harness.clients.generation.generate(
       request({ text: 'p', maxTokens: 3000, ignoreEos: true }),
     );
+    // Stop reading after the first message. (A grpc-js client stream paused before its first read
+    // keeps draining the connection into memory; one paused after a read stops the HTTP/2 stream.)
     const messages: GenerateResponse[] = [];
-    stream.pause();
-    stream.on('data', (m: GenerateResponse) => messages.push(m));
+    stream.on('data', (m: GenerateResponse) => {
+      messages.push(m);
+      if (messages.length === 1) stream.pause();
+    });
     const done = new Promise<void>((resolve, reject) => {
       stream.on('end', () => resolve());
       stream.on('error', reject);
