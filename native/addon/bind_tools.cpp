@@ -5,6 +5,8 @@
 // The merge runs on its own thread (file I/O bound; it must block neither the event loop nor the
 // engine's executor). Progress goes out through a thread-safe function, coalesced so at most one
 // event waits in the queue; the promise settles on the main thread in the function's finalizer.
+#include <unistd.h>
+
 #include <atomic>
 #include <cmath>
 #include <memory>
@@ -197,6 +199,9 @@ void finish(const std::shared_ptr<MergeJob>& job, Napi::Env env) {
   try {
     Napi::HandleScope scope(env);
     if (!job->callback_error.IsEmpty()) {
+      // The worker may have committed before the throw was seen: a rejected merge leaves no shard.
+      if (job->ok)
+        for (const std::string& file : job->result.files) ::unlink((job->merge.out_dir + "/" + file).c_str());
       job->deferred.Reject(job->callback_error.Value());
       job->callback_error.Reset();
     } else if (job->ok) {

@@ -18,6 +18,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "core/thread_pool.h"
 
 namespace ts {
 
@@ -66,31 +67,34 @@ NF4Matrix nf4_quantize(const float* w, int64_t rows, int64_t cols, std::vector<f
   m.codes.assign(size_t(n / 2), 0);
   std::vector<float> absmax(static_cast<size_t>(nblocks));  // (nblocks) exact max |w| per block
 
+  // Blocks are independent: quantize them in parallel (results do not depend on the split).
   const float* mid = midpoints().m;
-  for (int64_t b = 0; b < nblocks; b++) {
-    const float* block = w + b * NF4_BLOCK;
-    float amax = 0.f;
-    for (int j = 0; j < NF4_BLOCK; j++) {
-      if (!std::isfinite(block[j]))
-        throw EngineError("INVALID_ARGUMENT", "nf4_quantize: non-finite weight at index " + std::to_string(b * NF4_BLOCK + j));
-      amax = std::fmax(amax, std::fabs(block[j]));
-    }
-    absmax[size_t(b)] = amax;
-    uint8_t* out = m.codes.data() + b * (NF4_BLOCK / 2);
-    if (amax == 0.f) {
-      for (int j = 0; j < NF4_BLOCK / 2; j++) out[j] = 0x77;  // index 7 = level 0.0 in both nibbles
-      continue;
-    }
-    for (int j = 0; j < NF4_BLOCK; j += 2) {
-      float x0 = block[j] / amax, x1 = block[j + 1] / amax;
-      int i0 = 0, i1 = 0;
-      for (int k = 0; k < 15; k++) {
-        i0 += x0 > mid[k];
-        i1 += x1 > mid[k];
+  parallel_for(nblocks, 256, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t b = block_begin; b < block_end; b++) {
+      const float* block = w + b * NF4_BLOCK;
+      float amax = 0.f;
+      for (int j = 0; j < NF4_BLOCK; j++) {
+        if (!std::isfinite(block[j]))
+          throw EngineError("INVALID_ARGUMENT", "nf4_quantize: non-finite weight at index " + std::to_string(b * NF4_BLOCK + j));
+        amax = std::fmax(amax, std::fabs(block[j]));
       }
-      out[j / 2] = uint8_t((i0 << 4) | i1);  // element 2i in the high nibble
+      absmax[size_t(b)] = amax;
+      uint8_t* out = m.codes.data() + b * (NF4_BLOCK / 2);
+      if (amax == 0.f) {
+        for (int j = 0; j < NF4_BLOCK / 2; j++) out[j] = 0x77;  // index 7 = level 0.0 in both nibbles
+        continue;
+      }
+      for (int j = 0; j < NF4_BLOCK; j += 2) {
+        float x0 = block[j] / amax, x1 = block[j + 1] / amax;
+        int i0 = 0, i1 = 0;
+        for (int k = 0; k < 15; k++) {
+          i0 += x0 > mid[k];
+          i1 += x1 > mid[k];
+        }
+        out[j / 2] = uint8_t((i0 << 4) | i1);  // element 2i in the high nibble
+      }
     }
-  }
+  });
 
   // Double quantization of the absmax values: mean-subtracted, symmetric linear int8 per group of 256.
   double sum = 0;

@@ -66,6 +66,11 @@ struct Tile14x32 {
   // a: (kc, 14) packed, b: (kc, 32) packed and 64-byte aligned. 28 accumulators + 2 B vectors.
   TS_TARGET static void kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
                                float beta, int mv, int nv) {
+    // The C tile (14 rows ldc apart) is touched only after the k loop: start fetching it now.
+    for (int r = 0; r < mv; r++) {
+      __builtin_prefetch(c + r * ldc, 1, 3);
+      __builtin_prefetch(c + r * ldc + NR - 1, 1, 3);
+    }
     __m512 c0[MR], c1[MR];
 #pragma GCC unroll 14
     for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm512_setzero_ps();

@@ -43,9 +43,17 @@ TS_TARGET void gemm_block_t(const GemmProblem& p, int64_t i0, int64_t i1, int64_
         const int64_t mc = std::min(MC, i1 - ic);
         for (int64_t ir = 0; ir < mc; ir += MR)
           Tile::pack_a(p.a, ic + ir, int(std::min<int64_t>(MR, mc - ir)), pc, kc, a_pack + ir * kc);
+        // While the kernels of sliver jr run, pull sliver jr+1 of the B panel (which lives in L3 when
+        // the panel is larger than L2) into L2, a slice per kernel, so its first kernel does not stall.
+        const int64_t tiles = (mc + MR - 1) / MR, lines = kc * NR * int64_t(sizeof(float)) / 64;
+        const int64_t lines_per_tile = (lines + tiles - 1) / tiles;
         for (int64_t jr = 0; jr < nc; jr += NR) {
           const int nv = int(std::min<int64_t>(NR, nc - jr));
-          for (int64_t ir = 0; ir < mc; ir += MR) {
+          const char* next = jr + NR < nc ? reinterpret_cast<const char*>(b_pack + (jr + NR) * kc) : nullptr;
+          for (int64_t ir = 0, tile = 0; ir < mc; ir += MR, tile++) {
+            if (next)
+              for (int64_t l = tile * lines_per_tile; l < std::min(lines, (tile + 1) * lines_per_tile); l++)
+                __builtin_prefetch(next + 64 * l, 0, 2);
             const int mv = int(std::min<int64_t>(MR, mc - ir));
             float* c = p.c + (ic + ir) * p.ldc + jc + jr;
             Tile::kernel(kc, a_pack + ir * kc, b_pack + jr * kc, c, p.ldc, p.alpha, beta, mv, nv);

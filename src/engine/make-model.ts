@@ -1,6 +1,7 @@
 // Random Llama 3 models for tests, the demo and benchmarks: Hugging Face folders (config.json,
 // generation_config.json, safetensors with or without an index, the real Llama 3 tokenizer files)
-// whose weights follow transformers' init (linears and embeddings normal(0, 0.02), norms 1),
+// whose weights follow transformers' init (linears and embeddings normal(0, 0.02), norms 1; an
+// untied lm_head normal(0, 1/√H), see lmHeadStd),
 // deterministic for a seed, streamed to disk tensor by tensor so the 16 GB 8B shape never sits in memory.
 
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
@@ -54,6 +55,16 @@ export interface MadeModel {
 
 export const DEFAULT_MAX_SHARD_BYTES = 5_000_000_000;
 export const INITIALIZER_RANGE = 0.02;
+
+/**
+ * Standard deviation of an untied lm_head: 1/√H instead of 0.02. With transformers' 0.02 a random
+ * model's logits span about ±0.02·H, far too little for any adapter to make one of 128k tokens
+ * likely (a loss floor near ln V); 1/√H gives rows of unit norm, the scale trained Llama heads
+ * have, so LoRA training on these models behaves like fine-tuning a real one.
+ */
+export function lmHeadStd(hiddenSize: number): number {
+  return 1 / Math.sqrt(hiddenSize);
+}
 
 interface PresetShape {
   hidden_size: number;
@@ -252,6 +263,7 @@ interface ChunkTask {
   count: number;
   chunkIndex: number;
   isNorm: boolean;
+  std: number;
 }
 
 /**
@@ -268,11 +280,13 @@ class InitialValuePipeline {
     private readonly seed: number,
     private readonly workers: NormalChunkWorkers | null,
     private readonly window: number,
+    hiddenSize: number,
   ) {
     for (const spec of specs) {
       const total = elementCount(spec.shape);
+      const std = spec.name === 'lm_head.weight' ? lmHeadStd(hiddenSize) : INITIALIZER_RANGE;
       for (let chunkIndex = 0; chunkIndex * CHUNK_ELEMENTS < total; chunkIndex++) {
-        this.tasks.push({ name: spec.name, dtype: spec.dtype, count: Math.min(CHUNK_ELEMENTS, total - chunkIndex * CHUNK_ELEMENTS), chunkIndex, isNorm: spec.name.endsWith('norm.weight') });
+        this.tasks.push({ name: spec.name, dtype: spec.dtype, count: Math.min(CHUNK_ELEMENTS, total - chunkIndex * CHUNK_ELEMENTS), chunkIndex, isNorm: spec.name.endsWith('norm.weight'), std });
       }
     }
   }
@@ -301,8 +315,8 @@ class InitialValuePipeline {
     const values = new Float32Array(task.count);
     if (task.isNorm) return Promise.resolve(encodeFloat32As(task.dtype, values.fill(1)));
     const nameHash = hashTensorName(task.name);
-    if (this.workers !== null) return this.workers.generate(task.count, INITIALIZER_RANGE, this.seed, nameHash, task.chunkIndex, task.dtype);
-    fillNormalChunk(values, INITIALIZER_RANGE, this.seed, nameHash, task.chunkIndex);
+    if (this.workers !== null) return this.workers.generate(task.count, task.std, this.seed, nameHash, task.chunkIndex, task.dtype);
+    fillNormalChunk(values, task.std, this.seed, nameHash, task.chunkIndex);
     return Promise.resolve(encodeFloat32As(task.dtype, values));
   }
 }
@@ -356,7 +370,7 @@ export async function makeModel(options: MakeModelOptions): Promise<MadeModel> {
   const threads = options.threads ?? (totalElements < 16 * CHUNK_ELEMENTS ? 0 : Math.min(16, Math.max(1, availableParallelism() - 1)));
   if (!Number.isSafeInteger(threads) || threads < 0) throw new EngineError('INVALID_ARGUMENT', `threads must be a non-negative integer, got ${threads}`, { field: 'threads' });
   const workers = threads > 0 ? new NormalChunkWorkers(threads) : null;
-  const pipeline = new InitialValuePipeline(specs, seed, workers, Math.max(2, 2 * threads));
+  const pipeline = new InitialValuePipeline(specs, seed, workers, Math.max(2, 2 * threads), config.hiddenSize);
 
   let writtenBytes = 0;
   const weightMap: Record<string, string> = {};

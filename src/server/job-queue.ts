@@ -233,9 +233,12 @@ export class JobQueue {
     }
   }
 
+  /** Queued and running jobs (a stopped run that is still cleaning up no longer counts). */
   private activeJobs(): JobRecord[] {
     const ids = [...this.pending, ...(this.running ? [this.running.jobId] : [])];
-    return ids.map((id) => this.deps.store.get(id)).filter((job): job is JobRecord => job !== null);
+    return ids
+      .map((id) => this.deps.store.get(id))
+      .filter((job): job is JobRecord => job !== null && !terminalStates.has(job.state));
   }
 
   private require(jobId: string): JobRecord {

@@ -96,6 +96,9 @@ const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout
 
 /** Starts a tuneserve server. */
 export async function createServer(options: ServerOptions): Promise<TuneServer> {
+  // Observe the engine promise at once: a load failure must not surface as an unhandled rejection.
+  const engineLoad = Promise.resolve(options.engine);
+  engineLoad.catch(() => {});
   const logger = options.logger ?? jsonLogger();
   const limits: ServerLimits = { ...defaultLimits, ...options.limits };
   const dataRoot = await DataRoot.open(options.dataRoot, options.exportRoot);
@@ -174,7 +177,7 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
   });
   logger.info('listening', { address: host, port, reflection: options.reflection === true });
 
-  const ready = Promise.resolve(options.engine).then(
+  const ready = engineLoad.then(
     (loaded) => {
       if (lifecycle !== 'loading') return;
       engine = loaded;

@@ -4,6 +4,7 @@
 
 import { metrics as otelMetrics, type Attributes, type Histogram, type Meter, type Counter } from '@opentelemetry/api';
 import { PrometheusExporter } from '@opentelemetry/exporter-prometheus';
+import { resourceFromAttributes } from '@opentelemetry/resources';
 import { MeterProvider, type IMetricReader } from '@opentelemetry/sdk-metrics';
 
 /** Where to expose Prometheus metrics. */
@@ -109,7 +110,7 @@ export class Telemetry {
       await exporter.startServer();
       readers.push(exporter);
     }
-    const provider = new MeterProvider({ readers });
+    const provider = new MeterProvider({ readers, resource: resourceFromAttributes({ 'service.name': 'tuneserve' }) });
     return new Telemetry(provider, provider.getMeter('tuneserve'));
   }
 

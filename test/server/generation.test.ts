@@ -123,7 +123,7 @@ describe('generation', () => {
   });
 
   it('merges deltas while the client is not reading (backpressure) and loses no text', async () => {
-    // 3,000 tokens of 1 KiB of text each: 3 MiB, far beyond the HTTP/2 stream window (64 KiB), so
+    // 3,000 tokens, half of them 1 KiB of text each: 1.5 MiB, far beyond the HTTP/2 stream window (64 KiB), so
     // with the client paused the server's writes must wait for 'drain'.
     const reader = new TestMetricReader();
     harness = await startHarness({
@@ -149,8 +149,11 @@ describe('generation', () => {
     expect(await reader.counterTotal('tuneserve.stream.drain_waits')).toBeGreaterThan(0);
     stream.resume();
     await done;
-    // Every token's text arrives exactly once (EOT ids are never produced: ignore_eos and WIDE only).
-    expect(messages.map((m) => m.text).join('')).toBe(WIDE_TEXT.repeat(3000));
+    // Every token's text arrives exactly once: the script alternates WIDE and EOT (kept, as
+    // ignore_eos is set, and textless), so 1500 of the 3000 tokens carry 1 KiB each.
+    const all = messages.map((m) => m.text).join('');
+    expect(all.length).toBe(WIDE_TEXT.length * 1500);
+    expect(all === WIDE_TEXT.repeat(1500)).toBe(true);
     // 3000 tokens in 750 engine steps, but merged into far fewer messages while blocked.
     expect(messages.length).toBeLessThan(750);
     expect(messages.at(-1)?.finishReason).toBe(FinishReason.FINISH_REASON_LENGTH);

@@ -18,6 +18,9 @@ import { createServer, type ServerOptions, type TuneServer } from '../../src/ser
 import { statusDetailsOf, type StatusDetails } from '../../src/server/status-details.js';
 import { doubleAdapterFiles, EngineDouble } from './engine-double.js';
 
+/** Ids every RPC must refuse: traversal, absolute paths, separators, empty, too long, odd characters. */
+export const hostileIds = ['../x', '/etc/passwd', 'a/b', '', 'x'.repeat(300), '..', 'a..b', '.hidden', 'UPPER', 'a b', 'a\\b', 'a\u0000b', '-x', 'é'];
+
 /** The generated clients, connected to one server. */
 export interface Clients {
   training: TrainingServiceClient;

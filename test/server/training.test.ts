@@ -123,6 +123,10 @@ describe('training', () => {
     const { clients } = harness;
     await upload(clients, 'qa', rows(4));
     const running = collect(clients.training.train(trainRequest({ jobId: 'run', adapterId: 'r', datasetId: 'qa', config: TrainingConfig.fromPartial({ maxSteps: 1000 }) })));
+    await eventually(async () => {
+      const job = await call(clients.training.getJob, clients.training, { jobId: 'run', includeHistory: false }).catch(() => null);
+      return job?.job?.state === JobState.JOB_STATE_RUNNING;
+    });
     await collect(clients.training.train(trainRequest({ jobId: 'wait', adapterId: 'w', datasetId: 'qa', detach: true })));
     const cancelledQueued = await call(clients.training.cancelJob, clients.training, { jobId: 'wait' });
     expect(cancelledQueued.job?.state).toBe(JobState.JOB_STATE_CANCELLED);
