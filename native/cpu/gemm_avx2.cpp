@@ -65,16 +65,18 @@ struct Tile6x16 {
   // B sliver KC x 16 = 16 KiB in L1; A block 144 x 256 = 144 KiB in L2.
   static constexpr int64_t KC = 256, MC = 144, NC = 4096;
 
-  // C[0:mv, 0:nv] = alpha * Σ_k a[k,:]ᵀ b[k,:] + beta * C; 12 accumulators + 2 B vectors.
-  TS_TARGET static void kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+  // C[0:mv, 0:nv] = alpha * Σ_k a[k,:]ᵀ b[k,:] + beta * C over the first ROWS (>= mv) rows of the tile;
+  // full tile: 12 accumulators + 2 B vectors.
+  template <int ROWS>
+  TS_TARGET static void kernel_rows(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
                                float beta, int mv, int nv) {
-    __m256 c0[MR], c1[MR];
+    __m256 c0[ROWS], c1[ROWS];
 #pragma GCC unroll 6
-    for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm256_setzero_ps();
+    for (int r = 0; r < ROWS; r++) c0[r] = c1[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < kc; k++) {
       const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
 #pragma GCC unroll 6
-      for (int r = 0; r < MR; r++) {
+      for (int r = 0; r < ROWS; r++) {
         const __m256 av = _mm256_broadcast_ss(a + r);
         c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
         c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
@@ -85,7 +87,7 @@ struct Tile6x16 {
     const __m256i m0 = first_lanes8(nv), m1 = first_lanes8(nv - 8);
     const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
 #pragma GCC unroll 6
-    for (int r = 0; r < MR; r++) {
+    for (int r = 0; r < ROWS; r++) {
       if (r >= mv) break;
       float* cr = c + r * ldc;
       __m256 r0 = _mm256_mul_ps(c0[r], va), r1 = _mm256_mul_ps(c1[r], va);
@@ -96,6 +98,13 @@ struct Tile6x16 {
       _mm256_maskstore_ps(cr, m0, r0);
       _mm256_maskstore_ps(cr + 8, m1, r1);
     }
+  }
+
+  TS_TARGET static void kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+                               float beta, int mv, int nv) {
+    if (mv > 4) kernel_rows<6>(kc, a, b, c, ldc, alpha, beta, mv, nv);
+    else if (mv > 2) kernel_rows<4>(kc, a, b, c, ldc, alpha, beta, mv, nv);
+    else kernel_rows<2>(kc, a, b, c, ldc, alpha, beta, mv, nv);
   }
 
   TS_TARGET static void pack_a(const Operand& a, int64_t i, int mv, int64_t k0, int64_t kc, float* dst) {

@@ -62,22 +62,24 @@ struct Tile14x32 {
   // the B panel KC x NC = 4 MiB streams from L3. Measured best of KC in {192, 256, 384}.
   static constexpr int64_t KC = 256, MC = 336, NC = 4096;
 
-  // C[0:mv, 0:nv] = alpha * Σ_k a[k,:]ᵀ b[k,:] + beta * C (beta == 0: C not read).
-  // a: (kc, 14) packed, b: (kc, 32) packed and 64-byte aligned. 28 accumulators + 2 B vectors.
-  TS_TARGET static void kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
-                               float beta, int mv, int nv) {
-    // The C tile (14 rows ldc apart) is touched only after the k loop: start fetching it now.
+  // C[0:mv, 0:nv] = alpha * Σ_k a[k,:]ᵀ b[k,:] + beta * C (beta == 0: C not read), computing only the
+  // first ROWS (>= mv) rows of the tile: a short last tile (M = 8 when MR = 14) costs only its rows.
+  // a: (kc, 14) packed, b: (kc, 32) packed and 64-byte aligned. Full tile: 28 accumulators + 2 B vectors.
+  template <int ROWS>
+  TS_TARGET static void kernel_rows(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+                                    float beta, int mv, int nv) {
+    // The C tile (rows ldc apart) is touched only after the k loop: start fetching it now.
     for (int r = 0; r < mv; r++) {
       __builtin_prefetch(c + r * ldc, 1, 3);
       __builtin_prefetch(c + r * ldc + NR - 1, 1, 3);
     }
-    __m512 c0[MR], c1[MR];
+    __m512 c0[ROWS], c1[ROWS];
 #pragma GCC unroll 14
-    for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+    for (int r = 0; r < ROWS; r++) c0[r] = c1[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < kc; k++) {
       const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 14
-      for (int r = 0; r < MR; r++) {
+      for (int r = 0; r < ROWS; r++) {
         const __m512 av = _mm512_set1_ps(a[r]);
         c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
         c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
@@ -89,7 +91,7 @@ struct Tile14x32 {
     const __m512 va = _mm512_set1_ps(alpha);
     if (beta == 0.f) {
 #pragma GCC unroll 14
-      for (int r = 0; r < MR; r++) {
+      for (int r = 0; r < ROWS; r++) {
         if (r >= mv) break;
         _mm512_mask_storeu_ps(c + r * ldc, m0, _mm512_mul_ps(c0[r], va));
         _mm512_mask_storeu_ps(c + r * ldc + 16, m1, _mm512_mul_ps(c1[r], va));
@@ -97,13 +99,26 @@ struct Tile14x32 {
     } else {
       const __m512 vb = _mm512_set1_ps(beta);
 #pragma GCC unroll 14
-      for (int r = 0; r < MR; r++) {
+      for (int r = 0; r < ROWS; r++) {
         if (r >= mv) break;
         float* cr = c + r * ldc;
         const __m512 old0 = _mm512_maskz_loadu_ps(m0, cr), old1 = _mm512_maskz_loadu_ps(m1, cr + 16);
         _mm512_mask_storeu_ps(cr, m0, _mm512_fmadd_ps(c0[r], va, _mm512_mul_ps(old0, vb)));
         _mm512_mask_storeu_ps(cr + 16, m1, _mm512_fmadd_ps(c1[r], va, _mm512_mul_ps(old1, vb)));
       }
+    }
+  }
+
+  TS_TARGET static void kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+                               float beta, int mv, int nv) {
+    switch ((mv + 1) / 2) {
+      case 7: kernel_rows<14>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      case 6: kernel_rows<12>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      case 5: kernel_rows<10>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      case 4: kernel_rows<8>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      case 3: kernel_rows<6>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      case 2: kernel_rows<4>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      default: kernel_rows<2>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
     }
   }
 
