@@ -77,6 +77,7 @@ OPENBLAS_CORE_NOTE = choose_openblas_core()
 
 import torch  # noqa: E402  (after OPENBLAS_CORETYPE is settled)
 
+sys.dont_write_bytecode = True  # importing llama_ref must not leave __pycache__ in the tree
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "test", "reference"))
 import llama_ref as ref  # noqa: E402
 

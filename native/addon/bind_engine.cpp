@@ -75,6 +75,9 @@ TrainHyper hyper_from_js(const Napi::Object& h) {
   p.shuffle = flag(h, "shuffle", p.shuffle);
   p.recompute = flag(h, "recompute", p.recompute);
   p.pad_id = (int32_t)num(h, "padId", p.pad_id);
+  p.eval_every = (int)num(h, "evalEvery", p.eval_every);
+  p.checkpoint_every = (int)num(h, "checkpointEvery", p.checkpoint_every);
+  if (h.Get("checkpointDir").IsString()) p.checkpoint_dir = h.Get("checkpointDir").As<Napi::String>().Utf8Value();
   return p;
 }
 
@@ -89,6 +92,8 @@ Napi::Object step_to_js(Napi::Env env, const StepReport& r) {
   o.Set("tokens", (double)r.tokens);
   o.Set("targets", (double)r.targets);
   o.Set("seconds", r.seconds);
+  if (r.has_eval) o.Set("evalLoss", r.eval_loss);
+  if (!r.checkpoint.empty()) o.Set("checkpoint", r.checkpoint);
   return o;
 }
 
@@ -304,19 +309,26 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     });
   }
 
-  // train({slot, examples: [{ids, labels}], hyper}, onStep) -> {id, promise}
+  // train({slot, examples: [{ids, labels}], evalExamples?, hyper}, onStep) -> {id, promise}
   Napi::Value train(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
       Napi::Object spec = info[0].As<Napi::Object>();
       auto adapter = engine(env).adapter(spec.Get("slot").As<Napi::Number>().Int32Value());
-      Napi::Array rows = spec.Get("examples").As<Napi::Array>();
-      std::vector<TrainExample> examples(rows.Length());
-      for (uint32_t i = 0; i < rows.Length(); i++) {
-        Napi::Object r = rows.Get(i).As<Napi::Object>();
-        examples[i].ids = to_ids(r.Get("ids"), "examples[].ids");
-        examples[i].labels = to_ids(r.Get("labels"), "examples[].labels");
-      }
+      auto read_examples = [&](const char* key) {
+        std::vector<TrainExample> out;
+        if (!spec.Get(key).IsArray()) return out;
+        Napi::Array rows = spec.Get(key).As<Napi::Array>();
+        out.resize(rows.Length());
+        for (uint32_t i = 0; i < rows.Length(); i++) {
+          Napi::Object r = rows.Get(i).As<Napi::Object>();
+          out[i].ids = to_ids(r.Get("ids"), "examples[].ids");
+          out[i].labels = to_ids(r.Get("labels"), "examples[].labels");
+        }
+        return out;
+      };
+      std::vector<TrainExample> examples = read_examples("examples");
+      std::vector<TrainExample> eval_examples = read_examples("evalExamples");
       TrainHyper hyper = hyper_from_js(spec.Get("hyper").As<Napi::Object>());
       auto ch = JsChannel::create(env, info[1], "tuneserve.train");
       TrainingCallbacks cb;
@@ -329,7 +341,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         });
       };
       cb.on_error = [ch](const std::string& code, const std::string& msg) { ch->reject(code, msg); };
-      uint64_t id = engine(env).submit_training(adapter, std::move(examples), hyper, std::move(cb));
+      uint64_t id = engine(env).submit_training(adapter, std::move(examples), hyper, std::move(cb), std::move(eval_examples));
       Napi::Object r = Napi::Object::New(env);
       r.Set("id", (double)id);
       r.Set("promise", ch->promise());

@@ -116,7 +116,13 @@ struct Tile6x16 {
     if (p.b_nf4) {
       const NF4Matrix& w = *p.b_nf4;
       const __m256 lut_lo = _mm256_loadu_ps(NF4_LEVELS), lut_hi = _mm256_loadu_ps(NF4_LEVELS + 8);
-      if (p.b_nf4_trans && kc % 8 == 0 && k0 % 8 == 0) {
+      if (p.b_nf4_trans && kc % NF4_BLOCK == 0 && k0 % NF4_BLOCK == 0) {
+        float amax[NR][KC / NF4_BLOCK];  // (16, KC/64) absmax of each row's blocks in this K panel
+        for (int c = 0; c < nv; c++) {
+          Nf4Absmax absmax(w);
+          const int64_t b0 = ((j + c) * w.cols + k0) / NF4_BLOCK;
+          for (int64_t i = 0; i < kc / NF4_BLOCK; i++) amax[c][i] = absmax(b0 + i);
+        }
         for (int64_t k = 0; k < kc; k += 8)
           for (int half = 0; half < 2; half++) {
             __m256 r[8];
@@ -124,7 +130,7 @@ struct Tile6x16 {
               const int c = 8 * half + q;
               if (c < nv) {
                 const int64_t e = (j + c) * w.cols + k0 + k;
-                r[q] = nf4_decode8(w.codes.data() + e / 2, lut_lo, lut_hi, _mm256_set1_ps(nf4_absmax(w, e / NF4_BLOCK)));
+                r[q] = nf4_decode8(w.codes.data() + e / 2, lut_lo, lut_hi, _mm256_set1_ps(amax[c][k / NF4_BLOCK]));
               } else {
                 r[q] = _mm256_setzero_ps();
               }
@@ -135,9 +141,10 @@ struct Tile6x16 {
         return;
       }
       if (!p.b_nf4_trans && nv == NR && j % 16 == 0) {
+        Nf4Absmax absmax(w);
         for (int64_t k = 0; k < kc; k++) {
           const int64_t e = (k0 + k) * w.cols + j;
-          const __m256 amax = _mm256_set1_ps(nf4_absmax(w, e / NF4_BLOCK));
+          const __m256 amax = _mm256_set1_ps(absmax(e / NF4_BLOCK));
           _mm256_store_ps(dst + k * NR, nf4_decode8(w.codes.data() + e / 2, lut_lo, lut_hi, amax));
           _mm256_store_ps(dst + k * NR + 8, nf4_decode8(w.codes.data() + e / 2 + 4, lut_lo, lut_hi, amax));
         }
@@ -268,13 +275,14 @@ TS_TARGET void nf4_nt_rows(float* y, int64_t ldy, const float* xp, int64_t Kp, c
                            int64_t n0, int64_t n1) {
   const __m256 lut_lo = _mm256_loadu_ps(NF4_LEVELS), lut_hi = _mm256_loadu_ps(NF4_LEVELS + 8);
   const int64_t blocks = w.cols / NF4_BLOCK;
+  Nf4Absmax block_absmax(w);
   for (int64_t n = n0; n < n1; n++) {
     __m256 acc[MB];
     for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < blocks; g++) {
       const int64_t b = n * blocks + g;
       const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes.data() + b * 32));
-      const __m256 absmax = _mm256_set1_ps(nf4_absmax(w, b));
+      const __m256 absmax = _mm256_set1_ps(block_absmax(b));
       __m256 level[8];
       for (int s = 0; s < 8; s++) level[s] = nf4_lookup8(_mm256_srli_epi32(codes, 4 * s), lut_lo, lut_hi);
       for (int m = 0; m < MB; m++) {
@@ -319,12 +327,13 @@ TS_TARGET void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4M
                             int64_t g1) {
   const __m256 lut_lo = _mm256_loadu_ps(NF4_LEVELS), lut_hi = _mm256_loadu_ps(NF4_LEVELS + 8);
   const int64_t N = w.rows, blocks = w.cols / NF4_BLOCK;
+  Nf4Absmax block_absmax(w);
   for (int64_t m = 0; m < M; m++) std::memset(dxp + m * ldp + g0 * 64, 0, size_t(g1 - g0) * 64 * sizeof(float));
   for (int64_t n = 0; n < N; n++) {
     for (int64_t g = g0; g < g1; g++) {
       const int64_t b = n * blocks + g;
       const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes.data() + b * 32));
-      const float absmax = nf4_absmax(w, b);
+      const float absmax = block_absmax(b);
       __m256 level[8];
       for (int s = 0; s < 8; s++) level[s] = nf4_lookup8(_mm256_srli_epi32(codes, 4 * s), lut_lo, lut_hi);
       for (int64_t m = 0; m < M; m++) {

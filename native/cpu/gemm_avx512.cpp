@@ -148,9 +148,15 @@ struct Tile14x32 {
     if (p.b_nf4) {
       const NF4Matrix& w = *p.b_nf4;
       const __m512 lut = nf4_lut();
-      if (p.b_nf4_trans && kc % 16 == 0 && k0 % 16 == 0) {
+      if (p.b_nf4_trans && kc % NF4_BLOCK == 0 && k0 % NF4_BLOCK == 0) {
         // op(B)(k, j+c) = W[j+c, k]: decode 16 weights of each of 32 rows (one absmax each: 16 | 64),
-        // transpose into k-major order
+        // transpose into k-major order. The rows' absmax values for this K panel first: (32, KC/64).
+        float amax[NR][KC / NF4_BLOCK];
+        for (int c = 0; c < nv; c++) {
+          Nf4Absmax absmax(w);
+          const int64_t b0 = ((j + c) * w.cols + k0) / NF4_BLOCK;
+          for (int64_t i = 0; i < kc / NF4_BLOCK; i++) amax[c][i] = absmax(b0 + i);
+        }
         for (int64_t k = 0; k < kc; k += 16) {
           for (int half = 0; half < 2; half++) {
             __m512 r[16];
@@ -158,7 +164,7 @@ struct Tile14x32 {
               const int c = 16 * half + q;
               if (c < nv) {
                 const int64_t e = (j + c) * w.cols + k0 + k;
-                r[q] = nf4_decode16(w.codes.data() + e / 2, lut, _mm512_set1_ps(nf4_absmax(w, e / NF4_BLOCK)));
+                r[q] = nf4_decode16(w.codes.data() + e / 2, lut, _mm512_set1_ps(amax[c][k / NF4_BLOCK]));
               } else {
                 r[q] = _mm512_setzero_ps();
               }
@@ -171,9 +177,10 @@ struct Tile14x32 {
       }
       if (!p.b_nf4_trans && nv == NR && j % 32 == 0) {
         // op(B)(k, j+c) = W[k, j+c]: 32 consecutive weights of one row, one block (32 | 64)
+        Nf4Absmax absmax(w);
         for (int64_t k = 0; k < kc; k++) {
           const int64_t e = (k0 + k) * w.cols + j;
-          const __m512 amax = _mm512_set1_ps(nf4_absmax(w, e / NF4_BLOCK));
+          const __m512 amax = _mm512_set1_ps(absmax(e / NF4_BLOCK));
           _mm512_store_ps(dst + k * NR, nf4_decode16(w.codes.data() + e / 2, lut, amax));
           _mm512_store_ps(dst + k * NR + 16, nf4_decode16(w.codes.data() + e / 2 + 8, lut, amax));
         }
@@ -310,35 +317,38 @@ TS_TARGET void gemm_small_m(const GemmProblem& p, int64_t j0, int64_t j1) {
 // ---- fused NF4 (small M). A lane group is 64 code bytes = 128 weights = two absmax blocks: lanes 0..7
 // belong to the first block, lanes 8..15 to the second (see gemm_kernels.h for the slot order). ----
 
-// Loads group g of row `row` (a half group, lanes 8..15 zero, when the row ends after 64 weights) and
-// the per-lane absmax vector.
-TS_TARGET inline __m512i nf4_group(const NF4Matrix& w, int64_t row, int64_t g, __m512* absmax) {
-  const int64_t e = row * w.cols + g * 128, b = e / NF4_BLOCK;
-  const bool half = w.cols - g * 128 < 128;
-  const __m512 a0 = _mm512_set1_ps(nf4_absmax(w, b));
+// Group g of a row whose codes start at `codes` and whose first block is b0: the 16 code dwords (the
+// upper 8 zero for a half group, when the row ends 64 weights into it) and the per-lane absmax vector.
+TS_TARGET inline __m512i nf4_group(const uint8_t* codes, int64_t b0, int64_t g, bool half, Nf4Absmax& absmax,
+                                   __m512* scale) {
+  const __m512 a0 = _mm512_set1_ps(absmax(b0 + 2 * g));
   if (half) {
-    *absmax = a0;
-    return _mm512_maskz_loadu_epi32(0x00FF, w.codes.data() + e / 2);
+    *scale = a0;
+    return _mm512_maskz_loadu_epi32(0x00FF, codes + 64 * g);
   }
-  *absmax = _mm512_insertf32x8(a0, _mm256_set1_ps(nf4_absmax(w, b + 1)), 1);
-  return _mm512_loadu_si512(w.codes.data() + e / 2);
+  *scale = _mm512_mask_broadcastss_ps(a0, 0xFF00, _mm_set_ss(absmax(b0 + 2 * g + 1)));
+  return _mm512_loadu_si512(codes + 64 * g);
 }
 
-// y[m, n] for MB rows of xp (slot order, (MB, Kp) at xp + m*Kp).
+// y[m, n] for MB rows of xp (slot order, (MB, Kp) at xp + m*Kp): per group, the 8 level vectors are
+// decoded once and dotted with each x row; the absmax is applied to the group's partial sum.
 template <int MB>
 TS_TARGET void nf4_nt_rows(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4Matrix& w, float beta,
                            int64_t n0, int64_t n1) {
   const __m512 lut = nf4_lut();
-  const int64_t groups = (w.cols + 127) / 128;
+  const int64_t K = w.cols, groups = (K + 127) / 128;
+  Nf4Absmax absmax(w);
   for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* codes = w.codes.data() + n * (K / 2);
+    const int64_t b0 = n * (K / NF4_BLOCK);
     __m512 acc[MB];
     for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-      __m512 absmax;
-      const __m512i codes = nf4_group(w, n, g, &absmax);
+      __m512 scale;
+      const __m512i group = nf4_group(codes, b0, g, K - 128 * g < 128, absmax, &scale);
       __m512 level[8];
       for (int s = 0; s < 8; s++)
-        level[s] = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4 * s), lut);  // slot s*16 + d
+        level[s] = _mm512_permutexvar_ps(_mm512_srli_epi32(group, 4 * s), lut);  // slot s*16 + d
       for (int m = 0; m < MB; m++) {
         const float* xg = xp + m * Kp + g * 128;
         __m512 t0 = _mm512_mul_ps(level[0], _mm512_loadu_ps(xg));
@@ -347,7 +357,7 @@ TS_TARGET void nf4_nt_rows(float* y, int64_t ldy, const float* xp, int64_t Kp, c
           t0 = _mm512_fmadd_ps(level[s], _mm512_loadu_ps(xg + 16 * s), t0);
           t1 = _mm512_fmadd_ps(level[s + 1], _mm512_loadu_ps(xg + 16 * s + 16), t1);
         }
-        acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), absmax, acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), scale, acc[m]);
       }
     }
     for (int m = 0; m < MB; m++) {
@@ -383,14 +393,19 @@ TS_TARGET void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, 
 TS_TARGET void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4Matrix& w, int64_t M, int64_t g0,
                             int64_t g1) {
   const __m512 lut = nf4_lut();
-  const int64_t N = w.rows;
+  const int64_t N = w.rows, K = w.cols;
+  Nf4Absmax absmax0(w), absmax1(w);
   for (int64_t m = 0; m < M; m++) std::memset(dxp + m * ldp + g0 * 128, 0, size_t(g1 - g0) * 128 * sizeof(float));
   for (int64_t n = 0; n < N; n += 2) {
     const bool pair = n + 1 < N;
+    const uint8_t* row0 = w.codes.data() + n * (K / 2);
+    const int64_t b0 = n * (K / NF4_BLOCK);
     for (int64_t g = g0; g < g1; g++) {
+      const bool half = K - 128 * g < 128;
       __m512 amax0, amax1 = _mm512_setzero_ps();
-      const __m512i codes0 = nf4_group(w, n, g, &amax0);
-      const __m512i codes1 = pair ? nf4_group(w, n + 1, g, &amax1) : _mm512_setzero_si512();
+      const __m512i codes0 = nf4_group(row0, b0, g, half, absmax0, &amax0);
+      const __m512i codes1 =
+          pair ? nf4_group(row0 + K / 2, b0 + K / NF4_BLOCK, g, half, absmax1, &amax1) : _mm512_setzero_si512();
       for (int64_t m = 0; m < M; m++) {
         const __m512 s0 = _mm512_mul_ps(amax0, _mm512_set1_ps(dy[m * N + n]));
         const __m512 s1 = pair ? _mm512_mul_ps(amax1, _mm512_set1_ps(dy[m * N + n + 1])) : _mm512_setzero_ps();

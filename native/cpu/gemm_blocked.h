@@ -86,6 +86,7 @@ template <int NR>
 TS_TARGET void pack_b_generic(const GemmProblem& p, int64_t k0, int64_t kc, int64_t j, int nv, float* dst) {
   if (p.b_nf4) {
     const NF4Matrix& w = *p.b_nf4;
+    Nf4Absmax absmax(w);
     for (int64_t k = 0; k < kc; k++) {
       float* d = dst + k * NR;
       for (int c = 0; c < nv; c++) {
@@ -93,7 +94,7 @@ TS_TARGET void pack_b_generic(const GemmProblem& p, int64_t k0, int64_t kc, int6
         const int64_t row = p.b_nf4_trans ? j + c : k0 + k, col = p.b_nf4_trans ? k0 + k : j + c;
         const int64_t e = row * w.cols + col;
         const uint8_t byte = w.codes[size_t(e >> 1)];
-        d[c] = NF4_LEVELS[(e & 1) ? (byte & 15) : (byte >> 4)] * nf4_absmax(w, e / NF4_BLOCK);
+        d[c] = NF4_LEVELS[(e & 1) ? (byte & 15) : (byte >> 4)] * absmax(e / NF4_BLOCK);
       }
       for (int c = nv; c < NR; c++) d[c] = 0.f;
     }

@@ -39,12 +39,39 @@ inline int64_t nf4_slot_to_weight(int64_t slot, int lanes) {
   return 8 * d + (s ^ 1);
 }
 
-// The absmax of NF4 block b after double quantization; the same float32 expression as
-// nf4_block_absmax in nf4.cpp (kept inline so the kernels do not call across files per block).
-inline float nf4_absmax(const NF4Matrix& m, int64_t b) {
-  const float scale = m.absmax_scale[size_t(b / NF4_DQ_GROUP)];
-  return m.absmax_mean + float(m.absmax_q[size_t(b)]) * (scale / 127.f);
+// The absmax of an NF4 block after double quantization, mean + q * (scale / 127): the float32
+// expression of nf4_block_absmax in nf4.cpp, bit for bit. The empty asm makes the product a rounded
+// value of its own: in the FMA-enabled kernel files the compiler would otherwise fuse it with the add
+// (one rounding instead of two) and differ from nf4.cpp in the last bit.
+inline float nf4_absmax_value(float mean, int8_t q, float step) {
+  float product = float(q) * step;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+x"(product));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(product));
+#else
+  volatile float keep = product;
+  product = keep;
+#endif
+  return mean + product;
 }
+
+// Block absmax values for blocks visited mostly in increasing order: scale / 127 (a division) is
+// recomputed only when the 256-block group changes.
+struct Nf4Absmax {
+  const NF4Matrix& w;
+  int64_t group = -1;
+  float step = 0.f;
+  explicit Nf4Absmax(const NF4Matrix& m) : w(m) {}
+  float operator()(int64_t block) {
+    const int64_t g = block / NF4_DQ_GROUP;
+    if (g != group) {
+      group = g;
+      step = w.absmax_scale[size_t(g)] / 127.f;
+    }
+    return nf4_absmax_value(w.absmax_mean, w.absmax_q[size_t(block)], step);
+  }
+};
 
 struct KernelSet {
   const char* name;

@@ -66,6 +66,7 @@ inline float slot_level(const uint8_t* codes, int s) {
 void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4Matrix& w, int64_t M, float beta,
                   int64_t n0, int64_t n1) {
   const int64_t K = w.cols;
+  Nf4Absmax absmax(w);
   for (int64_t n = n0; n < n1; n++)
     for (int64_t m = 0; m < M; m++) {
       const float* x = xp + m * Kp;
@@ -74,7 +75,7 @@ void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4M
         const uint8_t* codes = w.codes.data() + (n * K + b * NF4_BLOCK) / 2;
         float t = 0.f;
         for (int i = 0; i < NF4_BLOCK; i++) t += x[b * NF4_BLOCK + i] * slot_level(codes + (i / 8) * 4, i % 8);
-        s += t * nf4_absmax(w, (n * K) / NF4_BLOCK + b);
+        s += t * absmax((n * K) / NF4_BLOCK + b);
       }
       float* out = y + m * ldy + n;
       *out = beta == 0.f ? s : s + beta * *out;
@@ -83,12 +84,13 @@ void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4M
 
 void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4Matrix& w, int64_t M, int64_t g0, int64_t g1) {
   const int64_t N = w.rows, K = w.cols;
+  Nf4Absmax block_absmax(w);
   for (int64_t m = 0; m < M; m++) std::memset(dxp + m * ldp + g0 * 8, 0, size_t(g1 - g0) * 8 * sizeof(float));
   for (int64_t n = 0; n < N; n++)
     for (int64_t g = g0; g < g1; g++) {
       const int64_t e = n * K + g * 8;
       const uint8_t* codes = w.codes.data() + e / 2;
-      const float absmax = nf4_absmax(w, e / NF4_BLOCK);
+      const float absmax = block_absmax(e / NF4_BLOCK);
       for (int64_t m = 0; m < M; m++) {
         const float scale = absmax * dy[m * N + n];
         float* acc = dxp + m * ldp + g * 8;

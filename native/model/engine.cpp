@@ -30,7 +30,7 @@ struct Engine::TrainingJob {
   uint64_t id = 0;
   std::shared_ptr<LoraAdapter> adapter;
   std::unique_ptr<Trainer> trainer;
-  std::vector<TrainExample> examples;
+  std::vector<TrainExample> examples, eval_examples;
   TrainHyper hyper;
   TrainingCallbacks cb;
   std::shared_ptr<std::atomic<bool>> cancelled;
@@ -108,10 +108,11 @@ uint64_t Engine::submit_generation(GenerationRequest req, GenerationCallbacks cb
 }
 
 uint64_t Engine::submit_training(std::shared_ptr<LoraAdapter> adapter, std::vector<TrainExample> examples,
-                                 TrainHyper hyper, TrainingCallbacks cb) {
+                                 TrainHyper hyper, TrainingCallbacks cb, std::vector<TrainExample> eval_examples) {
   auto j = std::make_shared<TrainingJob>();
   j->adapter = std::move(adapter);
   j->examples = std::move(examples);
+  j->eval_examples = std::move(eval_examples);
   j->hyper = std::move(hyper);
   j->cb = std::move(cb);
   j->cancelled = std::make_shared<std::atomic<bool>>(false);
@@ -286,7 +287,8 @@ void Engine::training_step() {
   bool finished = false, cancelled = j->cancelled->load();
   try {
     if (!cancelled) {
-      if (!j->trainer) j->trainer = std::make_unique<Trainer>(model_, j->adapter, std::move(j->examples), j->hyper);
+      if (!j->trainer) j->trainer = std::make_unique<Trainer>(model_, j->adapter, std::move(j->examples), j->hyper,
+                                                         std::move(j->eval_examples));
       StepReport report;
       if (j->trainer->micro_step(&report)) {
         j->last = report;

@@ -73,7 +73,7 @@ class Engine {
 
   uint64_t submit_generation(GenerationRequest req, GenerationCallbacks cb);
   uint64_t submit_training(std::shared_ptr<LoraAdapter> adapter, std::vector<TrainExample> examples, TrainHyper hyper,
-                           TrainingCallbacks cb);
+                           TrainingCallbacks cb, std::vector<TrainExample> eval_examples = {});
   void cancel(uint64_t id);  // generation or training; takes effect at the next step boundary
 
   struct Stats {

@@ -3,12 +3,21 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 
 #include "core/error.h"
 #include "model/sampler.h"
 
+#include <sys/stat.h>
+
 namespace ts {
+
+static void make_directory(const std::string& dir) {
+  if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST)
+    throw EngineError("IO_ERROR", "cannot create checkpoint folder " + dir + ": " + std::strerror(errno));
+}
 
 static double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -24,8 +33,12 @@ double lr_multiplier(const std::string& scheduler, int64_t step, int64_t warmup,
 }
 
 Trainer::Trainer(LlamaModel& model, std::shared_ptr<LoraAdapter> adapter, std::vector<TrainExample> examples,
-                 TrainHyper hyper)
-    : model_(model), adapter_(std::move(adapter)), examples_(std::move(examples)), hyper_(std::move(hyper)) {
+                 TrainHyper hyper, std::vector<TrainExample> eval_examples)
+    : model_(model),
+      adapter_(std::move(adapter)),
+      examples_(std::move(examples)),
+      eval_examples_(std::move(eval_examples)),
+      hyper_(std::move(hyper)) {
   require(!examples_.empty(), "INVALID_DATASET", "the training set has no examples");
   require(hyper_.batch_size > 0 && hyper_.grad_accum > 0, "INVALID_ARGUMENT", "batch size and accumulation must be > 0");
   lr_multiplier(hyper_.scheduler, 0, 0, 1);  // validates the name
@@ -150,7 +163,39 @@ bool Trainer::micro_step(StepReport* report) {
   report->tokens = planned_tokens_;
   report->targets = planned_targets_;
   report->seconds = now_seconds() - step_started_;
+  if (!eval_examples_.empty() && (done() || (hyper_.eval_every > 0 && step_ % hyper_.eval_every == 0))) {
+    report->has_eval = true;
+    report->eval_loss = evaluate();
+  }
+  if (hyper_.checkpoint_every > 0 && step_ % hyper_.checkpoint_every == 0 && !hyper_.checkpoint_dir.empty()) {
+    report->checkpoint = hyper_.checkpoint_dir + "/checkpoint-" + std::to_string(step_);
+    make_directory(report->checkpoint);
+    lora_save(*adapter_, report->checkpoint + "/adapter_model.safetensors");
+  }
   return true;
+}
+
+double Trainer::evaluate() {
+  double sum = 0;
+  int64_t targets = 0;
+  for (size_t i = 0; i < eval_examples_.size(); i += hyper_.batch_size) {
+    std::vector<const TrainExample*> rows;
+    for (size_t j = i; j < std::min(eval_examples_.size(), i + (size_t)hyper_.batch_size); j++) rows.push_back(&eval_examples_[j]);
+    TrainBatch b;
+    b.B = (int)rows.size();
+    for (auto* e : rows) b.T = std::max<int>(b.T, (int)e->ids.size());
+    b.ids.assign((size_t)b.B * b.T, hyper_.pad_id);
+    b.labels.assign((size_t)b.B * b.T, -100);
+    for (int r = 0; r < b.B; r++) {
+      std::copy(rows[r]->ids.begin(), rows[r]->ids.end(), b.ids.begin() + (size_t)r * b.T);
+      std::copy(rows[r]->labels.begin(), rows[r]->labels.end(), b.labels.begin() + (size_t)r * b.T);
+    }
+    TrainPassOptions opt;
+    opt.backward = false;
+    sum += llama_train_pass(model_, adapter_.get(), b, opt);
+    targets += b.count_targets();
+  }
+  return targets > 0 ? sum / (double)targets : 0.0;
 }
 
 }  // namespace ts

@@ -32,6 +32,9 @@ struct TrainHyper {
   bool shuffle = true;
   bool recompute = true;          // gradient checkpointing
   int32_t pad_id = 0;             // id written into padding positions (their labels are -100)
+  int eval_every = 0;             // evaluate every N optimizer steps (and after the last) when eval examples exist
+  int checkpoint_every = 0;       // write a checkpoint every N optimizer steps; 0: none
+  std::string checkpoint_dir;     // checkpoints go to <checkpoint_dir>/checkpoint-<step>/adapter_model.safetensors
 };
 
 // Multiplier of the base LR after `step` optimizer steps (transformers' get_*_schedule_with_warmup).
@@ -47,11 +50,15 @@ struct StepReport {
   int64_t tokens = 0;     // non-padding tokens processed by this step
   int64_t targets = 0;    // trained (non-ignored) targets of this step
   double seconds = 0;     // wall time of this step
+  bool has_eval = false;  // eval_loss was computed after this step
+  double eval_loss = 0;   // mean token loss over the eval examples
+  std::string checkpoint; // folder of the checkpoint written after this step, if any
 };
 
 class Trainer {
  public:
-  Trainer(LlamaModel& model, std::shared_ptr<LoraAdapter> adapter, std::vector<TrainExample> examples, TrainHyper hyper);
+  Trainer(LlamaModel& model, std::shared_ptr<LoraAdapter> adapter, std::vector<TrainExample> examples, TrainHyper hyper,
+          std::vector<TrainExample> eval_examples = {});
   int64_t total_steps() const { return total_steps_; }
   bool done() const { return step_ >= total_steps_; }
   // Runs one micro-batch; returns true (and fills *report) when it completed an optimizer step.
@@ -61,10 +68,12 @@ class Trainer {
   void plan_step();  // picks the micro-batches of the next optimizer step
   TrainBatch make_batch(const std::vector<int64_t>& example_ids) const;
   void optimizer_update(double lr, double* grad_norm);
+  double evaluate();  // mean token loss over eval_examples_ (forward only)
 
   LlamaModel& model_;
   std::shared_ptr<LoraAdapter> adapter_;
   std::vector<TrainExample> examples_;
+  std::vector<TrainExample> eval_examples_;
   TrainHyper hyper_;
   int64_t total_steps_ = 0;
   int64_t steps_per_epoch_ = 0;

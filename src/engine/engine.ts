@@ -64,6 +64,12 @@ export interface TrainHyperparameters {
   beta1?: number;
   beta2?: number;
   eps?: number;
+  /** Held-out examples scored every evalEvery steps and after the last. */
+  evalExamples?: readonly { ids: Int32Array; labels: Int32Array }[];
+  evalEvery?: number;
+  /** Checkpoints (PEFT folders) go to <checkpointDir>/checkpoint-<step> every checkpointEvery steps. */
+  checkpointEvery?: number;
+  checkpointDir?: string;
 }
 
 export interface StepEvent extends NativeStepReport {
@@ -75,6 +81,7 @@ export interface StepEvent extends NativeStepReport {
 export interface TrainSummary {
   steps: number;
   finalLoss: number;
+  evalLoss: number | null;
   tokens: number;
   seconds: number;
   cancelled: boolean;
@@ -207,11 +214,25 @@ export class Engine {
       batchSize: hyper.batchSize, gradAccum: hyper.gradAccum, epochs: hyper.epochs, maxSteps: hyper.steps ?? 0,
       seed: hyper.seed, shuffle: hyper.shuffle, recompute: hyper.gradientCheckpointing ?? true,
       padId: this.tokenizer.specialIds.endOfText,
+      evalEvery: hyper.evalEvery ?? 0,
+      checkpointEvery: hyper.checkpointDir ? hyper.checkpointEvery ?? 0 : 0,
+      ...(hyper.checkpointDir ? { checkpointDir: hyper.checkpointDir } : {}),
     };
+    for (const e of hyper.evalExamples ?? []) this.checkIds(e.ids, 'eval input_ids');
     const started = performance.now();
     let tokens = 0;
-    const job = this.native.train({ slot: adapter.slot, examples: examples.map((e) => ({ ids: e.ids, labels: e.labels })), hyper: nativeHyper }, (r) => {
+    let evalLoss: number | null = null;
+    const pendingConfigs: Promise<void>[] = [];
+    const job = this.native.train({
+      slot: adapter.slot,
+      examples: examples.map((e) => ({ ids: e.ids, labels: e.labels })),
+      evalExamples: (hyper.evalExamples ?? []).map((e) => ({ ids: e.ids, labels: e.labels })),
+      hyper: nativeHyper,
+    }, (r) => {
       tokens += r.tokens;
+      if (r.evalLoss !== undefined) evalLoss = r.evalLoss;
+      // The native side wrote the checkpoint's weights; its adapter_config.json completes the PEFT folder.
+      if (r.checkpoint) pendingConfigs.push(writeAdapterConfig(r.checkpoint, adapter.config, { baseModelNameOrPath: this.folder.dir }));
       const elapsedS = (performance.now() - started) / 1000;
       const perStep = elapsedS / r.step;
       handlers.onStep?.({ ...r, tokensPerS: r.seconds > 0 ? r.tokens / r.seconds : 0, elapsedS, etaS: perStep * (r.totalSteps - r.step) });
@@ -221,7 +242,8 @@ export class Engine {
     if (handlers.signal?.aborted) onAbort();
     try {
       const last = await job.promise;
-      return { steps: last.step, finalLoss: last.loss, tokens, seconds: (performance.now() - started) / 1000, cancelled: last.cancelled };
+      await Promise.all(pendingConfigs);
+      return { steps: last.step, finalLoss: last.loss, evalLoss, tokens, seconds: (performance.now() - started) / 1000, cancelled: last.cancelled };
     } catch (e) {
       throw toEngineError(e);
     } finally {

@@ -25,11 +25,20 @@ export interface NativeTrainHyper {
   lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; maxGradNorm: number;
   scheduler: 'constant' | 'linear' | 'cosine'; warmupSteps: number; batchSize: number; gradAccum: number;
   epochs: number; maxSteps: number; seed: number; shuffle: boolean; recompute: boolean; padId: number;
+  /** Evaluate on evalExamples every N steps (and after the last). */
+  evalEvery?: number;
+  /** Write <checkpointDir>/checkpoint-<step>/adapter_model.safetensors every N steps. */
+  checkpointEvery?: number;
+  checkpointDir?: string;
 }
 
 export interface NativeStepReport {
   step: number; totalSteps: number; epoch: number; loss: number; gradNorm: number; lr: number;
   tokens: number; targets: number; seconds: number;
+  /** Mean eval token loss, present on the steps that evaluated. */
+  evalLoss?: number;
+  /** Folder of the checkpoint written after this step (its adapter_config.json is the caller's). */
+  checkpoint?: string;
 }
 
 export interface NativeGenerateSpec {
@@ -63,7 +72,7 @@ export interface NativeEngine {
     slot: number,
     options?: { backward?: boolean; recompute?: boolean; lossScale?: number; dropout?: number; dropoutSeed?: number; dropoutStep?: number },
   ): Promise<{ loss: number; targets: number; grads?: Record<string, Float32Array> }>;
-  train(spec: { slot: number; examples: { ids: Int32Array; labels: Int32Array }[]; hyper: NativeTrainHyper }, onStep: (r: NativeStepReport) => void): NativeJob<NativeStepReport & { cancelled: boolean }>;
+  train(spec: { slot: number; examples: { ids: Int32Array; labels: Int32Array }[]; evalExamples?: { ids: Int32Array; labels: Int32Array }[]; hyper: NativeTrainHyper }, onStep: (r: NativeStepReport) => void): NativeJob<NativeStepReport & { cancelled: boolean }>;
   generate(spec: NativeGenerateSpec, onTokens: (ids: Int32Array) => void): NativeJob<NativeGenerateResult>;
   cancel(id: number): void;
   close(): void;

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import torch
 
+sys.dont_write_bytecode = True  # importing llama_ref must not leave __pycache__ in the tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llama_ref as ref  # noqa: E402
 

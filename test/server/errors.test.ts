@@ -7,7 +7,7 @@ import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { GenerateRequest } from '../../src/gen/tuneserve/v1/generation.js';
-import { TrainingConfig, type TrainRequest } from '../../src/gen/tuneserve/v1/training.js';
+import { LrScheduler, TrainingConfig, type TrainRequest } from '../../src/gen/tuneserve/v1/training.js';
 import { EngineDouble } from './engine-double.js';
 import {
   call,
@@ -46,7 +46,7 @@ describe('error statuses', () => {
       [{ batchSize: 5000 }, 'config.batch_size'],
       [{ maxSeqLen: 100_000 }, 'config.max_seq_len'],
       [{ evalFraction: 0.9 }, 'config.eval_fraction'],
-      [{ scheduler: 42 }, 'config.scheduler'],
+      [{ scheduler: 42 as LrScheduler }, 'config.scheduler'],
       [{ maxGradNorm: -1 }, 'config.max_grad_norm'],
     ];
     for (const [config, field] of cases) {
@@ -219,7 +219,7 @@ describe('error statuses', () => {
     engine.generate = async () => {
       throw new TypeError('boom at /secret/path');
     };
-    harness = await startHarness({ engine });
+    harness = await startHarness({ engine, allowErrorLogs: true });
     const { error } = await collect(harness.clients.generation.generate(GenerateRequest.fromPartial({ text: 'x' })));
     expectError(error, status.INTERNAL, { reason: 'INTERNAL' });
     expect(error?.details).toBe('internal error');

@@ -78,6 +78,8 @@ export async function startHarness(
     engine?: EngineDouble;
     sandbox?: string;
     server?: Partial<ServerOptions>;
+    /** The test provokes error-level log lines on purpose. */
+    allowErrorLogs?: boolean;
   } = {},
 ): Promise<Harness> {
   const sandbox = options.sandbox ?? (await makeSandbox());
@@ -103,6 +105,8 @@ export async function startHarness(
     stop,
     dispose: async () => {
       await stop();
+      // An error-level line means an unknown failure reached the INTERNAL path: tests must say they expect it.
+      if (!options.allowErrorLogs) expect(logger.lines.filter((line) => line.level === 'error')).toEqual([]);
       await fs.rm(sandbox, { recursive: true, force: true });
     },
   };

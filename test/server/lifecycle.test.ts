@@ -72,7 +72,7 @@ describe('lifecycle', () => {
 
   it('stays NOT_SERVING and says why when the model fails to load; ready rejects', async () => {
     const failing = new Promise<EngineDouble>((_, reject) => setTimeout(() => reject(new Error('bad weights')), 50));
-    harness = await startHarness({ server: { engine: failing } });
+    harness = await startHarness({ server: { engine: failing }, allowErrorLogs: true });
     await expect(harness.server.ready).rejects.toThrow('bad weights');
     await expectStatus(call(harness.clients.model.getModelInfo, harness.clients.model, {}), status.UNAVAILABLE, { reason: 'MODEL_LOAD_FAILED' });
     const probe = healthClient(harness.server.port);

@@ -44,7 +44,7 @@ export interface FileEntry {
 export interface FileChunk {
   /** Name of the file this chunk belongs to; must appear in the stream's manifest. */
   name: string;
-  /** The next bytes of the file, 1 byte to 2 MiB (1 MiB recommended). */
+  /** The next bytes of the file, at most 2 MiB (1 MiB recommended). */
   data: Buffer;
 }
 

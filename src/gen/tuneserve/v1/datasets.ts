@@ -65,7 +65,7 @@ export interface UploadDatasetRequest {
     | UploadDatasetHeader
     | undefined;
   /**
-   * The next bytes of the file, 1 byte to 2 MiB each. The file is UTF-8 JSONL: one JSON object
+   * The next bytes of the file, at most 2 MiB each. The file is UTF-8 JSONL: one JSON object
    * per line, each one of {"text"}, {"prompt","completion"}, {"messages":[{"role","content"}]}
    * or {"input_ids":[...],"labels":[...]} (labels optional). Empty lines are ignored.
    */

@@ -382,7 +382,7 @@ export interface JobCompleted {
 
 /** The job failed. */
 export interface JobFailed {
-  /** Cause, UPPER_SNAKE_CASE (as in google.rpc.ErrorInfo.reason), e.g. DATASET_INVALID. */
+  /** Cause, UPPER_SNAKE_CASE (as in google.rpc.ErrorInfo.reason), e.g. INVALID_DATASET. */
   reason: string;
   /** Human-readable explanation. */
   message: string;
