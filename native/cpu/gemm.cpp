@@ -248,7 +248,8 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
   p.b = Operand{B, ldb, trans_b};
   p.c = C, p.ldc = ldc;
   const KernelSet& ks = own_kernels();
-  if (M <= SMALL_M) run_small_m(ks, p);
+  static int64_t lab_small_m = std::getenv("TS_LAB_SMALL_M") ? std::atoll(std::getenv("TS_LAB_SMALL_M")) : SMALL_M;  // LAB ONLY
+  if (M <= lab_small_m) run_small_m(ks, p);
   else run_blocked(ks, p);
 }
 
@@ -257,7 +258,8 @@ void matmul_nf4_nt(float* y, const float* x, const NF4Matrix& w, int64_t M, floa
   const int64_t N = w.rows, K = w.cols;
   if (M <= 0 || N == 0) return;
   const KernelSet& ks = own_kernels();
-  if (M <= NF4_SMALL_M) {
+  static int64_t lab_nf4 = std::getenv("TS_LAB_NF4_SMALL_M") ? std::atoll(std::getenv("TS_LAB_NF4_SMALL_M")) : NF4_SMALL_M;  // LAB ONLY
+  if (M <= lab_nf4) {
     // x in slot order, zero padded to whole lane groups
     const int lanes = ks.nf4_lanes;
     const int64_t group = 8 * lanes, Kp = round_up(K, group);

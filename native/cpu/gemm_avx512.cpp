@@ -217,102 +217,113 @@ struct Tile14x32 {
   }
 };
 
-// ---- small M (decode) with float B, A = x (M, K) rows at x + m*ldx ----
+// ---- small M (decode, small batches) with float B; op(A) = x, rows at x + m*ldx. No packing: B is
+// streamed from memory once, a few of its rows (or a 64-column strip) at a time, and every chunk of up to
+// 6 x rows passes over that piece while it is in L1/L2. ----
 
-// C[m, j] for j in [j0, j1): dot products of x rows with rows of B (op(B) = Bᵀ, B is [N, K]); four rows
-// of B at a time so each x vector load feeds 4*MB FMAs. B is read exactly once.
+// Lane q of the result = the sum of the 16 lanes of v[q].
+TS_TARGET inline __m128 reduce4(const __m512 v[4]) {
+  __m256 h[4];
+  for (int q = 0; q < 4; q++) h[q] = _mm256_add_ps(_mm512_castps512_ps256(v[q]), _mm512_extractf32x8_ps(v[q], 1));
+  const __m256 h01 = _mm256_hadd_ps(h[0], h[1]), h23 = _mm256_hadd_ps(h[2], h[3]);
+  const __m256 sum = _mm256_hadd_ps(h01, h23);  // per 128-bit half: the 4 partial sums
+  return _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+}
+
+// C[m, j+q] (m < MB, q < rows) = alpha * x[m,:]·B[j+q,:] + beta * C, with br[q] = row j+q of B [N, K].
 template <int MB>
-TS_TARGET void small_m_dot(const GemmProblem& p, const float* x, int64_t ldx, float* c, int64_t j0, int64_t j1) {
+TS_TARGET void dot_tile(const GemmProblem& p, const float* x, int64_t ldx, const float* const br[4], float* c,
+                        int rows) {
   const int64_t K = p.K;
-  const float* B = p.b.data;
-  const int64_t ldb = p.b.ld;
-  int64_t j = j0;
-  for (; j < j1; j += 4) {
-    const int rows = j1 - j < 4 ? int(j1 - j) : 4;
-    const float* br[4];
-    for (int q = 0; q < 4; q++) br[q] = B + (q < rows ? j + q : j) * ldb;
-    __m512 acc[MB][4];
-    for (int m = 0; m < MB; m++)
-      for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mk = first_lanes(int(K - k));
-      __m512 bv[4];
-      for (int q = 0; q < 4; q++) bv[q] = _mm512_maskz_loadu_ps(mk, br[q] + k);
-      for (int m = 0; m < MB; m++) {
-        const __m512 xv = _mm512_maskz_loadu_ps(mk, x + m * ldx + k);
-        for (int q = 0; q < 4; q++) acc[m][q] = _mm512_fmadd_ps(xv, bv[q], acc[m][q]);
-      }
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; m++)
+    for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mk = first_lanes(int(K - k < 16 ? K - k : 16));
+    __m512 bv[4];
+    for (int q = 0; q < 4; q++) bv[q] = _mm512_maskz_loadu_ps(mk, br[q] + k);
+    for (int m = 0; m < MB; m++) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + m * ldx + k);
+      for (int q = 0; q < 4; q++) acc[m][q] = _mm512_fmadd_ps(xv, bv[q], acc[m][q]);
     }
-    for (int m = 0; m < MB; m++)
-      for (int q = 0; q < rows; q++) {
-        float* out = c + m * p.ldc + j + q;
-        const float s = p.alpha * _mm512_reduce_add_ps(acc[m][q]);
-        *out = p.beta == 0.f ? s : s + p.beta * *out;
-      }
+  }
+  const __mmask8 mq = __mmask8((1u << rows) - 1);
+  for (int m = 0; m < MB; m++) {
+    float* out = c + m * p.ldc;
+    __m128 r = _mm_mul_ps(reduce4(acc[m]), _mm_set1_ps(p.alpha));
+    if (p.beta != 0.f) r = _mm_add_ps(r, _mm_mul_ps(_mm_maskz_loadu_ps(mq, out), _mm_set1_ps(p.beta)));
+    _mm_mask_storeu_ps(out, mq, r);
   }
 }
 
-// C[m, j0:j1] += rows of B (op(B) = B, B is [K, N]) weighted by x[m, k]; 64 columns at a time.
+// C[m, j:j+64] (m < MB) = alpha * Σ_k x[m,k] B[k, j:j+64] + beta * C over the columns `mj` selects.
 template <int MB>
-TS_TARGET void small_m_axpy(const GemmProblem& p, const float* x, int64_t ldx, float* c, int64_t j0, int64_t j1) {
-  const int64_t K = p.K;
-  const float* B = p.b.data;
-  const int64_t ldb = p.b.ld;
-  for (int64_t j = j0; j < j1; j += 64) {
+TS_TARGET void axpy_tile(const GemmProblem& p, const float* x, int64_t ldx, int64_t j, const __mmask16 mj[4],
+                         float* c) {
+  const int64_t K = p.K, ldb = p.b.ld;
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; m++)
+    for (int v = 0; v < 4; v++) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k++) {
+    const float* row = p.b.data + k * ldb + j;
+    _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb + 32), _MM_HINT_T0);
+    __m512 bv[4];
+    for (int v = 0; v < 4; v++) bv[v] = _mm512_maskz_loadu_ps(mj[v], row + 16 * v);
+    for (int m = 0; m < MB; m++) {
+      const __m512 xs = _mm512_set1_ps(x[m * ldx + k]);
+      for (int v = 0; v < 4; v++) acc[m][v] = _mm512_fmadd_ps(xs, bv[v], acc[m][v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(p.alpha), vb = _mm512_set1_ps(p.beta);
+  for (int m = 0; m < MB; m++)
+    for (int v = 0; v < 4; v++) {
+      float* out = c + m * p.ldc + 16 * v;
+      __m512 r = _mm512_mul_ps(acc[m][v], va);
+      if (p.beta != 0.f) r = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mj[v], out), vb, r);
+      _mm512_mask_storeu_ps(out, mj[v], r);
+    }
+}
+
+#define TS_SMALL_M_DISPATCH(fn, mb, ...)    \
+  switch (mb) {                             \
+    case 1: fn<1>(__VA_ARGS__); break;      \
+    case 2: fn<2>(__VA_ARGS__); break;      \
+    case 3: fn<3>(__VA_ARGS__); break;      \
+    case 4: fn<4>(__VA_ARGS__); break;      \
+    case 5: fn<5>(__VA_ARGS__); break;      \
+    default: fn<6>(__VA_ARGS__); break;     \
+  }
+
+TS_TARGET void gemm_small_m(const GemmProblem& p, int64_t j0, int64_t j1) {
+  const float* x = p.a.data;
+  const int64_t ldx = p.a.ld;
+  if (p.b.trans) {  // B is [N, K]: four of its rows at a time
+    for (int64_t j = j0; j < j1; j += 4) {
+      const int rows = j1 - j < 4 ? int(j1 - j) : 4;
+      const float* br[4];
+      for (int q = 0; q < 4; q++) br[q] = p.b.data + (q < rows ? j + q : j) * p.b.ld;
+      for (int64_t m0 = 0; m0 < p.M; m0 += 6) {
+        const int mb = p.M - m0 < 6 ? int(p.M - m0) : 6;
+        TS_SMALL_M_DISPATCH(dot_tile, mb, p, x + m0 * ldx, ldx, br, p.c + m0 * p.ldc + j, rows)
+      }
+    }
+    return;
+  }
+  for (int64_t j = j0; j < j1; j += 64) {  // B is [K, N]: a 64-column strip at a time
     __mmask16 mj[4];
     for (int v = 0; v < 4; v++) {
       const int64_t left = j1 - j - 16 * v;
       mj[v] = first_lanes(left > 0 ? int(left < 16 ? left : 16) : 0);
     }
-    __m512 acc[MB][4];
-    for (int m = 0; m < MB; m++)
-      for (int v = 0; v < 4; v++) acc[m][v] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-      const float* row = B + k * ldb + j;
-      _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb + 32), _MM_HINT_T0);
-      __m512 bv[4];
-      for (int v = 0; v < 4; v++) bv[v] = _mm512_maskz_loadu_ps(mj[v], row + 16 * v);
-      for (int m = 0; m < MB; m++) {
-        const __m512 xs = _mm512_set1_ps(x[m * ldx + k]);
-        for (int v = 0; v < 4; v++) acc[m][v] = _mm512_fmadd_ps(xs, bv[v], acc[m][v]);
-      }
+    for (int64_t m0 = 0; m0 < p.M; m0 += 6) {
+      const int mb = p.M - m0 < 6 ? int(p.M - m0) : 6;
+      TS_SMALL_M_DISPATCH(axpy_tile, mb, p, x + m0 * ldx, ldx, j, mj, p.c + m0 * p.ldc + j)
     }
-    const __m512 va = _mm512_set1_ps(p.alpha), vb = _mm512_set1_ps(p.beta);
-    for (int m = 0; m < MB; m++)
-      for (int v = 0; v < 4; v++) {
-        float* out = c + m * p.ldc + j + 16 * v;
-        __m512 r = _mm512_mul_ps(acc[m][v], va);
-        if (p.beta != 0.f) r = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mj[v], out), vb, r);
-        _mm512_mask_storeu_ps(out, mj[v], r);
-      }
   }
 }
 
-TS_TARGET void gemm_small_m(const GemmProblem& p, int64_t j0, int64_t j1) {
-  for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
-    const int mb = p.M - m0 < 4 ? int(p.M - m0) : 4;
-    const float* x = p.a.data + m0 * p.a.ld;
-    float* c = p.c + m0 * p.ldc;
-    GemmProblem q = p;
-    q.M = mb;
-    if (p.b.trans) {
-      switch (mb) {
-        case 1: small_m_dot<1>(q, x, p.a.ld, c, j0, j1); break;
-        case 2: small_m_dot<2>(q, x, p.a.ld, c, j0, j1); break;
-        case 3: small_m_dot<3>(q, x, p.a.ld, c, j0, j1); break;
-        default: small_m_dot<4>(q, x, p.a.ld, c, j0, j1); break;
-      }
-    } else {
-      switch (mb) {
-        case 1: small_m_axpy<1>(q, x, p.a.ld, c, j0, j1); break;
-        case 2: small_m_axpy<2>(q, x, p.a.ld, c, j0, j1); break;
-        case 3: small_m_axpy<3>(q, x, p.a.ld, c, j0, j1); break;
-        default: small_m_axpy<4>(q, x, p.a.ld, c, j0, j1); break;
-      }
-    }
-  }
-}
+#undef TS_SMALL_M_DISPATCH
 
 // ---- fused NF4 (small M). A lane group is 64 code bytes = 128 weights = two absmax blocks: lanes 0..7
 // belong to the first block, lanes 8..15 to the second (see gemm_kernels.h for the slot order). ----

@@ -184,7 +184,7 @@ describe('error statuses', () => {
     const { clients } = harness;
     await importAdapter(clients, 'bot');
     const merge = clients.adapters.mergeAndUnload({ adapterId: 'bot', outputName: 'out', dtype: 0, base: 0, unloadAdapter: false }, new Metadata(), {
-      deadline: Date.now() + 200,
+      deadline: Date.now() + 400,
     });
     const { messages, error } = await collect(merge);
     expect(messages.length).toBeGreaterThan(0);

@@ -102,20 +102,27 @@ describe('adapter files', () => {
     expect(imported.adapter).toMatchObject({ adapterId: 'bot', source: 2, matchesBase: true, sizeBytes: weights.length + readme.length + files['adapter_config.json']!.length });
     expect(imported.adapter?.config).toMatchObject({ rank: 8, alpha: 16, targetModules: ['q_proj', 'v_proj'] });
 
-    const stream: ClientReadableStream<ExportAdapterResponse> = clients.adapters.exportAdapter({ adapterId: 'bot', chunkSize: 256 * 1024 });
+    // 64 KiB chunks: the paused client buffers 16 messages (1 MiB) plus the HTTP/2 window, far
+    // less than the 6 MiB file, so the server must wait for 'drain' until the client reads again.
+    const stream: ClientReadableStream<ExportAdapterResponse> = clients.adapters.exportAdapter({ adapterId: 'bot', chunkSize: 64 * 1024 });
     const received: ExportAdapterResponse[] = [];
-    stream.on('data', (message: ExportAdapterResponse) => {
-      received.push(message);
-      if (received.length === 2) {
-        stream.pause();
-        setTimeout(() => stream.resume(), 300);
-      }
+    const paused = new Promise<void>((resolve) => {
+      stream.on('data', (message: ExportAdapterResponse) => {
+        received.push(message);
+        if (received.length === 2) {
+          stream.pause();
+          resolve();
+        }
+      });
     });
-    await new Promise<void>((resolve, reject) => {
+    const ended = new Promise<void>((resolve, reject) => {
       stream.on('end', () => resolve());
       stream.on('error', reject);
     });
-    expect(await reader.counterTotal('tuneserve.stream.drain_waits')).toBeGreaterThan(0);
+    await paused;
+    await eventually(async () => (await reader.counterTotal('tuneserve.stream.drain_waits')) > 0);
+    stream.resume();
+    await ended;
     const header = received[0]?.header;
     expect(header?.files.map((f) => f.name)).toEqual(['adapter_config.json', 'adapter_model.safetensors', 'README.md']);
     const bytes = new Map<string, Buffer[]>();

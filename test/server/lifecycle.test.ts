@@ -87,7 +87,7 @@ describe('lifecycle', () => {
     const inFlight = collect(clients.generation.generate(GenerateRequest.fromPartial({ text: 'still here', maxTokens: 60, ignoreEos: true })));
     await eventually(() => harness?.engine.records.generations.length === 1);
     const probe = healthClient(server.port);
-    const closing = server.close({ drainDelayMs: 300, graceMs: 5000 });
+    const closing = server.close({ drainDelayMs: 1500, graceMs: 5000 });
     await eventually(async () => (await health(probe, '').catch(() => 'gone')) === 'NOT_SERVING');
     await expectStatus(call(clients.model.getModelInfo, clients.model, {}), status.UNAVAILABLE, { reason: 'SERVER_DRAINING', retry: true });
     const finished = await inFlight;

@@ -65,7 +65,7 @@ describe('training', () => {
     harness = await startHarness({ engine: new EngineDouble({ trainStepMs: 25 }) });
     const { clients } = harness;
     await upload(clients, 'qa', rows(4));
-    const stream = clients.training.train(trainRequest({ jobId: 'long', datasetId: 'qa', config: TrainingConfig.fromPartial({ maxSteps: 12 }) }));
+    const stream = clients.training.train(trainRequest({ jobId: 'long', datasetId: 'qa', config: TrainingConfig.fromPartial({ maxSteps: 20 }) }));
     const seen: JobEvent[] = [];
     await new Promise<void>((resolve) => {
       stream.on('data', (message: { event: JobEvent }) => {
@@ -91,7 +91,7 @@ describe('training', () => {
     // A full replay of a finished job returns the same events.
     const replay = await collect(clients.training.watchJob({ jobId: 'long', afterSequence: 0 }));
     expect(replay.messages.length).toBe(after + watched.messages.length);
-    expect(kinds(replay.messages.map((m) => m.event as JobEvent)).filter((k) => k === 'step')).toHaveLength(12);
+    expect(kinds(replay.messages.map((m) => m.event as JobEvent)).filter((k) => k === 'step')).toHaveLength(20);
   });
 
   it('runs jobs one at a time in order, detached submissions included', async () => {
