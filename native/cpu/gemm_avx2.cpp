@@ -64,6 +64,7 @@ struct Tile6x16 {
   static constexpr int MR = 6, NR = 16;
   // B sliver KC x 16 = 16 KiB in L1; A block 144 x 256 = 144 KiB in L2.
   static constexpr int64_t KC = 256, MC = 144, NC = 4096;
+  static constexpr bool A_RESIDENT = false;
 
   // C[0:mv, 0:nv] = alpha * Σ_k a[k,:]ᵀ b[k,:] + beta * C over the first ROWS (>= mv) rows of the tile;
   // full tile: 12 accumulators + 2 B vectors.
@@ -180,90 +181,93 @@ struct Tile6x16 {
   }
 };
 
-// ---- small M (decode) with float B ----
+// ---- small M (decode, small batches) with float B; op(A) = x, rows at x + m*ldx. No packing: B is
+// streamed once, 4 rows (or a 32-column strip) at a time, and every pair of x rows passes over that piece
+// while it is in cache. Two x rows x 4 accumulators keep within the 16 ymm registers. ----
+
+// Lane q of the result = the sum of the 8 lanes of v[q].
+TS_TARGET inline __m128 reduce4(const __m256 v[4]) {
+  const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 sum = _mm256_hadd_ps(h01, h23);
+  return _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+}
 
 template <int MB>
-TS_TARGET void small_m_dot(const GemmProblem& p, const float* x, int64_t ldx, float* c, int64_t j0, int64_t j1) {
-  const int64_t K = p.K, ldb = p.b.ld;
-  const float* B = p.b.data;
-  for (int64_t j = j0; j < j1; j += 4) {
-    const int rows = j1 - j < 4 ? int(j1 - j) : 4;
-    const float* br[4];
-    for (int q = 0; q < 4; q++) br[q] = B + (q < rows ? j + q : j) * ldb;
-    __m256 acc[MB][4];
-    for (int m = 0; m < MB; m++)
-      for (int q = 0; q < 4; q++) acc[m][q] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) {
-      const __m256i mk = first_lanes8(int(K - k < 8 ? K - k : 8));
-      __m256 bv[4];
-      for (int q = 0; q < 4; q++) bv[q] = _mm256_maskload_ps(br[q] + k, mk);
-      for (int m = 0; m < MB; m++) {
-        const __m256 xv = _mm256_maskload_ps(x + m * ldx + k, mk);
-        for (int q = 0; q < 4; q++) acc[m][q] = _mm256_fmadd_ps(xv, bv[q], acc[m][q]);
-      }
+TS_TARGET void dot_tile(const GemmProblem& p, const float* x, int64_t ldx, const float* const br[4], float* c,
+                        int rows) {
+  const int64_t K = p.K;
+  __m256 acc[MB][4];
+  for (int m = 0; m < MB; m++)
+    for (int q = 0; q < 4; q++) acc[m][q] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256i mk = first_lanes8(int(K - k < 8 ? K - k : 8));
+    __m256 bv[4];
+    for (int q = 0; q < 4; q++) bv[q] = _mm256_maskload_ps(br[q] + k, mk);
+    for (int m = 0; m < MB; m++) {
+      const __m256 xv = _mm256_maskload_ps(x + m * ldx + k, mk);
+      for (int q = 0; q < 4; q++) acc[m][q] = _mm256_fmadd_ps(xv, bv[q], acc[m][q]);
     }
-    for (int m = 0; m < MB; m++)
-      for (int q = 0; q < rows; q++) {
-        float* out = c + m * p.ldc + j + q;
-        const float s = p.alpha * hsum8(acc[m][q]);
-        *out = p.beta == 0.f ? s : s + p.beta * *out;
-      }
+  }
+  for (int m = 0; m < MB; m++) {
+    alignas(16) float r[4];
+    _mm_store_ps(r, _mm_mul_ps(reduce4(acc[m]), _mm_set1_ps(p.alpha)));
+    float* out = c + m * p.ldc;
+    for (int q = 0; q < rows; q++) out[q] = p.beta == 0.f ? r[q] : r[q] + p.beta * out[q];
   }
 }
 
 template <int MB>
-TS_TARGET void small_m_axpy(const GemmProblem& p, const float* x, int64_t ldx, float* c, int64_t j0, int64_t j1) {
+TS_TARGET void axpy_tile(const GemmProblem& p, const float* x, int64_t ldx, int64_t j, const __m256i mj[4], float* c) {
   const int64_t K = p.K, ldb = p.b.ld;
-  const float* B = p.b.data;
+  __m256 acc[MB][4];
+  for (int m = 0; m < MB; m++)
+    for (int v = 0; v < 4; v++) acc[m][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k++) {
+    const float* row = p.b.data + k * ldb + j;
+    _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb), _MM_HINT_T0);
+    __m256 bv[4];
+    for (int v = 0; v < 4; v++) bv[v] = _mm256_maskload_ps(row + 8 * v, mj[v]);
+    for (int m = 0; m < MB; m++) {
+      const __m256 xs = _mm256_broadcast_ss(x + m * ldx + k);
+      for (int v = 0; v < 4; v++) acc[m][v] = _mm256_fmadd_ps(xs, bv[v], acc[m][v]);
+    }
+  }
+  const __m256 va = _mm256_set1_ps(p.alpha), vb = _mm256_set1_ps(p.beta);
+  for (int m = 0; m < MB; m++)
+    for (int v = 0; v < 4; v++) {
+      float* out = c + m * p.ldc + 8 * v;
+      __m256 r = _mm256_mul_ps(acc[m][v], va);
+      if (p.beta != 0.f) r = _mm256_fmadd_ps(_mm256_maskload_ps(out, mj[v]), vb, r);
+      _mm256_maskstore_ps(out, mj[v], r);
+    }
+}
+
+TS_TARGET void gemm_small_m(const GemmProblem& p, int64_t j0, int64_t j1) {
+  const float* x = p.a.data;
+  const int64_t ldx = p.a.ld;
+  if (p.b.trans) {
+    for (int64_t j = j0; j < j1; j += 4) {
+      const int rows = j1 - j < 4 ? int(j1 - j) : 4;
+      const float* br[4];
+      for (int q = 0; q < 4; q++) br[q] = p.b.data + (q < rows ? j + q : j) * p.b.ld;
+      for (int64_t m0 = 0; m0 < p.M; m0 += 2) {
+        float* c = p.c + m0 * p.ldc + j;
+        if (p.M - m0 >= 2) dot_tile<2>(p, x + m0 * ldx, ldx, br, c, rows);
+        else dot_tile<1>(p, x + m0 * ldx, ldx, br, c, rows);
+      }
+    }
+    return;
+  }
   for (int64_t j = j0; j < j1; j += 32) {
     __m256i mj[4];
     for (int v = 0; v < 4; v++) {
       const int64_t left = j1 - j - 8 * v;
       mj[v] = first_lanes8(left > 0 ? int(left < 8 ? left : 8) : 0);
     }
-    __m256 acc[MB][4];
-    for (int m = 0; m < MB; m++)
-      for (int v = 0; v < 4; v++) acc[m][v] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-      const float* row = B + k * ldb + j;
-      _mm_prefetch(reinterpret_cast<const char*>(row + 8 * ldb), _MM_HINT_T0);
-      __m256 bv[4];
-      for (int v = 0; v < 4; v++) bv[v] = _mm256_maskload_ps(row + 8 * v, mj[v]);
-      for (int m = 0; m < MB; m++) {
-        const __m256 xs = _mm256_broadcast_ss(x + m * ldx + k);
-        for (int v = 0; v < 4; v++) acc[m][v] = _mm256_fmadd_ps(xs, bv[v], acc[m][v]);
-      }
-    }
-    const __m256 va = _mm256_set1_ps(p.alpha), vb = _mm256_set1_ps(p.beta);
-    for (int m = 0; m < MB; m++)
-      for (int v = 0; v < 4; v++) {
-        float* out = c + m * p.ldc + j + 8 * v;
-        __m256 r = _mm256_mul_ps(acc[m][v], va);
-        if (p.beta != 0.f) r = _mm256_fmadd_ps(_mm256_maskload_ps(out, mj[v]), vb, r);
-        _mm256_maskstore_ps(out, mj[v], r);
-      }
-  }
-}
-
-TS_TARGET void gemm_small_m(const GemmProblem& p, int64_t j0, int64_t j1) {
-  for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
-    const int mb = p.M - m0 < 4 ? int(p.M - m0) : 4;
-    const float* x = p.a.data + m0 * p.a.ld;
-    float* c = p.c + m0 * p.ldc;
-    if (p.b.trans) {
-      switch (mb) {
-        case 1: small_m_dot<1>(p, x, p.a.ld, c, j0, j1); break;
-        case 2: small_m_dot<2>(p, x, p.a.ld, c, j0, j1); break;
-        case 3: small_m_dot<3>(p, x, p.a.ld, c, j0, j1); break;
-        default: small_m_dot<4>(p, x, p.a.ld, c, j0, j1); break;
-      }
-    } else {
-      switch (mb) {
-        case 1: small_m_axpy<1>(p, x, p.a.ld, c, j0, j1); break;
-        case 2: small_m_axpy<2>(p, x, p.a.ld, c, j0, j1); break;
-        case 3: small_m_axpy<3>(p, x, p.a.ld, c, j0, j1); break;
-        default: small_m_axpy<4>(p, x, p.a.ld, c, j0, j1); break;
-      }
+    for (int64_t m0 = 0; m0 < p.M; m0 += 2) {
+      float* c = p.c + m0 * p.ldc + j;
+      if (p.M - m0 >= 2) axpy_tile<2>(p, x + m0 * ldx, ldx, j, mj, c);
+      else axpy_tile<1>(p, x + m0 * ldx, ldx, j, mj, c);
     }
   }
 }

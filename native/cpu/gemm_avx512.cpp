@@ -4,9 +4,10 @@
 #include <immintrin.h>
 
 // GCC 12 reports the self-initialized _mm512_undefined_* inside its own intrinsics headers as
-// "maybe uninitialized" once they are inlined here; the warning is a known false positive.
+// "(maybe) uninitialized" once they are inlined here; the warning is a known false positive.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 #include <cstring>
@@ -61,6 +62,7 @@ struct Tile14x32 {
   // KC x NR sliver of B = 32 KiB stays in L1 (48 KiB); MC x KC block of A = 336 KiB in L2 (2 MiB);
   // the B panel KC x NC = 4 MiB streams from L3. Measured best of KC in {192, 256, 384}.
   static constexpr int64_t KC = 256, MC = 336, NC = 4096;
+  static constexpr bool A_RESIDENT = false;
 
   // C[0:mv, 0:nv] = alpha * Σ_k a[k,:]ᵀ b[k,:] + beta * C (beta == 0: C not read), computing only the
   // first ROWS (>= mv) rows of the tile: a short last tile (M = 8 when MR = 14) costs only its rows.

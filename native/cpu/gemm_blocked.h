@@ -43,8 +43,21 @@ TS_TARGET void gemm_block_t(const GemmProblem& p, int64_t i0, int64_t i1, int64_
         const int64_t mc = std::min(MC, i1 - ic);
         for (int64_t ir = 0; ir < mc; ir += MR)
           Tile::pack_a(p.a, ic + ir, int(std::min<int64_t>(MR, mc - ir)), pc, kc, a_pack + ir * kc);
-        // While the kernels of sliver jr run, pull sliver jr+1 of the B panel (which lives in L3 when
-        // the panel is larger than L2) into L2, a slice per kernel, so its first kernel does not stall.
+        if constexpr (Tile::A_RESIDENT) {
+          // The A sliver (MR x KC) stays in L1 while the B slivers stream past it from L2.
+          for (int64_t ir = 0; ir < mc; ir += MR) {
+            const int mv = int(std::min<int64_t>(MR, mc - ir));
+            for (int64_t jr = 0; jr < nc; jr += NR) {
+              const int nv = int(std::min<int64_t>(NR, nc - jr));
+              float* c = p.c + (ic + ir) * p.ldc + jc + jr;
+              Tile::kernel(kc, a_pack + ir * kc, b_pack + jr * kc, c, p.ldc, p.alpha, beta, mv, nv);
+            }
+          }
+          continue;
+        }
+        // The B sliver (KC x NR) stays in L1 while the A slivers stream past it from L2. While the
+        // kernels of sliver jr run, pull sliver jr+1 of the B panel (in L3 when the panel is larger
+        // than L2) into L2, a slice per kernel, so its first kernel does not stall.
         const int64_t tiles = (mc + MR - 1) / MR, lines = kc * NR * int64_t(sizeof(float)) / 64;
         const int64_t lines_per_tile = (lines + tiles - 1) / tiles;
         for (int64_t jr = 0; jr < nc; jr += NR) {

@@ -13,6 +13,7 @@ namespace {
 struct Tile4x16 {
   static constexpr int MR = 4, NR = 16;
   static constexpr int64_t KC = 256, MC = 128, NC = 2048;
+  static constexpr bool A_RESIDENT = false;
 
   static void kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha, float beta,
                      int mv, int nv) {

@@ -2,6 +2,7 @@
 // generate, merge) and the service commands. Errors print one line with their code and exit 1.
 
 import { generateCommand, makeModelCommand, mergeCommand, trainCommand } from './engine-commands.js';
+import { serveCommand } from './serve-command.js';
 
 const USAGE = `usage: tuneserve <command> [flags]
 
@@ -14,6 +15,11 @@ engine commands:
   generate   --model DIR [--adapter DIR] (--prompt TEXT [--chat] | --prompt-ids 1,2,3) [--max-tokens --temperature
              --top-k --top-p --repetition-penalty --seed --ignore-eos --quant --device --threads --json]
   merge      --model DIR --adapter DIR --out DIR [--dtype bf16|f16|f32] [--into original|dequantized] [--no-fidelity --quant --json]
+
+service commands:
+  serve      [--model DIR] [--data-root DIR] [--port 50051] [--host 0.0.0.0] [--quant nf4|none] [--device cpu|cuda|auto]
+             [--threads N] [--metrics-port N] [--reflection] [--adapter-slots N] [--max-seq-len N] [--grace-ms N]
+             [--drain-delay-ms N]   (no --model: the built-in demo model; TUNESERVE_AUTH_TOKENS=tok1,tok2 enables auth)
 `;
 
 const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
@@ -21,6 +27,7 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
   train: trainCommand,
   generate: generateCommand,
   merge: mergeCommand,
+  serve: serveCommand,
 };
 
 export async function main(argv: string[]): Promise<number> {
