@@ -82,9 +82,7 @@ export async function serveCommand(argv: string[]): Promise<void> {
   process.on('SIGINT', () => void stop('SIGINT'));
 
   try {
-    await server.ready;
-    const info = (await enginePromise).modelInfo();
-    logger.info('serving', { model: info.name, quantization: info.quantization, device: info.device });
+    await server.ready; // the server logs "serving" with the model's facts
   } catch (e) {
     await server.close();
     throw e;
