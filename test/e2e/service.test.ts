@@ -1,0 +1,135 @@
+// Issue #3, "must show" 1 and 2, with the real engine: a real server on 127.0.0.1 over the small random
+// model (NF4 base) and the generated grpc-js clients. Upload → Train (streamed events) → the adapter
+// appears → Generate with it reproduces the trained completions → MergeAndUnload → the merged folder
+// loads in the engine and generates the same greedy text. Then concurrent Generate calls with two
+// different adapters and none each get their own output, identical to single-request runs.
+
+import { readFile, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { Engine } from '../../src/engine/engine.js';
+import { makeModel } from '../../src/engine/make-model.js';
+import { GenerateRequest, type GenerateResponse } from '../../src/gen/tuneserve/v1/generation.js';
+import { JobState, LrScheduler, TrainingConfig, type JobEvent } from '../../src/gen/tuneserve/v1/training.js';
+import { MergeBase, MergeDtype } from '../../src/gen/tuneserve/v1/adapters.js';
+import { NativeEnginePort } from '../../src/server/native-engine-port.js';
+import { createServer, type TuneServer } from '../../src/server/server.js';
+import { call, collect, connect, makeSandbox, recordingLogger, upload, type Clients } from '../server/harness.js';
+
+interface Row { prompt: string; completion: string }
+const DATA = join(import.meta.dirname, '..', '..', 'data', 'memorize-20.jsonl');
+
+// The memorization recipe of the engine's acceptance test (test/acceptance.test.ts).
+const memorize = (fields: Partial<TrainingConfig> = {}) => TrainingConfig.fromPartial({
+  rank: 16, alpha: 32, dropout: 0, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+  learningRate: 2e-3, epochs: 40, batchSize: 4, gradAccum: 1, scheduler: LrScheduler.LR_SCHEDULER_CONSTANT, seed: 7, maxGradNorm: 1, ...fields,
+});
+
+describe('gRPC service over the real engine', () => {
+  let sandbox: string;
+  let engine: NativeEnginePort;
+  let server: TuneServer;
+  let clients: Clients;
+  let rows: Row[];
+  const logger = recordingLogger();
+
+  beforeAll(async () => {
+    sandbox = await makeSandbox();
+    await makeModel({ preset: 'small', outDir: join(sandbox, 'model'), seed: 11 });
+    engine = await NativeEnginePort.open(join(sandbox, 'model'), { quant: 'nf4', device: 'cpu', log: () => {} });
+    server = await createServer({ engine, dataRoot: join(sandbox, 'data'), host: '127.0.0.1', port: 0, logger, shutdownGraceMs: 2000 });
+    await server.ready;
+    clients = connect(server.port);
+    rows = (await readFile(DATA, 'utf8')).trim().split('\n').map((l) => JSON.parse(l) as Row);
+    await upload(clients, 'memorize', await readFile(DATA));
+  }, 300_000);
+
+  afterAll(async () => {
+    clients?.close();
+    await server?.close({ graceMs: 500 });
+    engine?.close();
+    expect(logger.lines.filter((l) => l.level === 'error')).toEqual([]);
+    if (sandbox) await rm(sandbox, { recursive: true, force: true });
+  });
+
+  const generate = async (prompt: string, adapterId: string): Promise<{ text: string; ids: number[]; last: GenerateResponse }> => {
+    const { messages, error } = await collect(clients.generation.generate(GenerateRequest.fromPartial({ text: prompt, adapterId, maxTokens: 24, temperature: 0, returnTokenIds: true })));
+    expect(error).toBeNull();
+    return { text: messages.map((m) => m.text).join(''), ids: messages.flatMap((m) => m.tokenIds), last: messages.at(-1)! };
+  };
+
+  it('trains over a stream, the adapter appears, generation reproduces, merge round-trips', async () => {
+    const { messages, error } = await collect(clients.training.train({ jobId: 'mem-1', adapterId: 'mem', datasetId: 'memorize', initAdapterId: '', detach: false, config: memorize() }));
+    expect(error).toBeNull();
+    const events = messages.map((m) => m.event as JobEvent);
+    expect(events[0]?.queued).toBeDefined();
+    expect(events[1]?.started?.totalSteps).toBe(200);
+    const steps = events.filter((e) => e.step).map((e) => e.step!);
+    expect(steps.map((s) => s.step)).toEqual(Array.from({ length: 200 }, (_, i) => i + 1));
+    expect(steps[0]!.loss).toBeGreaterThan(3);
+    expect(steps.at(-1)!.loss).toBeLessThan(0.1);
+    expect(steps.every((s) => s.tokensPerSecond > 0 && s.learningRate === 2e-3)).toBe(true);
+    expect(events.at(-1)?.completed?.adapterId).toBe('mem');
+
+    const { adapter } = await call(clients.adapters.getAdapter, clients.adapters, { adapterId: 'mem' });
+    expect(adapter).toMatchObject({ adapterId: 'mem', jobId: 'mem-1', matchesBase: true });
+    const { job } = await call(clients.training.getJob, clients.training, { jobId: 'mem-1', includeHistory: false });
+    expect(job?.state).toBe(JobState.JOB_STATE_SUCCEEDED);
+
+    // Generate loads the stored adapter into a slot on first use.
+    const served: string[] = [];
+    for (const row of rows) {
+      const g = await generate(row.prompt, 'mem');
+      served.push(g.text);
+    }
+    expect(served).toEqual(rows.map((r) => r.completion));
+    // The base alone does not know them.
+    const base = await generate(rows[0]!.prompt, '');
+    expect(base.text).not.toBe(rows[0]!.completion);
+
+    // MergeAndUnload into the dequantized NF4 weights (what the adapter trained against), f32 output.
+    const merge = await collect(clients.adapters.mergeAndUnload({ adapterId: 'mem', outputName: 'mem-merged', dtype: MergeDtype.MERGE_DTYPE_F32, base: MergeBase.MERGE_BASE_DEQUANTIZED, unloadAdapter: true }));
+    expect(merge.error).toBeNull();
+    const result = merge.messages.at(-1)!.result!;
+    expect(merge.messages.filter((m) => m.progress).length).toBeGreaterThan(10);
+    expect(result.outputName).toBe('mem-merged');
+    expect(result.adapterUnloaded).toBe(true);
+    expect(result.fidelity!.top1Agreement).toBe(1);
+    // Only the output dtype's rounding separates the merged model from base + adapter here.
+    expect(result.fidelity!.maxAbsLogitDiff).toBeLessThan(1e-3);
+
+    const merged = await Engine.load(join(sandbox, 'data', 'exports', 'mem-merged'), { quant: 'none', device: 'cpu', log: () => {} });
+    try {
+      for (const [i, row] of rows.slice(0, 5).entries()) {
+        const r = await merged.generate({ promptIds: merged.tokenizer.encode(row.prompt, { addBos: true }), maxTokens: 24 });
+        expect(merged.tokenizer.decode(r.ids, { skipSpecialTokens: true }), `row ${i}`).toBe(row.completion);
+      }
+    } finally {
+      merged.close();
+    }
+  }, 900_000);
+
+  it('concurrent requests with different adapters (and none) each get their own adapter\'s output', async () => {
+    // A second adapter on a shifted dataset: the same prompts, other completions.
+    const shifted = rows.map((r, i) => ({ prompt: r.prompt, completion: rows[(i + 7) % rows.length]!.completion }));
+    await upload(clients, 'shifted', shifted.map((r) => JSON.stringify(r)).join('\n'));
+    const trained = await collect(clients.training.train({ jobId: 'shift-1', adapterId: 'shift', datasetId: 'shifted', initAdapterId: '', detach: false, config: memorize({ seed: 8 }) }));
+    expect(trained.error).toBeNull();
+    await call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'mem' });
+    await call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'shift' });
+
+    const prompts = rows.slice(0, 4).map((r) => r.prompt);
+    const single: Record<string, string[]> = {};
+    for (const id of ['mem', 'shift', '']) {
+      single[id] = [];
+      for (const p of prompts) single[id]!.push((await generate(p, id)).text);
+    }
+    expect(single.mem).toEqual(rows.slice(0, 4).map((r) => r.completion));
+    expect(single.shift).toEqual(shifted.slice(0, 4).map((r) => r.completion));
+
+    // All twelve at once: the engine batches them into shared decode steps with mixed adapters.
+    const jobs = ['mem', 'shift', ''].flatMap((id) => prompts.map(async (p, i) => ({ id, i, text: (await generate(p, id)).text })));
+    for (const r of await Promise.all(jobs)) expect(r.text, `${r.id || 'base'} #${r.i}`).toBe(single[r.id]![r.i]);
+  }, 900_000);
+});
