@@ -59,7 +59,7 @@ Napi::Object adapter_tensors(Napi::Env env, const LoraAdapter& a, bool grads) {
 
 TrainHyper hyper_from_js(const Napi::Object& h) {
   TrainHyper p;
-  p.lr = (float)num(h, "lr", p.lr);
+  p.lr = num(h, "lr", p.lr);
   p.beta1 = (float)num(h, "beta1", p.beta1);
   p.beta2 = (float)num(h, "beta2", p.beta2);
   p.eps = (float)num(h, "eps", p.eps);

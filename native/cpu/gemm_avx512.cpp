@@ -59,10 +59,10 @@ TS_TARGET inline __m512 nf4_decode16(const uint8_t* codes, __m512 lut, __m512 ab
 
 struct Tile14x32 {
   static constexpr int MR = 14, NR = 32;
-  // KC x NR sliver of B = 32 KiB stays in L1 (48 KiB); MC x KC block of A = 336 KiB in L2 (2 MiB);
-  // the B panel KC x NC = 4 MiB streams from L3. Measured best of KC in {192, 256, 384}.
-  static constexpr int64_t KC = 256, MC = 336, NC = 4096;
-  static constexpr bool A_RESIDENT = false;
+  // The A sliver MR x KC = 14 KiB stays in L1 (48 KiB) while the B panel KC x NC = 1 MiB streams past
+  // it from L2 (2 MiB); see bench/kernels/README.md for the blockings and loop orders measured.
+  static constexpr int64_t KC = 256, MC = 336, NC = 1024;
+  static constexpr bool A_RESIDENT = true;
 
   // C[0:mv, 0:nv] = alpha * Σ_k a[k,:]ᵀ b[k,:] + beta * C (beta == 0: C not read), computing only the
   // first ROWS (>= mv) rows of the tile: a short last tile (M = 8 when MR = 14) costs only its rows.

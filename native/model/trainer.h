@@ -18,7 +18,7 @@ struct TrainExample {
 };
 
 struct TrainHyper {
-  float lr = 2e-4f;
+  double lr = 2e-4;  // double: reported back exactly as given
   float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;
   float weight_decay = 0.f;
   float max_grad_norm = 1.f;      // 0: no clipping
