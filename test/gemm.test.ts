@@ -155,11 +155,11 @@ describe.each(kernelSets)("sgemm on the %s kernels", (set) => {
     for (const c of cases) expect(runCase(c, seed++), JSON.stringify(c)).toBeLessThanOrEqual(1);
   });
 
-  it("takes the decode path (M = 1 .. 4) for either layout of B", () => {
+  it("takes the small-M path (M <= 8, decode) for either layout of B, and the blocked one just above", () => {
     use();
     let seed = 200;
     for (const [ta, tb] of TRANS)
-      for (const M of [1, 2, 3, 4, 5])
+      for (const M of [1, 2, 3, 5, 8, 9])
         for (const [N, K] of [[1, 1], [300, 257], [1000, 64]] as const) {
           const c = { ta, tb, M, N, K, alpha: 1, beta: M % 2 ? 0 : 0.5 };
           expect(runCase(c, seed++), JSON.stringify(c)).toBeLessThanOrEqual(1);
@@ -247,8 +247,9 @@ describe("NF4 matmul against sgemm on the dequantized weight", () => {
   const ownSets = kernelSets.filter((s) => s !== "openblas");
   it.each(ownSets)("fused small-M and panel paths agree on the %s kernels", (set) => {
     expect(native.setGemmKernel(set)).toBe(true);
-    // K = 192 ends in half of a 128-weight AVX-512 lane group; M = 37 takes the dequantizing panel path.
-    for (const [M, N, K] of [[1, 96, 192], [1, 3, 64], [4, 33, 256], [8, 40, 128], [9, 40, 128], [37, 70, 320]] as const)
+    // K = 192 ends in half of a 128-weight AVX-512 lane group. Fused paths: x·Wᵀ for M <= 12, dy·W for
+    // M <= 4; above them (and M = 37) the dequantizing panel path.
+    for (const [M, N, K] of [[1, 96, 192], [1, 3, 64], [4, 33, 256], [5, 40, 128], [12, 40, 192], [13, 40, 128], [37, 70, 320]] as const)
       expect(check(M, N, K, M * 1000 + N), `M=${M} N=${N} K=${K}`).toBeLessThanOrEqual(1);
   });
 

@@ -171,7 +171,8 @@ describe.skipIf(!python)('engine vs PyTorch reference (tiny model, float32)', ()
       expect(Math.abs(steps[k]!.loss - refLosses[k]!) / refLosses[k]!).toBeLessThan(REL);
       expect(Math.abs(steps[k]!.gradNorm - refNorms[k]!) / refNorms[k]!).toBeLessThan(REL);
       expect(refNorms[k]!).toBeGreaterThan(0.05); // clipping really happened
-      expect(steps[k]!.lr).toBeCloseTo(refLrs[k]!, 12);
+      // The reference's output file stores float32: its lrs carry float32 rounding (~6e-8 relative).
+      expect(Math.abs(steps[k]!.lr - refLrs[k]!)).toBeLessThanOrEqual(1e-7 * refLrs[k]! + 1e-15);
     }
     const trained = await engine.adapterTensors(fresh);
     for (const [key, value] of Object.entries(trained)) expect(relErr(value, ref.get(key)!), key).toBeLessThan(REL);

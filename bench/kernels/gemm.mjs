@@ -11,10 +11,11 @@
 // is the fair comparison. --openblas also times the engine's own dlopen'ed OpenBLAS path.
 // Each shape is timed `rounds` times, alternating engine and PyTorch, and the best round counts
 // (the machine is shared; the best time is the least disturbed one).
-import { execFileSync } from "node:child_process";
+import { spawn } from "node:child_process";
 import { writeFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import os from "node:os";
+import { createInterface } from "node:readline";
 
 const args = process.argv.slice(2);
 const opt = (name, fallback) => {
@@ -100,11 +101,12 @@ function timeEngine([, ta, tb, M, N, K], bufs) {
   return best;
 }
 
+// A PyTorch timing server: reads one JSON shape per line, answers one JSON line with seconds per call.
 const TORCH_SCRIPT = String.raw`
 import ctypes, json, os, sys, time
 import torch
 torch.set_num_threads(os.cpu_count())
-shapes, seconds = json.loads(sys.argv[1]), float(sys.argv[2])
+seconds = float(sys.argv[1])
 maps = open('/proc/self/maps').read()
 blas = sorted({l.split()[-1] for l in maps.splitlines() if 'blas' in l.split()[-1].lower()})
 core = None
@@ -116,8 +118,9 @@ for path in blas:
         break
     except Exception:
         pass
-out = {'torch': torch.__version__, 'threads': torch.get_num_threads(), 'blas': blas, 'openblas_core': core, 'times': []}
-for label, ta, tb, M, N, K in shapes:
+print(json.dumps({'torch': torch.__version__, 'threads': torch.get_num_threads(), 'blas': blas, 'openblas_core': core}), flush=True)
+for line in sys.stdin:
+    label, ta, tb, M, N, K = json.loads(line)
     a = torch.rand(K, M).t() if ta else torch.rand(M, K)   # same memory layout as the engine's operands
     b = torch.rand(N, K).t() if tb else torch.rand(K, N)
     c = torch.empty(M, N)
@@ -130,20 +133,34 @@ for label, ta, tb, M, N, K in shapes:
             dt = time.perf_counter() - t0
             if dt >= seconds / 3: break
         best = min(best, dt / n)
-    out['times'].append(best)
-print(json.dumps(out))
+    del a, b, c
+    print(json.dumps(best), flush=True)
 `;
 
 // The environment this lab was started with (before --openblas sets OPENBLAS_CORETYPE for itself).
 const startEnv = { ...process.env };
 
-function timeTorch(env) {
-  const out = execFileSync("/usr/bin/python3", ["-c", TORCH_SCRIPT, JSON.stringify(shapes), String(seconds)], {
+// Starts a PyTorch server; returns { info, time(shape) -> Promise<seconds>, close() }.
+async function torchServer(env) {
+  const child = spawn("/usr/bin/python3", ["-c", TORCH_SCRIPT, String(seconds)], {
     env: { ...startEnv, ...env },
-    encoding: "utf8",
-    maxBuffer: 1 << 24,
+    stdio: ["pipe", "pipe", "inherit"],
   });
-  return JSON.parse(out.trim().split("\n").pop());
+  const lines = createInterface({ input: child.stdout })[Symbol.asyncIterator]();
+  const next = async () => {
+    const { value, done } = await lines.next();
+    if (done) throw new Error("the PyTorch timing process ended early");
+    return JSON.parse(value);
+  };
+  const info = await next();
+  return {
+    info,
+    time: async (shape) => {
+      child.stdin.write(JSON.stringify(shape) + "\n");
+      return next();
+    },
+    close: () => child.stdin.end(),
+  };
 }
 
 const gflops = (s, t) => (2 * s[3] * s[4] * s[5]) / t / 1e9;
@@ -151,13 +168,19 @@ const useTorch = !flag("no-torch");
 
 const engineBest = shapes.map(() => Infinity);
 const blasBest = shapes.map(() => Infinity);
-let torchDefault = null, torchSkx = null;
 const torchDefaultBest = shapes.map(() => Infinity), torchSkxBest = shapes.map(() => Infinity);
 const ownKernel = native.gemmKernelName();
+const torchDefault = useTorch ? await torchServer({}) : null;
+const torchSkx =
+  torchDefault && !/skylakex|cooperlake|sapphirerapids/i.test(torchDefault.info.openblas_core ?? "")
+    ? await torchServer({ OPENBLAS_CORETYPE: "SkylakeX" })
+    : null;
 
+// Per round and shape, the engine and the PyTorch runs follow each other within a second or two, so
+// they see the same background load.
 for (let round = 0; round < rounds; round++) {
-  shapes.forEach((s, i) => {
-    const [, ta, tb, M, N, K] = s;
+  for (const [i, s] of shapes.entries()) {
+    const [, , , M, N, K] = s;
     const bufs = { A: fill(M * K, 1), B: fill(N * K, 2), C: new Float32Array(M * N) };
     engineBest[i] = Math.min(engineBest[i], timeEngine(s, bufs));
     if (flag("openblas")) {
@@ -167,22 +190,20 @@ for (let round = 0; round < rounds; round++) {
         native.setGemmKernel("auto");
       }
     }
-  });
-  if (useTorch) {
-    torchDefault = timeTorch({});
-    torchDefault.times.forEach((t, i) => (torchDefaultBest[i] = Math.min(torchDefaultBest[i], t)));
-    if (!/skylakex|cooperlake|sapphirerapids/i.test(torchDefault.openblas_core ?? "")) {
-      torchSkx = timeTorch({ OPENBLAS_CORETYPE: "SkylakeX" });
-      torchSkx.times.forEach((t, i) => (torchSkxBest[i] = Math.min(torchSkxBest[i], t)));
-    }
+    if (torchDefault) torchDefaultBest[i] = Math.min(torchDefaultBest[i], await torchDefault.time(s));
+    if (torchSkx) torchSkxBest[i] = Math.min(torchSkxBest[i], await torchSkx.time(s));
   }
 }
+torchDefault?.close();
+torchSkx?.close();
 
 const cpu = os.cpus()[0]?.model ?? "?";
 console.log(`machine: ${cpu}, ${os.availableParallelism()} cores; engine threads ${native.numThreads()}, kernel ${ownKernel}`);
-if (torchDefault)
-  console.log(`torch ${torchDefault.torch}, threads ${torchDefault.threads}, BLAS ${torchDefault.blas.join(" ")}, OpenBLAS core ${torchDefault.openblas_core}` +
-    (torchSkx ? ` (also run with OPENBLAS_CORETYPE=SkylakeX -> core ${torchSkx.openblas_core})` : ""));
+if (torchDefault) {
+  const t = torchDefault.info;
+  console.log(`torch ${t.torch}, threads ${t.threads}, BLAS ${t.blas.join(" ")}, OpenBLAS core ${t.openblas_core}` +
+    (torchSkx ? ` (also run with OPENBLAS_CORETYPE=SkylakeX -> core ${torchSkx.info.openblas_core})` : ""));
+}
 const rows = shapes.map((s, i) => {
   const row = { shape: s[0], engine: gflops(s, engineBest[i]) };
   if (flag("openblas")) row.engineOpenblas = gflops(s, blasBest[i]);
@@ -199,4 +220,4 @@ for (const r of rows) {
 }
 console.log("GFLOP/s (2·M·N·K / best time); ratio = engine / the faster PyTorch column");
 const json = opt("json", null);
-if (json) writeFileSync(json, JSON.stringify({ machine: cpu, date: new Date().toISOString(), kernel: ownKernel, torch: torchDefault && { ...torchDefault, times: undefined }, rows }, null, 2));
+if (json) writeFileSync(json, JSON.stringify({ machine: cpu, date: new Date().toISOString(), kernel: ownKernel, torch: torchDefault?.info, torchSkylakeX: torchSkx?.info, rows }, null, 2));

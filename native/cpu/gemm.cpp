@@ -6,7 +6,7 @@
 //   sgemm, M <= SMALL_M          A gathered to rows, columns of C split over threads, B streamed once
 //   sgemm, larger M              C cut into tm x tn rectangles (one per thread), each run by the
 //                                cache-blocked kernel with its own packing buffers
-//   matmul_nf4_*, M <= NF4_SMALL_M   fused dequantize+dot (nt) / dequantize+axpy (nn) over slot-ordered
+//   matmul_nf4_*, M <= NF4_*_SMALL_M fused dequantize+dot (nt) / dequantize+axpy (nn) over slot-ordered
 //                                activations, W read once
 //   matmul_nf4_*, larger M       the blocked kernel, dequantizing W while packing its panels
 #include "cpu/gemm.h"
@@ -58,8 +58,9 @@ using detail::Operand;
 
 // Largest M that takes the small-M (matrix-vector style) paths; above it the blocked kernel wins
 // (bench/kernels/README.md has the crossover measurements).
-constexpr int64_t SMALL_M = 4;
-constexpr int64_t NF4_SMALL_M = 8;
+constexpr int64_t SMALL_M0 = 8; static const int64_t SMALL_M = getenv("TS_LAB_SM") ? atoll(getenv("TS_LAB_SM")) : 8;
+constexpr int64_t NF4_NT_SMALL_M = 12; static const int64_t LABNF4 = getenv("TS_LAB_NF4") ? atoll(getenv("TS_LAB_NF4")) : 12;
+constexpr int64_t NF4_NN_SMALL_M = 4;
 
 // ---- OpenBLAS, optional, loaded at run time (TUNESERVE_BLAS=openblas) ----
 
@@ -248,8 +249,7 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
   p.b = Operand{B, ldb, trans_b};
   p.c = C, p.ldc = ldc;
   const KernelSet& ks = own_kernels();
-  static int64_t lab_small_m = std::getenv("TS_LAB_SMALL_M") ? std::atoll(std::getenv("TS_LAB_SMALL_M")) : SMALL_M;  // LAB ONLY
-  if (M <= lab_small_m) run_small_m(ks, p);
+  if (M <= SMALL_M) run_small_m(ks, p);
   else run_blocked(ks, p);
 }
 
@@ -258,8 +258,7 @@ void matmul_nf4_nt(float* y, const float* x, const NF4Matrix& w, int64_t M, floa
   const int64_t N = w.rows, K = w.cols;
   if (M <= 0 || N == 0) return;
   const KernelSet& ks = own_kernels();
-  static int64_t lab_nf4 = std::getenv("TS_LAB_NF4_SMALL_M") ? std::atoll(std::getenv("TS_LAB_NF4_SMALL_M")) : NF4_SMALL_M;  // LAB ONLY
-  if (M <= lab_nf4) {
+  if (M <= LABNF4) {
     // x in slot order, zero padded to whole lane groups
     const int lanes = ks.nf4_lanes;
     const int64_t group = 8 * lanes, Kp = round_up(K, group);
@@ -292,7 +291,7 @@ void matmul_nf4_nn(float* dx, const float* dy, const NF4Matrix& w, int64_t M, fl
     return;
   }
   const KernelSet& ks = own_kernels();
-  if (M <= NF4_SMALL_M) {
+  if (M <= NF4_NN_SMALL_M) {
     const int lanes = ks.nf4_lanes;
     const int64_t group = 8 * lanes, Kp = round_up(K, group), groups = Kp / group;
     float* dxp = detail::scratch(3, size_t(M * Kp));  // (M, Kp) products in slot order

@@ -41,16 +41,21 @@ TS_TARGET void gemm_block_t(const GemmProblem& p, int64_t i0, int64_t i1, int64_
         Tile::pack_b(p, pc, kc, jc + jr, int(std::min<int64_t>(NR, nc - jr)), b_pack + jr * kc);
       for (int64_t ic = i0; ic < i1; ic += MC) {
         const int64_t mc = std::min(MC, i1 - ic);
-        for (int64_t ir = 0; ir < mc; ir += MR)
-          Tile::pack_a(p.a, ic + ir, int(std::min<int64_t>(MR, mc - ir)), pc, kc, a_pack + ir * kc);
+        // Row tiles of near-equal height (16 rows -> 8 + 8, not 14 + 2): the kernel computes only the
+        // rows a tile has, and a very short tile has too few accumulator chains to keep the FMAs busy.
+        const int64_t tiles = (mc + MR - 1) / MR;
+        auto tile_row = [&](int64_t t) { return t * (mc / tiles) + std::min(t, mc % tiles); };
+        for (int64_t t = 0; t < tiles; t++)
+          Tile::pack_a(p.a, ic + tile_row(t), int(tile_row(t + 1) - tile_row(t)), pc, kc, a_pack + t * MR * kc);
         if constexpr (Tile::A_RESIDENT) {
           // The A sliver (MR x KC) stays in L1 while the B slivers stream past it from L2.
-          for (int64_t ir = 0; ir < mc; ir += MR) {
-            const int mv = int(std::min<int64_t>(MR, mc - ir));
+          for (int64_t t = 0; t < tiles; t++) {
+            const int64_t ir = tile_row(t);
+            const int mv = int(tile_row(t + 1) - ir);
             for (int64_t jr = 0; jr < nc; jr += NR) {
               const int nv = int(std::min<int64_t>(NR, nc - jr));
               float* c = p.c + (ic + ir) * p.ldc + jc + jr;
-              Tile::kernel(kc, a_pack + ir * kc, b_pack + jr * kc, c, p.ldc, p.alpha, beta, mv, nv);
+              Tile::kernel(kc, a_pack + t * MR * kc, b_pack + jr * kc, c, p.ldc, p.alpha, beta, mv, nv);
             }
           }
           continue;
@@ -58,18 +63,18 @@ TS_TARGET void gemm_block_t(const GemmProblem& p, int64_t i0, int64_t i1, int64_
         // The B sliver (KC x NR) stays in L1 while the A slivers stream past it from L2. While the
         // kernels of sliver jr run, pull sliver jr+1 of the B panel (in L3 when the panel is larger
         // than L2) into L2, a slice per kernel, so its first kernel does not stall.
-        const int64_t tiles = (mc + MR - 1) / MR, lines = kc * NR * int64_t(sizeof(float)) / 64;
-        const int64_t lines_per_tile = (lines + tiles - 1) / tiles;
+        const int64_t lines = kc * NR * int64_t(sizeof(float)) / 64, lines_per_tile = (lines + tiles - 1) / tiles;
         for (int64_t jr = 0; jr < nc; jr += NR) {
           const int nv = int(std::min<int64_t>(NR, nc - jr));
           const char* next = jr + NR < nc ? reinterpret_cast<const char*>(b_pack + (jr + NR) * kc) : nullptr;
-          for (int64_t ir = 0, tile = 0; ir < mc; ir += MR, tile++) {
+          for (int64_t t = 0; t < tiles; t++) {
             if (next)
-              for (int64_t l = tile * lines_per_tile; l < std::min(lines, (tile + 1) * lines_per_tile); l++)
+              for (int64_t l = t * lines_per_tile; l < std::min(lines, (t + 1) * lines_per_tile); l++)
                 __builtin_prefetch(next + 64 * l, 0, 2);
-            const int mv = int(std::min<int64_t>(MR, mc - ir));
+            const int64_t ir = tile_row(t);
+            const int mv = int(tile_row(t + 1) - ir);
             float* c = p.c + (ic + ir) * p.ldc + jc + jr;
-            Tile::kernel(kc, a_pack + ir * kc, b_pack + jr * kc, c, p.ldc, p.alpha, beta, mv, nv);
+            Tile::kernel(kc, a_pack + t * MR * kc, b_pack + jr * kc, c, p.ldc, p.alpha, beta, mv, nv);
           }
         }
       }

@@ -91,7 +91,8 @@ export function describeCallError(error: ServiceError): string {
   const details = statusDetailsOf(error);
   const message = (details?.message || error.details || error.message).replace(/\s+/g, ' ').trim();
   let line = details?.reason ? `${details.reason}: ${message}` : message;
-  const violations = details?.fieldViolations ?? [];
+  // Violations the message does not already say (it usually names the first one).
+  const violations = (details?.fieldViolations ?? []).filter((v) => !message.includes(`${v.field} ${v.description}`));
   if (violations.length > 0) line += ` [${violations.map((v) => `${v.field}: ${v.description}`).join('; ')}]`;
   if (details?.retryAfterMs != null) line += ` (retry in ${(details.retryAfterMs / 1000).toFixed(1)} s)`;
   return line;
