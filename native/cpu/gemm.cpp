@@ -58,8 +58,8 @@ using detail::Operand;
 
 // Largest M that takes the small-M (matrix-vector style) paths; above it the blocked kernel wins
 // (bench/kernels/README.md has the crossover measurements).
-constexpr int64_t SMALL_M0 = 8; static const int64_t SMALL_M = getenv("TS_LAB_SM") ? atoll(getenv("TS_LAB_SM")) : 8;
-constexpr int64_t NF4_NT_SMALL_M = 12; static const int64_t LABNF4 = getenv("TS_LAB_NF4") ? atoll(getenv("TS_LAB_NF4")) : 12;
+constexpr int64_t SMALL_M = 8;
+constexpr int64_t NF4_NT_SMALL_M = 12;
 constexpr int64_t NF4_NN_SMALL_M = 4;
 
 // ---- OpenBLAS, optional, loaded at run time (TUNESERVE_BLAS=openblas) ----
@@ -71,10 +71,11 @@ using cblas_sgemm_fn = void (*)(int order, int trans_a, int trans_b, int M, int 
 struct OpenBlas {
   cblas_sgemm_fn sgemm = nullptr;
   void (*set_num_threads)(int) = nullptr;
-  std::string name;  // "openblas:<core>"
+  std::string name;                 // "openblas:<core>"
+  std::atomic<int> threads{0};      // what OpenBLAS was last told; follows ts::num_threads()
 };
 
-const OpenBlas* load_openblas() {
+OpenBlas* load_openblas() {
   static OpenBlas blas;
   static bool tried = false;
   if (tried) return blas.sgemm ? &blas : nullptr;
@@ -90,7 +91,6 @@ const OpenBlas* load_openblas() {
   blas.set_num_threads = reinterpret_cast<void (*)(int)>(dlsym(lib, "openblas_set_num_threads"));
   auto corename = reinterpret_cast<const char* (*)()>(dlsym(lib, "openblas_get_corename"));
   blas.name = std::string("openblas:") + (corename ? corename() : "?");
-  if (blas.set_num_threads) blas.set_num_threads(ts::num_threads());
   return blas.sgemm ? &blas : nullptr;
 }
 
@@ -110,15 +110,19 @@ const KernelSet* best_own_kernels() {
 
 struct Selection {
   std::atomic<const KernelSet*> own{nullptr};
-  std::atomic<const OpenBlas*> blas{nullptr};
+  std::atomic<OpenBlas*> blas{nullptr};
 };
 
 Selection& selection() {
   static Selection* s = [] {
     auto* sel = new Selection();
     sel->own.store(best_own_kernels());
-    const char* mode = std::getenv("TUNESERVE_BLAS");  // "own" (default) | "auto" | "openblas"
+    // TUNESERVE_BLAS: "own" (default): the kernels here; "openblas": OpenBLAS for sgemm; "auto": the
+    // kernels here unless this CPU only gets the scalar set and OpenBLAS loads (e.g. a non-x86 host).
+    const char* mode = std::getenv("TUNESERVE_BLAS");
     if (mode && std::strcmp(mode, "openblas") == 0) sel->blas.store(load_openblas());
+    if (mode && std::strcmp(mode, "auto") == 0 && sel->own.load() == &detail::kernels_scalar())
+      sel->blas.store(load_openblas());
     return sel;
   }();
   return *s;
@@ -203,7 +207,7 @@ namespace detail {
 bool select_kernels(const std::string& name) {
   Selection& sel = selection();
   if (name == "openblas") {
-    const OpenBlas* blas = load_openblas();
+    OpenBlas* blas = load_openblas();
     if (!blas) return false;
     sel.blas.store(blas);
     return true;
@@ -236,8 +240,10 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
     scale_c(C, M, N, ldc, beta);
     return;
   }
-  if (const OpenBlas* blas = selection().blas.load(std::memory_order_relaxed)) {
+  if (OpenBlas* blas = selection().blas.load(std::memory_order_relaxed)) {
     if (fits_int(M) && fits_int(N) && fits_int(K) && fits_int(lda) && fits_int(ldb) && fits_int(ldc)) {
+      const int threads = ts::num_threads();
+      if (blas->set_num_threads && blas->threads.exchange(threads) != threads) blas->set_num_threads(threads);
       blas->sgemm(CBLAS_ROW_MAJOR, trans_a ? CBLAS_TRANS : CBLAS_NO_TRANS, trans_b ? CBLAS_TRANS : CBLAS_NO_TRANS, int(M),
                   int(N), int(K), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
       return;
@@ -258,7 +264,7 @@ void matmul_nf4_nt(float* y, const float* x, const NF4Matrix& w, int64_t M, floa
   const int64_t N = w.rows, K = w.cols;
   if (M <= 0 || N == 0) return;
   const KernelSet& ks = own_kernels();
-  if (M <= LABNF4) {
+  if (M <= NF4_NT_SMALL_M) {
     // x in slot order, zero padded to whole lane groups
     const int lanes = ks.nf4_lanes;
     const int64_t group = 8 * lanes, Kp = round_up(K, group);

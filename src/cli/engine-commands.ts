@@ -85,35 +85,36 @@ export async function trainCommand(argv: string[]): Promise<void> {
   const dataFile = required(values, 'data');
   const outDir = required(values, 'out');
   const seed = number(values, 'seed', 42, 'int');
-  const engine = await Engine.load(modelDir, engineOptions(values));
+  // Every flag is checked before the model is loaded: a typo fails in milliseconds, not after the load.
+  const steps = number(values, 'steps', 0, 'int');
+  const hyper = {
+    lr: number(values, 'lr', 2e-4), ...(steps > 0 ? { steps } : {}), epochs: number(values, 'epochs', 1, 'int'),
+    batchSize: number(values, 'batch-size', 4, 'int'), gradAccum: number(values, 'grad-accum', 1, 'int'),
+    scheduler: oneOf(values, 'scheduler', ['constant', 'linear', 'cosine'] as const, 'linear'),
+    warmupSteps: number(values, 'warmup-steps', 0, 'int'), weightDecay: number(values, 'weight-decay', 0),
+    maxGradNorm: number(values, 'max-grad-norm', 1), seed, shuffle: values['no-shuffle'] !== true,
+    gradientCheckpointing: values['no-gradient-checkpointing'] !== true,
+  };
+  const maxSeqLen = number(values, 'max-seq-len', 2048, 'int');
+  const init = str(values, 'init-adapter');
+  const lora = init ? null : createLoraConfig({
+    r: number(values, 'rank', 16, 'int'), alpha: number(values, 'alpha', 32), dropout: number(values, 'dropout', 0.05),
+    targets: str(values, 'targets') ?? 'q_proj,k_proj,v_proj,o_proj', useRslora: values.rslora === true,
+  });
+  const options = engineOptions(values);
+  const engine = await Engine.load(modelDir, options);
   try {
-    const dataset = await loadDataset(dataFile, engine.tokenizer, { maxSeqLen: number(values, 'max-seq-len', 2048, 'int'), vocabSize: engine.config.vocabSize });
-    let adapter: Adapter;
-    const init = str(values, 'init-adapter');
-    if (init) {
-      adapter = await engine.loadAdapter(init);  // its rank, alpha and targets apply
-    } else {
-      adapter = engine.createAdapter(createLoraConfig({
-        r: number(values, 'rank', 16, 'int'), alpha: number(values, 'alpha', 32), dropout: number(values, 'dropout', 0.05),
-        targets: str(values, 'targets') ?? 'q_proj,k_proj,v_proj,o_proj', useRslora: values.rslora === true,
-      }), seed);
-    }
+    const dataset = await loadDataset(dataFile, engine.tokenizer, { maxSeqLen, vocabSize: engine.config.vocabSize });
+    // With --init-adapter, that adapter's rank, alpha and targets apply.
+    const adapter: Adapter = lora ? engine.createAdapter(lora, seed) : await engine.loadAdapter(init!);
     const stats = dataset.stats;
     process.stderr.write(`training on ${stats.examples} examples (${stats.trainableTokens} trained tokens${stats.truncated ? `, ${stats.truncated} truncated` : ''}), ` +
       `LoRA r=${adapter.config.r} alpha=${adapter.config.alpha} on ${adapter.config.targets.join(',')}, ${engine.quant} base on ${engine.device}\n`);
-    const steps = number(values, 'steps', 0, 'int');
     const bar = values.json ? null : new ProgressBar(process.stderr);
     const controller = new AbortController();
     const onSigint = () => controller.abort();
     process.once('SIGINT', onSigint);
-    const summary = await engine.train(adapter, dataset.examples, {
-      lr: number(values, 'lr', 2e-4), ...(steps > 0 ? { steps } : {}), epochs: number(values, 'epochs', 1, 'int'),
-      batchSize: number(values, 'batch-size', 4, 'int'), gradAccum: number(values, 'grad-accum', 1, 'int'),
-      scheduler: oneOf(values, 'scheduler', ['constant', 'linear', 'cosine'] as const, 'linear'),
-      warmupSteps: number(values, 'warmup-steps', 0, 'int'), weightDecay: number(values, 'weight-decay', 0),
-      maxGradNorm: number(values, 'max-grad-norm', 1), seed, shuffle: values['no-shuffle'] !== true,
-      gradientCheckpointing: values['no-gradient-checkpointing'] !== true,
-    }, {
+    const summary = await engine.train(adapter, dataset.examples, hyper, {
       signal: controller.signal,
       onStep: (e) => {
         if (values.json) {
@@ -145,17 +146,24 @@ export async function generateCommand(argv: string[]): Promise<void> {
   const prompt = str(values, 'prompt');
   const promptIdsFlag = str(values, 'prompt-ids');
   if ((prompt === undefined) === (promptIdsFlag === undefined)) throw new EngineError('INVALID_ARGUMENT', 'give exactly one of --prompt and --prompt-ids', { field: 'prompt' });
+  // Flags are checked before the model is loaded.
+  const sampling = {
+    maxTokens: number(values, 'max-tokens', 64, 'int'), temperature: number(values, 'temperature', 0),
+    topK: number(values, 'top-k', 0, 'int'), topP: number(values, 'top-p', 1), repetitionPenalty: number(values, 'repetition-penalty', 1),
+    seed: number(values, 'seed', 0, 'int'), ...(values['ignore-eos'] ? { stopIds: [] } : {}),
+  };
+  const givenIds = promptIdsFlag?.split(',').map((s, i) => {
+    const n = Number(s.trim());
+    if (s.trim() === '' || !Number.isSafeInteger(n)) throw new EngineError('INVALID_ARGUMENT', `--prompt-ids: item ${i + 1} (${JSON.stringify(s)}) is not an integer`, { field: 'prompt-ids' });
+    return n;
+  });
   const engine = await Engine.load(modelDir, engineOptions(values));
   try {
     const adapterDir = str(values, 'adapter');
     const adapter = adapterDir ? await engine.loadAdapter(adapterDir) : null;
     let promptIds: number[];
-    if (promptIdsFlag !== undefined) {
-      promptIds = promptIdsFlag.split(',').map((s, i) => {
-        const n = Number(s.trim());
-        if (s.trim() === '' || !Number.isSafeInteger(n)) throw new EngineError('INVALID_ARGUMENT', `--prompt-ids: item ${i + 1} (${JSON.stringify(s)}) is not an integer`, { field: 'prompt-ids' });
-        return n;
-      });
+    if (givenIds !== undefined) {
+      promptIds = givenIds;
     } else if (values.chat) {
       promptIds = engine.tokenizer.encodeChat([{ role: 'user', content: prompt! }], { addGenerationPrompt: true }).ids;
     } else {
@@ -165,11 +173,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
     const controller = new AbortController();
     const onSigint = () => controller.abort();
     process.once('SIGINT', onSigint);
-    const result = await engine.generate({
-      promptIds, adapter, maxTokens: number(values, 'max-tokens', 64, 'int'), temperature: number(values, 'temperature', 0),
-      topK: number(values, 'top-k', 0, 'int'), topP: number(values, 'top-p', 1), repetitionPenalty: number(values, 'repetition-penalty', 1),
-      seed: number(values, 'seed', 0, 'int'), ...(values['ignore-eos'] ? { stopIds: [] } : {}),
-    }, { signal: controller.signal, onTokens: (ids) => process.stdout.write(detok.pushAll(ids)) });
+    const result = await engine.generate({ promptIds, adapter, ...sampling }, { signal: controller.signal, onTokens: (ids) => process.stdout.write(detok.pushAll(ids)) });
     process.off('SIGINT', onSigint);
     process.stdout.write(detok.flush());
     const decodeTps = result.decodeSeconds > 0 ? (result.completionTokens - 1) / result.decodeSeconds : 0;

@@ -365,7 +365,7 @@ function jobRow(j: Job): string[] {
     j.adapterId,
     j.totalSteps > 0 ? `${j.lastStep?.step ?? 0}/${j.totalSteps}` : '',
     j.lastStep ? j.lastStep.loss.toFixed(4) : '',
-    j.datasetId || (j.jobId ? 'inline' : ''),
+    j.datasetId || 'inline',
     j.createTime ? j.createTime.toISOString().slice(0, 19).replace('T', ' ') : '',
   ];
 }
@@ -736,7 +736,7 @@ async function adaptersRemote(c: Context): Promise<void> {
   const adapters = clients.adapters;
   const printAdapter = (adapter: Adapter | undefined, verb: string): void => {
     if (!adapter) return;
-    io.stdout.write(json ? `${JSON.stringify(Adapter.toJSON(adapter))}\n` : `${verb} adapter "${adapter.adapterId}" (${adapter.loaded ? 'loaded' : 'not loaded'})\n`);
+    io.stdout.write(json ? `${JSON.stringify(Adapter.toJSON(adapter))}\n` : `${verb} adapter "${adapter.adapterId}"\n`);
   };
   switch (action) {
     case 'list': {
