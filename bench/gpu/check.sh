@@ -22,9 +22,9 @@ $NODE bin/tuneserve.js make-model --preset small --out /tmp/small > "$OUT/make_m
 $NODE bin/tuneserve.js generate --model /tmp/small --prompt "Hello world" --max-tokens 8 --device auto --json > "$OUT/generate_auto.txt" 2>&1
 $NODE bin/tuneserve.js generate --model /tmp/small --prompt "Hello world" --max-tokens 8 --device cuda > "$OUT/generate_cuda.txt" 2>&1
 echo "exit $?" >> "$OUT/generate_cuda.txt"
-timeout 150 $NODE bench/cpu.mjs --model /tmp/small --rounds 1 > "$OUT/bench_cpu.txt" 2>&1
-PYTHONUNBUFFERED=1 timeout 240 python3 .device/hf_peft_baseline.py --preset tiny --seq 512 --batch 4 --rank 16 --steps 6 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj > "$OUT/hf_peft_tiny.jsonl" 2>&1
-PYTHONUNBUFFERED=1 timeout 240 python3 .device/hf_peft_baseline.py --preset llama3-8b --seq 2048 --batch 2 --rank 16 --steps 6 --skip-ceilings > "$OUT/hf_peft_8b.jsonl" 2>&1
+timeout 120 $NODE bench/cpu.mjs --model /tmp/small --rounds 1 > "$OUT/bench_cpu.txt" 2>&1
+PYTHONUNBUFFERED=1 timeout 150 python3 .device/hf_peft_baseline.py --preset tiny --seq 512 --batch 4 --rank 16 --steps 6 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj > "$OUT/hf_peft_tiny.jsonl" 2>&1
+PYTHONUNBUFFERED=1 timeout 210 python3 .device/hf_peft_baseline.py --preset llama3-8b --seq 2048 --batch 2 --rank 16 --steps 4 > "$OUT/hf_peft_8b.jsonl" 2>&1
 
 echo "== summary"
 echo "-- cuda probe"; grep -E '"(compiled|deviceCount|name|kernelOk|error)"' "$OUT/cuda_probe.json" | head -8

@@ -2,6 +2,8 @@
 // generate, merge) and the service commands. Errors print one line with their code and exit 1.
 
 import { generateCommand, makeModelCommand, mergeCommand, trainCommand } from './engine-commands.js';
+import { demoCommand } from './demo-command.js';
+import { remoteCommand } from './remote-command.js';
 import { serveCommand } from './serve-command.js';
 
 const USAGE = `usage: tuneserve <command> [flags]
@@ -20,6 +22,9 @@ service commands:
   serve      [--model DIR] [--data-root DIR] [--port 50051] [--host 0.0.0.0] [--quant nf4|none] [--device cpu|cuda|auto]
              [--threads N] [--metrics-port N] [--reflection] [--adapter-slots N] [--max-seq-len N] [--grace-ms N]
              [--drain-delay-ms N]   (no --model: the built-in demo model; TUNESERVE_AUTH_TOKENS=tok1,tok2 enables auth)
+  remote     <info|train|generate|merge|jobs|adapters|datasets> [--addr host:port] [--token T] [--timeout S] [--json] ...
+             (`tuneserve remote --help` lists every subcommand and flag; defaults from TUNESERVE_ADDR / TUNESERVE_TOKEN)
+  demo       [--data-root DIR] [--port N] [--keep] [--threads N]   (`npm run demo`: trains two adapters, generates, swaps, merges over gRPC)
 `;
 
 const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
@@ -28,6 +33,8 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
   generate: generateCommand,
   merge: mergeCommand,
   serve: serveCommand,
+  remote: remoteCommand,
+  demo: demoCommand,
 };
 
 export async function main(argv: string[]): Promise<number> {
