@@ -23,8 +23,8 @@ service commands:
              [--threads N] [--metrics-port N] [--reflection] [--adapter-slots N] [--max-seq-len N] [--grace-ms N]
              [--drain-delay-ms N]   (no --model: the built-in demo model; TUNESERVE_AUTH_TOKENS=tok1,tok2 enables auth)
   remote     <info|train|generate|merge|jobs|adapters|datasets> [--addr host:port] [--token T] [--timeout S] [--json] ...
-             (`tuneserve remote --help` lists every subcommand and flag; defaults from TUNESERVE_ADDR / TUNESERVE_TOKEN)
-  demo       [--data-root DIR] [--port N] [--keep] [--threads N]   (`npm run demo`: trains two adapters, generates, swaps, merges over gRPC)
+             (tuneserve remote --help lists every subcommand and flag; defaults from TUNESERVE_ADDR / TUNESERVE_TOKEN)
+  demo       [--data-root DIR] [--port N] [--keep] [--threads N]   (npm run demo: trains two adapters, generates, swaps, merges over gRPC)
 `;
 
 const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
