@@ -1,11 +1,6 @@
 // Entry point of the `tuneserve` command line: dispatches to the engine commands (make-model, train,
 // generate, merge) and the service commands. Errors print one line with their code and exit 1.
 
-import { generateCommand, makeModelCommand, mergeCommand, trainCommand } from './engine-commands.js';
-import { demoCommand } from './demo-command.js';
-import { remoteCommand } from './remote-command.js';
-import { serveCommand } from './serve-command.js';
-
 const USAGE = `usage: tuneserve <command> [flags]
 
 engine commands:
@@ -27,14 +22,16 @@ service commands:
   demo       [--data-root DIR] [--port N] [--keep] [--threads N]   (npm run demo: trains two adapters, generates, swaps, merges over gRPC)
 `;
 
-const COMMANDS: Record<string, (argv: string[]) => Promise<void>> = {
-  'make-model': makeModelCommand,
-  train: trainCommand,
-  generate: generateCommand,
-  merge: mergeCommand,
-  serve: serveCommand,
-  remote: remoteCommand,
-  demo: demoCommand,
+// Loaded on demand: the engine commands never load gRPC, and startup stays quick.
+type Command = (argv: string[]) => Promise<void>;
+const COMMANDS: Record<string, () => Promise<Command>> = {
+  'make-model': async () => (await import('./engine-commands.js')).makeModelCommand,
+  train: async () => (await import('./engine-commands.js')).trainCommand,
+  generate: async () => (await import('./engine-commands.js')).generateCommand,
+  merge: async () => (await import('./engine-commands.js')).mergeCommand,
+  serve: async () => (await import('./serve-command.js')).serveCommand,
+  remote: async () => { const m = await import('./remote-command.js'); return (argv) => m.remoteCommand(argv); },
+  demo: async () => { const m = await import('./demo-command.js'); return (argv) => m.demoCommand(argv); },
 };
 
 export async function main(argv: string[]): Promise<number> {
@@ -43,12 +40,13 @@ export async function main(argv: string[]): Promise<number> {
     process.stdout.write(USAGE);
     return command ? 0 : 2;
   }
-  const run = COMMANDS[command];
-  if (!run) {
+  const load = COMMANDS[command];
+  if (!load) {
     process.stderr.write(`tuneserve: unknown command ${JSON.stringify(command)}\n\n${USAGE}`);
     return 2;
   }
   try {
+    const run = await load();
     await run(rest);
     return 0;
   } catch (e) {
