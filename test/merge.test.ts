@@ -12,6 +12,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { rng } from './helpers/random.js';
 
 interface TensorSpec {
   name: string;
@@ -71,16 +72,6 @@ const linearName = (l: number, t: string) => `model.layers.${l}.${LINEAR[t]![0]}
 const peftKey = (l: number, t: string, which: 'A' | 'B') =>
   `base_model.model.model.layers.${l}.${LINEAR[t]![0]}.${t}.lora_${which}.weight`;
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 function uniform(n: number, seed: number, scale: number): Float32Array {
   const u = rng(seed);
   return Float32Array.from({ length: n }, () => scale * (2 * u() - 1));

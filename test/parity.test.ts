@@ -14,6 +14,7 @@ import { makeModel } from '../src/engine/make-model.js';
 import { native } from '../src/engine/native.js';
 import { createLoraConfig, loraKey, writeAdapterConfig, type LoraConfig } from '../src/engine/peft-config.js';
 import { referencePython } from './helpers/python.js';
+import { rng } from './helpers/random.js';
 
 const REF = join(import.meta.dirname, 'reference', 'llama_ref.py');
 const python = referencePython();
@@ -34,18 +35,6 @@ function relErr(got: ArrayLike<number>, want: ArrayLike<number>): number {
   }
   expect(Number.isFinite(num)).toBe(true);
   return Math.sqrt(num) / Math.max(Math.sqrt(den), 1e-30);
-}
-
-// Deterministic pseudo-random values (mulberry32) for adapters and token ids.
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** Writes a PEFT adapter folder with random non-zero A and B (so every gradient is non-zero). */

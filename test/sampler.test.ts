@@ -10,6 +10,7 @@
 // or top-p over the untruncated distribution) overshoots it by orders of magnitude at these sizes.
 import { createRequire } from 'node:module';
 import { describe, expect, it } from 'vitest';
+import { rng } from './helpers/random.js';
 
 interface SamplingParams {
   temperature?: number;
@@ -29,17 +30,6 @@ function sample(logits: ArrayLike<number>, params: SamplingParams, draws: number
   return native.sampleToken(Float32Array.from(logits), params, Int32Array.from(context), draws);
 }
 
-// mulberry32: a small seeded generator for test inputs.
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 function gaussians(n: number, seed: number, scale = 1): Float32Array {
   const u = rng(seed);
   const out = new Float32Array(n);
