@@ -2,11 +2,14 @@
 // float64 reference and times sgemm and the NF4 products on the model's shapes in CPU time, so numbers
 // stay comparable on a shared machine (wall-clock GFLOP/s against PyTorch: bench/kernels/gemm.mjs).
 //
-//   g++ -std=c++17 -O3 -Inative bench/kernels/gemm_lab.cpp native/core/thread_pool.cpp native/core/nf4.cpp \
-//       native/cpu/gemm.cpp native/cpu/gemm_avx512.cpp native/cpu/gemm_avx2.cpp native/cpu/gemm_scalar.cpp \
-//       -o /tmp/gemm_lab -lpthread -ldl
-//   /tmp/gemm_lab check                          all kernel sets, odd shapes, all transpositions, NF4
+//   g++ -std=c++17 -O3 -Inative bench/kernels/gemm_lab.cpp native/core/thread_pool.cpp native/core/nf4.cpp
+//       native/cpu/gemm.cpp native/cpu/gemm_avx512.cpp native/cpu/gemm_avx2.cpp native/cpu/gemm_scalar.cpp
+//       -o /tmp/gemm_lab -lpthread -ldl                (one command line)
+//   /tmp/gemm_lab check                          thread pool semantics; all kernel sets, odd shapes, all
+//                                                transpositions, NF4
 //   TUNESERVE_THREADS=1 /tmp/gemm_lab time [set]  GFLOP/s per core (process CPU time / threads)
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -14,7 +17,9 @@
 #include <ctime>
 #include <functional>
 #include <random>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/nf4.h"
@@ -82,8 +87,49 @@ double check_nf4(int M, int N, int K, unsigned seed) {
   return worst;
 }
 
-int run_checks() {
+// parallel_for: every index exactly once, nested calls run inline, the first exception reaches the
+// caller and the pool keeps working, concurrent callers queue; plus the cost of one dispatch.
+int check_pool() {
   int failures = 0;
+  for (int round = 0; round < 20000; round++) {
+    const int64_t n = round % 97 + 1;
+    std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+    ts::parallel_for(n, 1 + round % 3, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; i++) hits[size_t(i)]++;
+    });
+    for (auto& h : hits) failures += h.load() != 1;
+  }
+  std::atomic<int64_t> nested{0};
+  ts::parallel_for(8, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) ts::parallel_for(100, 1, [&](int64_t b2, int64_t e2) { nested += e2 - b2; });
+  });
+  failures += nested.load() != 800;
+  bool caught = false;
+  try {
+    ts::parallel_for(100, 1, [](int64_t b, int64_t) {
+      if (b > 0) throw std::runtime_error("chunk failed");
+    });
+  } catch (const std::runtime_error&) {
+    caught = true;
+  }
+  failures += !caught;
+  std::atomic<int64_t> total{0};
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 3; t++)
+    callers.emplace_back([&] {
+      for (int r = 0; r < 2000; r++) ts::parallel_for(64, 1, [&](int64_t b, int64_t e) { total += e - b; });
+    });
+  for (auto& t : callers) t.join();
+  failures += total.load() != 3 * 2000 * 64;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int r = 0; r < 20000; r++) ts::parallel_for(ts::num_threads(), 1, [](int64_t, int64_t) {});
+  const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / 20000;
+  std::printf("pool    %d threads, %s, %.2f us per empty parallel_for\n", ts::num_threads(), failures ? "FAILED" : "ok", us);
+  return failures;
+}
+
+int run_checks() {
+  int failures = check_pool();
   for (const char* set : {"avx512", "avx2", "scalar"}) {
     if (!ts::cpu::detail::select_kernels(set)) {
       std::printf("%-7s not available on this CPU\n", set);

@@ -42,8 +42,8 @@ namespace {
 // well under a microsecond, while waking a sleeping one costs a futex round trip (~5-20 us).
 constexpr auto SPIN_TIME = std::chrono::microseconds(200);
 
-// Cores this process may use: the affinity mask, further capped by a cgroup v2 CPU quota (a Kubernetes
-// CPU limit), never more than hardware_concurrency.
+// Cores this process may use: the affinity mask, further capped by a cgroup CPU quota (a Kubernetes
+// CPU limit, rounded up), never more than hardware_concurrency.
 int detect_cores() {
   int n = (int)std::thread::hardware_concurrency();
   cpu_set_t set;
@@ -52,12 +52,17 @@ int detect_cores() {
     int affinity = CPU_COUNT(&set);
     if (affinity > 0 && (n <= 0 || affinity < n)) n = affinity;
   }
-  std::ifstream cpu_max("/sys/fs/cgroup/cpu.max");  // "max 100000" or "<quota> <period>"
-  std::string quota;
-  long long period = 0;
-  if (cpu_max >> quota >> period && quota != "max" && period > 0) {
-    long long q = std::atoll(quota.c_str());
-    int limit = (int)((q + period - 1) / period);
+  long long quota = -1, period = 0;
+  std::ifstream cpu_max("/sys/fs/cgroup/cpu.max");  // cgroup v2: "max 100000" or "<quota> <period>"
+  std::string quota_text;
+  if (cpu_max >> quota_text >> period) {
+    if (quota_text != "max") quota = std::atoll(quota_text.c_str());
+  } else {  // cgroup v1: -1 means no limit
+    std::ifstream q("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), p("/sys/fs/cgroup/cpu/cpu.cfs_period_us");
+    if (!(q >> quota && p >> period)) quota = -1;
+  }
+  if (quota > 0 && period > 0) {
+    int limit = (int)((quota + period - 1) / period);
     if (limit >= 1 && limit < n) n = limit;
   }
   return std::max(n, 1);

@@ -18,7 +18,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <string>
 
 #include "core/error.h"
@@ -40,9 +39,11 @@ float* scratch(int slot, size_t floats) {
   thread_local Buffers buffers;
   if (buffers.size[slot] < floats) {
     std::free(buffers.ptr[slot]);
+    buffers.size[slot] = 0;
     const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
     buffers.ptr[slot] = static_cast<float*>(std::aligned_alloc(64, bytes));
-    if (!buffers.ptr[slot]) throw EngineError("OUT_OF_MEMORY", "gemm: cannot allocate " + std::to_string(bytes) + " bytes of scratch");
+    if (!buffers.ptr[slot])
+      throw EngineError("OUT_OF_MEMORY", "gemm: cannot allocate " + std::to_string(bytes) + " bytes of scratch");
     buffers.size[slot] = floats;
   }
   return buffers.ptr[slot];
@@ -143,8 +144,9 @@ void scale_c(float* c, int64_t M, int64_t N, int64_t ldc, float beta) {
 }
 
 // Splits C into tm x tn rectangles, one per task, and runs the blocked kernel on each. The split
-// minimizes an estimate of one task's time: its multiply-adds plus its packing (A once per NC panel of
-// columns, B once; dequantizing NF4 B costs about 3x a float copy).
+// minimizes an estimate of one task's time in cycles: its multiply-adds (32 per cycle) plus its packing
+// (about half a cycle per element; A once per NC panel of columns, B once; dequantizing NF4 B costs
+// about 3x a float copy).
 void run_blocked(const KernelSet& ks, const GemmProblem& p) {
   const int64_t MR = ks.MR, NR = ks.NR;
   const double macs = double(p.M) * double(p.N) * double(p.K);
@@ -159,7 +161,7 @@ void run_blocked(const KernelSet& ks, const GemmProblem& p) {
     const int64_t rows = round_up((p.M + tm - 1) / tm, MR), cols = round_up((p.N + tn - 1) / tn, NR);
     const int64_t used = ((p.M + rows - 1) / rows) * ((p.N + cols - 1) / cols);
     const double cost = double(rows) * double(cols) * double(p.K) / 32.0 +
-                        0.5 * double(rows) * double(p.K) * double((cols + 4095) / 4096) + b_cost * double(cols) * double(p.K) +
+                        0.5 * double(rows) * double(p.K) * double((cols + ks.NC - 1) / ks.NC) + b_cost * double(cols) * double(p.K) +
                         (used < tasks ? 1e-3 : 0.0);  // prefer splits that keep every task busy
     if (best < 0 || cost < best) best = cost, best_tm = tm, best_tn = tn, best_rows = rows, best_cols = cols;
   }

@@ -17,9 +17,11 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
 // y[M,N] = x[M,K] · dequant(W)[N,K]ᵀ + beta * y, with W NF4 ([N,K], K % 64 == 0). Dequantizes panels
-// of W on the fly (never the whole matrix); M == 1 (decoding) takes a fused matrix-vector path.
+// of W on the fly (never the whole matrix); small M (decoding, M <= 12) takes a fused dequant-dot
+// path that streams the 4-bit codes once.
 void matmul_nf4_nt(float* y, const float* x, const NF4Matrix& w, int64_t M, float beta);
-// dx[M,K] = dy[M,N] · dequant(W)[N,K] + beta * dx  (the input gradient through a frozen NF4 weight).
+// dx[M,K] = dy[M,N] · dequant(W)[N,K] + beta * dx  (the input gradient through a frozen NF4 weight;
+// M <= 4 fused, larger M through dequantized panels).
 void matmul_nf4_nn(float* dx, const float* dy, const NF4Matrix& w, int64_t M, float beta);
 
 // Which kernel sgemm runs on this CPU: "avx512", "avx2", or "scalar" (or "openblas" if selected).

@@ -351,7 +351,7 @@ TS_TARGET void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4M
 }
 
 const KernelSet AVX2_SET = {
-    "avx2", 8, Tile6x16::MR, Tile6x16::NR, gemm_block_t<Tile6x16>, gemm_small_m, nf4_nt_small, nf4_nn_small,
+    "avx2", 8, Tile6x16::MR, Tile6x16::NR, int(Tile6x16::NC), gemm_block_t<Tile6x16>, gemm_small_m, nf4_nt_small, nf4_nn_small,
 };
 
 }  // namespace

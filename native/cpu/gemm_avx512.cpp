@@ -65,26 +65,27 @@ struct Tile14x32 {
   static constexpr bool A_RESIDENT = true;
 
   // C[0:mv, 0:nv] = alpha * Σ_k a[k,:]ᵀ b[k,:] + beta * C (beta == 0: C not read), computing only the
-  // first ROWS (>= mv) rows of the tile: a short last tile (M = 8 when MR = 14) costs only its rows.
+  // first ROWS (>= mv) rows of the tile, and only its first 16 columns when !WIDE (nv <= 16): a short
+  // last tile (M = 8 when MR = 14, a LoRA rank of 16) costs only what it has.
   // a: (kc, 14) packed, b: (kc, 32) packed and 64-byte aligned. Full tile: 28 accumulators + 2 B vectors.
-  template <int ROWS>
-  TS_TARGET static void kernel_rows(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+  template <int ROWS, bool WIDE>
+  TS_TARGET static void kernel_tile(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
                                     float beta, int mv, int nv) {
     // The C tile (rows ldc apart) is touched only after the k loop: start fetching it now.
     for (int r = 0; r < mv; r++) {
       __builtin_prefetch(c + r * ldc, 1, 3);
-      __builtin_prefetch(c + r * ldc + NR - 1, 1, 3);
+      __builtin_prefetch(c + r * ldc + nv - 1, 1, 3);
     }
     __m512 c0[ROWS], c1[ROWS];
 #pragma GCC unroll 14
     for (int r = 0; r < ROWS; r++) c0[r] = c1[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < kc; k++) {
-      const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+      const __m512 b0 = _mm512_load_ps(b), b1 = WIDE ? _mm512_load_ps(b + 16) : b0;
 #pragma GCC unroll 14
       for (int r = 0; r < ROWS; r++) {
         const __m512 av = _mm512_set1_ps(a[r]);
         c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
-        c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+        if (WIDE) c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
       }
       a += MR;
       b += NR;
@@ -96,7 +97,7 @@ struct Tile14x32 {
       for (int r = 0; r < ROWS; r++) {
         if (r >= mv) break;
         _mm512_mask_storeu_ps(c + r * ldc, m0, _mm512_mul_ps(c0[r], va));
-        _mm512_mask_storeu_ps(c + r * ldc + 16, m1, _mm512_mul_ps(c1[r], va));
+        if (WIDE) _mm512_mask_storeu_ps(c + r * ldc + 16, m1, _mm512_mul_ps(c1[r], va));
       }
     } else {
       const __m512 vb = _mm512_set1_ps(beta);
@@ -104,24 +105,34 @@ struct Tile14x32 {
       for (int r = 0; r < ROWS; r++) {
         if (r >= mv) break;
         float* cr = c + r * ldc;
-        const __m512 old0 = _mm512_maskz_loadu_ps(m0, cr), old1 = _mm512_maskz_loadu_ps(m1, cr + 16);
+        const __m512 old0 = _mm512_maskz_loadu_ps(m0, cr);
         _mm512_mask_storeu_ps(cr, m0, _mm512_fmadd_ps(c0[r], va, _mm512_mul_ps(old0, vb)));
-        _mm512_mask_storeu_ps(cr + 16, m1, _mm512_fmadd_ps(c1[r], va, _mm512_mul_ps(old1, vb)));
+        if (WIDE) {
+          const __m512 old1 = _mm512_maskz_loadu_ps(m1, cr + 16);
+          _mm512_mask_storeu_ps(cr + 16, m1, _mm512_fmadd_ps(c1[r], va, _mm512_mul_ps(old1, vb)));
+        }
       }
+    }
+  }
+
+  template <bool WIDE>
+  TS_TARGET static void kernel_rows(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+                                    float beta, int mv, int nv) {
+    switch ((mv + 1) / 2) {
+      case 7: kernel_tile<14, WIDE>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      case 6: kernel_tile<12, WIDE>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      case 5: kernel_tile<10, WIDE>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      case 4: kernel_tile<8, WIDE>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      case 3: kernel_tile<6, WIDE>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      case 2: kernel_tile<4, WIDE>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
+      default: kernel_tile<2, WIDE>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
     }
   }
 
   TS_TARGET static void kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
                                float beta, int mv, int nv) {
-    switch ((mv + 1) / 2) {
-      case 7: kernel_rows<14>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
-      case 6: kernel_rows<12>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
-      case 5: kernel_rows<10>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
-      case 4: kernel_rows<8>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
-      case 3: kernel_rows<6>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
-      case 2: kernel_rows<4>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
-      default: kernel_rows<2>(kc, a, b, c, ldc, alpha, beta, mv, nv); break;
-    }
+    if (nv > 16) kernel_rows<true>(kc, a, b, c, ldc, alpha, beta, mv, nv);
+    else kernel_rows<false>(kc, a, b, c, ldc, alpha, beta, mv, nv);
   }
 
   // dst[k*14 + r] = op(A)(i + r, k0 + k), zero rows past mv.
@@ -435,7 +446,7 @@ TS_TARGET void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4M
 }
 
 const KernelSet AVX512_SET = {
-    "avx512", 16, Tile14x32::MR, Tile14x32::NR, gemm_block_t<Tile14x32>, gemm_small_m, nf4_nt_small, nf4_nn_small,
+    "avx512", 16, Tile14x32::MR, Tile14x32::NR, int(Tile14x32::NC), gemm_block_t<Tile14x32>, gemm_small_m, nf4_nt_small, nf4_nn_small,
 };
 
 }  // namespace

@@ -1,18 +1,21 @@
-// The cache-blocked sgemm loop nest (BLIS / Goto order), shared by the per-ISA kernel files. Each of
-// them defines TS_TARGET (its __attribute__((target(...)))) and a Tile struct with the micro-kernel and
-// packing routines, then includes this header: everything here has internal linkage, so each file gets
-// its own copy compiled for its instruction set and no inline function leaks across ISAs.
+// The cache-blocked sgemm loop nest (BLIS / Goto), shared by the per-ISA kernel files. Each of them
+// defines TS_TARGET (its __attribute__((target(...)))) and a Tile struct with the micro-kernel, the
+// packing routines and the blocking, then includes this header: everything here has internal linkage,
+// so each file gets its own copy compiled for its instruction set and no inline function leaks across ISAs.
 //
 // For C[i0:i1, j0:j1] (one thread):
-//   for jc in columns, step NC:                 B panel (KC x NC) lives in L2/L3
+//   for jc in columns, step NC:
 //     for pc in K, step KC:                     beta applies on the first K panel only
 //       pack op(B)[pc:pc+KC, jc:jc+NC] into NR-wide slivers   (k-major inside a sliver: [k][NR])
-//       for ic in rows, step MC:                A block (MC x KC) lives in L2
-//         pack op(A)[ic:ic+MC, pc:pc+KC] into MR-tall slivers  ([k][MR])
-//         for jr: for ir:                       B sliver (KC x NR) stays in L1 across ir
-//           micro-kernel: C[MR x NR] (=|+=) alpha * Apack·Bpack (+ beta*C)
-// Packing pads partial slivers with zeros, so the micro-kernel always runs full tiles and only its
-// stores are masked.
+//       for ic in rows, step MC:
+//         pack op(A)[ic:ic+MC, pc:pc+KC] into MR-tall slivers  ([k][MR]), rows balanced over the tiles
+//         Tile::A_RESIDENT:   for ir: for jr    A sliver (MR x KC) stays in L1, the B panel streams
+//                                               from L2 (the AVX-512 choice: its 14 KiB sliver fits)
+//         otherwise:          for jr: for ir    B sliver (KC x NR) stays in L1, A block from L2, the
+//                                               next B sliver prefetched into L2 meanwhile
+//           micro-kernel: C[mv x nv] (=|+=) alpha * Apack·Bpack (+ beta*C)
+// Packing pads partial slivers with zeros, so the micro-kernel reads full slivers and only its stores
+// are masked.
 #pragma once
 #ifndef TS_TARGET
 #error "define TS_TARGET before including gemm_blocked.h"

@@ -77,6 +77,7 @@ struct KernelSet {
   const char* name;
   int nf4_lanes;  // L above: 16 (AVX-512), 8 (AVX2), 1 (scalar)
   int MR, NR;     // micro-tile of gemm_block (partitions keep column starts multiples of NR)
+  int NC;         // gemm_block's column panel: A is packed again for each NC columns
   // C[i0:i1, j0:j1] by cache blocking, panel packing and the register-tiled micro-kernel; one thread.
   void (*gemm_block)(const GemmProblem& p, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
   // C[0:M, j0:j1] for small M with float B, A not transposed (op(A) = A): op(B) is streamed once.

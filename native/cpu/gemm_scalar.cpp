@@ -101,7 +101,7 @@ void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4Matrix& w, 
 }
 
 const KernelSet SCALAR_SET = {
-    "scalar", 1, Tile4x16::MR, Tile4x16::NR, gemm_block_t<Tile4x16>, gemm_small_m, nf4_nt_small, nf4_nn_small,
+    "scalar", 1, Tile4x16::MR, Tile4x16::NR, int(Tile4x16::NC), gemm_block_t<Tile4x16>, gemm_small_m, nf4_nt_small, nf4_nn_small,
 };
 
 }  // namespace

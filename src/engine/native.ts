@@ -114,6 +114,10 @@ export interface NativeAddon {
   nf4Quantize(w: Float32Array, rows: number, cols: number): { codes: Uint8Array; packed: Uint8Array; absmax: Float32Array; absmaxDq: Float32Array; dequantized: Float32Array; absmaxMean: number; groupScales: Float32Array };
   cudaProbe(): CudaProbe;
   gemmKernelName(): string;
+  /** Forces a kernel set (tests, the kernel lab); false when it is not available on this CPU. */
+  setGemmKernel(name: 'avx512' | 'avx2' | 'scalar' | 'openblas' | 'auto'): boolean;
+  /** Quantizes w to NF4 and runs the fused NF4 products next to sgemm on the dequantized matrix. */
+  nf4MatmulCheck(w: Float32Array, N: number, K: number, x: Float32Array, M: number, dy?: Float32Array): { y: Float32Array; yRef: Float32Array; dx: Float32Array; dxRef: Float32Array; wDequant: Float32Array };
   setThreads(n: number): void;
   numThreads(): number;
   sgemm(transA: boolean, transB: boolean, M: number, N: number, K: number, alpha: number, A: Float32Array, lda: number, B: Float32Array, ldb: number, beta: number, C: Float32Array, ldc: number): void;
