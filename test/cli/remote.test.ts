@@ -6,7 +6,7 @@
 
 import { Metadata, status } from '@grpc/grpc-js';
 import { execFile } from 'node:child_process';
-import { readdir, rm, stat } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { promisify } from 'node:util';
@@ -14,10 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { describeCallError, remoteCommand } from '../../src/cli/remote-command.js';
 import { encodeStatusDetails, STATUS_DETAILS_KEY } from '../../src/server/status-details.js';
-import { makeModel } from '../../src/engine/make-model.js';
-import { NativeEnginePort } from '../../src/server/native-engine-port.js';
-import { createServer, type TuneServer } from '../../src/server/server.js';
-import { makeSandbox, recordingLogger } from '../server/harness.js';
+import { startRealServer, type RealServer } from '../helpers/real-server.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 const DATA = join(ROOT, 'data', 'memorize-20.jsonl');
@@ -43,26 +40,16 @@ async function ensureDistFresh(): Promise<void> {
 }
 
 describe('tuneserve remote', () => {
-  let sandbox: string;
-  let engine: NativeEnginePort;
-  let server: TuneServer;
+  let real: RealServer;
   let address: string;
-  const logger = recordingLogger();
 
   beforeAll(async () => {
-    sandbox = await makeSandbox();
-    await makeModel({ preset: 'tiny', outDir: join(sandbox, 'model'), seed: 5 });
-    engine = await NativeEnginePort.open(join(sandbox, 'model'), { quant: 'nf4', device: 'cpu', log: () => {} });
-    server = await createServer({ engine, dataRoot: join(sandbox, 'data'), host: '127.0.0.1', port: 0, logger, shutdownGraceMs: 2000 });
-    await server.ready;
-    address = `127.0.0.1:${server.port}`;
+    real = await startRealServer({ preset: 'tiny', seed: 5 });
+    address = real.address;
   }, 300_000);
 
   afterAll(async () => {
-    await server?.close({ graceMs: 500 });
-    engine?.close();
-    expect(logger.lines.filter((line) => line.level === 'error')).toEqual([]);
-    if (sandbox) await rm(sandbox, { recursive: true, force: true });
+    await real?.dispose();
   });
 
   /** Runs `tuneserve remote <args> --addr <server>` in-process, capturing what it writes. */
@@ -132,7 +119,7 @@ describe('tuneserve remote', () => {
     expect(merged.stdout).toMatch(/^merged into export folder "cli-merged": [\d.]+ MB, \d+ tensors/);
     expect(merged.stdout).toMatch(/top-1 agreement [\d.]+%/);
 
-    const folder = join(sandbox, 'exported');
+    const folder = join(real.sandbox, 'exported');
     expect((await remote('adapters', 'export', 'cli-mem', folder)).error).toBeNull();
     expect((await readdir(folder)).sort()).toEqual(['adapter_config.json', 'adapter_model.safetensors']);
     const imported = await remote('adapters', 'import', 'cli-copy', folder);

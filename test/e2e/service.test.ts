@@ -4,18 +4,16 @@
 // loads in the engine and generates the same greedy text. Then concurrent Generate calls with two
 // different adapters and none each get their own output, identical to single-request runs.
 
-import { readFile, rm } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { Engine } from '../../src/engine/engine.js';
-import { makeModel } from '../../src/engine/make-model.js';
 import { GenerateRequest, type GenerateResponse } from '../../src/gen/tuneserve/v1/generation.js';
 import { JobState, LrScheduler, TrainingConfig, type JobEvent } from '../../src/gen/tuneserve/v1/training.js';
 import { MergeBase, MergeDtype } from '../../src/gen/tuneserve/v1/adapters.js';
-import { NativeEnginePort } from '../../src/server/native-engine-port.js';
-import { createServer, type TuneServer } from '../../src/server/server.js';
-import { call, collect, connect, makeSandbox, recordingLogger, upload, type Clients } from '../server/harness.js';
+import { startRealServer, type RealServer } from '../helpers/real-server.js';
+import { call, collect, connect, upload, type Clients } from '../server/harness.js';
 
 interface Row { prompt: string; completion: string }
 const DATA = join(import.meta.dirname, '..', '..', 'data', 'memorize-20.jsonl');
@@ -27,30 +25,20 @@ const memorize = (fields: Partial<TrainingConfig> = {}) => TrainingConfig.fromPa
 });
 
 describe('gRPC service over the real engine', () => {
-  let sandbox: string;
-  let engine: NativeEnginePort;
-  let server: TuneServer;
+  let real: RealServer;
   let clients: Clients;
   let rows: Row[];
-  const logger = recordingLogger();
 
   beforeAll(async () => {
-    sandbox = await makeSandbox();
-    await makeModel({ preset: 'small', outDir: join(sandbox, 'model'), seed: 11 });
-    engine = await NativeEnginePort.open(join(sandbox, 'model'), { quant: 'nf4', device: 'cpu', log: () => {} });
-    server = await createServer({ engine, dataRoot: join(sandbox, 'data'), host: '127.0.0.1', port: 0, logger, shutdownGraceMs: 2000 });
-    await server.ready;
-    clients = connect(server.port);
+    real = await startRealServer({ preset: 'small', seed: 11 });
+    clients = connect(real.server.port);
     rows = (await readFile(DATA, 'utf8')).trim().split('\n').map((l) => JSON.parse(l) as Row);
     await upload(clients, 'memorize', await readFile(DATA));
   }, 300_000);
 
   afterAll(async () => {
     clients?.close();
-    await server?.close({ graceMs: 500 });
-    engine?.close();
-    expect(logger.lines.filter((l) => l.level === 'error')).toEqual([]);
-    if (sandbox) await rm(sandbox, { recursive: true, force: true });
+    await real?.dispose();
   });
 
   const generate = async (prompt: string, adapterId: string): Promise<{ text: string; ids: number[]; last: GenerateResponse }> => {
@@ -99,7 +87,7 @@ describe('gRPC service over the real engine', () => {
     // Only the output dtype's rounding separates the merged model from base + adapter here.
     expect(result.fidelity!.maxAbsLogitDiff).toBeLessThan(1e-3);
 
-    const merged = await Engine.load(join(sandbox, 'data', 'exports', 'mem-merged'), { quant: 'none', device: 'cpu', log: () => {} });
+    const merged = await Engine.load(join(real.sandbox, 'data', 'exports', 'mem-merged'), { quant: 'none', device: 'cpu', log: () => {} });
     try {
       for (const [i, row] of rows.slice(0, 5).entries()) {
         const r = await merged.generate({ promptIds: merged.tokenizer.encode(row.prompt, { addBos: true }), maxTokens: 24 });

@@ -3,38 +3,25 @@
 // for 3 steps (enough to show the event stream; the tiny model learns nothing in that time).
 
 import { execFile } from 'node:child_process';
-import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { main } from '../../examples/client.js';
-import { makeModel } from '../../src/engine/make-model.js';
-import { NativeEnginePort } from '../../src/server/native-engine-port.js';
-import { createServer, type TuneServer } from '../../src/server/server.js';
-import { call, connect, makeSandbox, recordingLogger } from '../server/harness.js';
+import { startRealServer, type RealServer } from '../helpers/real-server.js';
+import { call, connect } from '../server/harness.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 
 describe('examples/client.ts', () => {
-  let sandbox: string;
-  let engine: NativeEnginePort;
-  let server: TuneServer;
-  const logger = recordingLogger();
+  let real: RealServer;
 
   beforeAll(async () => {
-    sandbox = await makeSandbox();
-    await makeModel({ preset: 'tiny', outDir: join(sandbox, 'model'), seed: 3 });
-    engine = await NativeEnginePort.open(join(sandbox, 'model'), { quant: 'nf4', device: 'cpu', log: () => {} });
-    server = await createServer({ engine, dataRoot: join(sandbox, 'data'), host: '127.0.0.1', port: 0, logger, shutdownGraceMs: 2000 });
-    await server.ready;
+    real = await startRealServer({ preset: 'tiny', seed: 3 });
   }, 300_000);
 
   afterAll(async () => {
-    await server?.close({ graceMs: 500 });
-    engine?.close();
-    expect(logger.lines.filter((line) => line.level === 'error')).toEqual([]);
-    if (sandbox) await rm(sandbox, { recursive: true, force: true });
+    await real?.dispose();
   });
 
   it('type-checks (vitest only strips types)', async () => {
@@ -43,7 +30,7 @@ describe('examples/client.ts', () => {
 
   it('connects, uploads, trains, generates with the adapter and reads an error\'s details', async () => {
     const lines: string[] = [];
-    const result = await main(`127.0.0.1:${server.port}`, { steps: 3, log: (line) => lines.push(line) });
+    const result = await main(real.address, { steps: 3, log: (line) => lines.push(line) });
     expect(result.modelName).toBe('model');
     expect(Number.isFinite(result.finalLoss)).toBe(true);
     expect(result.errorReason).toBe('ADAPTER_NOT_FOUND');
@@ -51,7 +38,7 @@ describe('examples/client.ts', () => {
     expect(lines.some((line) => line.startsWith('generated '))).toBe(true);
     expect(lines.at(-1)).toMatch(/^as expected: NOT_FOUND ADAPTER_NOT_FOUND /);
     // The adapter it trained is on the server, made by its job.
-    const clients = connect(server.port);
+    const clients = connect(real.server.port);
     try {
       const { adapter } = await call(clients.adapters.getAdapter, clients.adapters, { adapterId: result.adapterId });
       expect(adapter).toMatchObject({ adapterId: result.adapterId, jobId: result.jobId, loaded: true });
