@@ -95,6 +95,22 @@ describe('engine', () => {
     expect(keys.length).toBe(2 * 3 * 2);
   });
 
+  it('training is deterministic for a seed (shuffle, dropout masks, A init), and the seed matters', async () => {
+    const examples = [prompt, prompt.slice(0, 6), prompt.slice(2)].map((p) => ({ ids: Int32Array.from(p), labels: Int32Array.from(p) }));
+    const run = async (seed: number) => {
+      const adapter = engine.createAdapter(createLoraConfig({ r: 4, alpha: 8, dropout: 0.2, targets: 'all-linear' }), seed);
+      const losses: number[] = [];
+      await engine.train(adapter, examples, { lr: 1e-2, steps: 4, epochs: 1, batchSize: 2, gradAccum: 1, scheduler: 'linear', warmupSteps: 1, weightDecay: 0.01, maxGradNorm: 1, seed, shuffle: true }, { onStep: (e) => losses.push(e.loss) });
+      const tensors = await engine.adapterTensors(adapter);
+      engine.removeAdapter(adapter);
+      return { losses, tensors };
+    };
+    const a = await run(11), b = await run(11), c = await run(12);
+    expect(b.losses).toEqual(a.losses);
+    expect(b.tensors).toEqual(a.tensors);
+    expect(c.losses).not.toEqual(a.losses);
+  });
+
   it('refuses an adapter whose shapes do not fit the base (ADAPTER_MISMATCH)', async () => {
     await makeModel({ preset: 'small', outDir: join(dir, 'small'), seed: 1 });
     const small = await Engine.load(join(dir, 'small'), { quant: 'none', device: 'cpu', log: () => {} });
