@@ -9,35 +9,16 @@ import { loadDataset } from '../engine/dataset.js';
 import { makeModel, MODEL_PRESETS, type ModelPreset } from '../engine/make-model.js';
 import { mergeAdapterFolder, mergeFidelity, type MergeDtype, type MergeInto } from '../engine/merge.js';
 import { createLoraConfig } from '../engine/peft-config.js';
+import { choice, float, integer, required, text as str, type Flags } from './flags.js';
 import { ProgressBar } from './progress.js';
 
-type Flags = Record<string, string | boolean | undefined>;
-
-function str(flags: Flags, name: string): string | undefined {
-  const v = flags[name];
-  return typeof v === 'string' ? v : undefined;
-}
-
-function required(flags: Flags, name: string): string {
-  const v = str(flags, name);
-  if (v === undefined || v === '') throw new EngineError('INVALID_ARGUMENT', `--${name} is required`, { field: name });
-  return v;
-}
-
+// Defaults applied on top of the shared flag readers.
 function number(flags: Flags, name: string, fallback: number, kind: 'int' | 'float' = 'float'): number {
-  const v = str(flags, name);
-  if (v === undefined) return fallback;
-  const n = Number(v);
-  if (v.trim() === '' || !Number.isFinite(n) || (kind === 'int' && !Number.isSafeInteger(n))) {
-    throw new EngineError('INVALID_ARGUMENT', `--${name} must be ${kind === 'int' ? 'an integer' : 'a number'}, got ${JSON.stringify(v)}`, { field: name });
-  }
-  return n;
+  return (kind === 'int' ? integer(flags, name) : float(flags, name)) ?? fallback;
 }
 
 function oneOf<T extends string>(flags: Flags, name: string, allowed: readonly T[], fallback: T): T {
-  const v = str(flags, name) ?? fallback;
-  if (!(allowed as readonly string[]).includes(v)) throw new EngineError('INVALID_ARGUMENT', `--${name} must be one of ${allowed.join(', ')}, got ${JSON.stringify(v)}`, { field: name });
-  return v as T;
+  return choice(flags, name, allowed) ?? fallback;
 }
 
 const ENGINE_FLAGS = {

@@ -18,6 +18,7 @@ import {
 import {
   createClients, describeFile, exportAdapterFolder, importAdapterFolder, statusDetailsOf, uploadDatasetFile, type TuneClients,
 } from '../server/client.js';
+import { choice, count, float, required, text, type Flags } from './flags.js';
 import { ProgressBar } from './progress.js';
 
 /** Where a command writes: stdout for results, stderr for progress and notes (tests pass their own). */
@@ -107,45 +108,6 @@ export function cliError(error: unknown): unknown {
 // ---------------------------------------------------------------------------------------------
 // Flags
 // ---------------------------------------------------------------------------------------------
-
-type Flags = Record<string, string | boolean | string[] | undefined>;
-
-function text(flags: Flags, name: string): string | undefined {
-  const value = flags[name];
-  return typeof value === 'string' ? value : undefined;
-}
-
-function required(flags: Flags, name: string): string {
-  const value = text(flags, name);
-  if (value === undefined || value === '') throw new EngineError('INVALID_ARGUMENT', `--${name} is required`, { field: name });
-  return value;
-}
-
-function float(flags: Flags, name: string): number | undefined {
-  const value = text(flags, name);
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (value.trim() === '' || !Number.isFinite(n)) throw new EngineError('INVALID_ARGUMENT', `--${name} must be a number, got ${JSON.stringify(value)}`, { field: name });
-  return n;
-}
-
-/** A uint32 flag (counts, steps, seeds). */
-function count(flags: Flags, name: string): number | undefined {
-  const value = text(flags, name);
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (value.trim() === '' || !Number.isInteger(n) || n < 0 || n > 0xffff_ffff) {
-    throw new EngineError('INVALID_ARGUMENT', `--${name} must be a whole number from 0 to 4294967295, got ${JSON.stringify(value)}`, { field: name });
-  }
-  return n;
-}
-
-function choice<T extends string>(flags: Flags, name: string, allowed: readonly T[]): T | undefined {
-  const value = text(flags, name);
-  if (value === undefined) return undefined;
-  if (!(allowed as readonly string[]).includes(value)) throw new EngineError('INVALID_ARGUMENT', `--${name} must be one of ${allowed.join(', ')}, got ${JSON.stringify(value)}`, { field: name });
-  return value as T;
-}
 
 function positional(positionals: string[], index: number, what: string): string {
   const value = positionals[index];

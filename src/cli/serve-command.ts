@@ -7,8 +7,8 @@ import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { EngineError } from '../engine/errors.js';
 import { makeModel } from '../engine/make-model.js';
+import { choice, integer } from './flags.js';
 import { jsonLogger } from '../server/logger.js';
 import { NativeEnginePort } from '../server/native-engine-port.js';
 import { createServer } from '../server/server.js';
@@ -25,13 +25,6 @@ export async function ensureDemoModel(dataRoot: string, log: (line: string) => v
   return dir;
 }
 
-function int(v: string | undefined, name: string, fallback: number): number {
-  if (v === undefined) return fallback;
-  const n = Number(v);
-  if (!Number.isSafeInteger(n) || n < 0) throw new EngineError('INVALID_ARGUMENT', `--${name} must be a non-negative integer, got ${JSON.stringify(v)}`, { field: name });
-  return n;
-}
-
 export async function serveCommand(argv: string[]): Promise<void> {
   const { values } = parseArgs({
     args: argv, strict: true,
@@ -44,28 +37,26 @@ export async function serveCommand(argv: string[]): Promise<void> {
   });
   const logger = jsonLogger();
   const dataRoot = resolve(values['data-root'] ?? process.env.TUNESERVE_DATA_ROOT ?? 'tuneserve-data');
-  const quant = values.quant ?? 'nf4';
-  if (quant !== 'nf4' && quant !== 'none') throw new EngineError('INVALID_ARGUMENT', '--quant must be nf4 or none', { field: 'quant' });
-  const device = values.device ?? 'auto';
-  if (!['cpu', 'cuda', 'auto'].includes(device)) throw new EngineError('INVALID_ARGUMENT', '--device must be cpu, cuda or auto', { field: 'device' });
-  const threads = int(values.threads, 'threads', 0);
-  const metricsPort = int(values['metrics-port'], 'metrics-port', 0);
+  const quant = choice(values, 'quant', ['nf4', 'none'] as const) ?? 'nf4';
+  const device = choice(values, 'device', ['cpu', 'cuda', 'auto'] as const) ?? 'auto';
+  const threads = integer(values, 'threads') ?? 0;
+  const metricsPort = integer(values, 'metrics-port') ?? 0;
   const authTokens = (process.env.TUNESERVE_AUTH_TOKENS ?? '').split(',').map((t) => t.trim()).filter(Boolean);
 
   const enginePromise = (async () => {
     const modelDir = values.model ?? (await ensureDemoModel(dataRoot, (line) => logger.info(line)));
     return NativeEnginePort.open(modelDir, {
-      quant, device: device as 'cpu' | 'cuda' | 'auto', ...(threads > 0 ? { threads } : {}),
+      quant, device, ...(threads > 0 ? { threads } : {}),
       ...(values.model ? {} : { name: 'demo' }),
-      adapterSlots: int(values['adapter-slots'], 'adapter-slots', 16), maxSeqLen: int(values['max-seq-len'], 'max-seq-len', 8192),
+      adapterSlots: integer(values, 'adapter-slots') ?? 16, maxSeqLen: integer(values, 'max-seq-len') ?? 8192,
       log: (line) => logger.info(line),
     });
   })();
   const server = await createServer({
     engine: enginePromise, dataRoot, ...(values['export-root'] ? { exportRoot: resolve(values['export-root']) } : {}),
-    host: values.host ?? '0.0.0.0', port: int(values.port, 'port', 50051), authTokens, reflection: values.reflection === true,
+    host: values.host ?? '0.0.0.0', port: (integer(values, 'port') ?? 50051), authTokens, reflection: values.reflection === true,
     metrics: metricsPort > 0 ? { port: metricsPort } : null, logger,
-    shutdownGraceMs: int(values['grace-ms'], 'grace-ms', 10_000), drainDelayMs: int(values['drain-delay-ms'], 'drain-delay-ms', 0),
+    shutdownGraceMs: (integer(values, 'grace-ms') ?? 10_000), drainDelayMs: (integer(values, 'drain-delay-ms') ?? 0),
   });
   logger.info('tuneserve listening', { port: server.port, dataRoot, auth: authTokens.length > 0 });
 
