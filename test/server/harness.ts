@@ -2,18 +2,16 @@
 // engine test double, a temp data root, the generated grpc-js clients, and small promise helpers
 // for unary, streaming and client-streaming calls.
 
-import { credentials, Metadata, type CallOptions, type ClientReadableStream, type ServiceError } from '@grpc/grpc-js';
+import { Metadata, type CallOptions, type ClientReadableStream, type ServiceError } from '@grpc/grpc-js';
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs/promises';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'vitest';
-import { AdapterServiceClient, type ImportAdapterResponse } from '../../src/gen/tuneserve/v1/adapters.js';
-import { DatasetServiceClient, type UploadDatasetResponse } from '../../src/gen/tuneserve/v1/datasets.js';
-import { GenerationServiceClient } from '../../src/gen/tuneserve/v1/generation.js';
-import { ModelServiceClient } from '../../src/gen/tuneserve/v1/model.js';
-import { TrainingServiceClient } from '../../src/gen/tuneserve/v1/training.js';
+import type { ImportAdapterResponse } from '../../src/gen/tuneserve/v1/adapters.js';
+import type { UploadDatasetResponse } from '../../src/gen/tuneserve/v1/datasets.js';
 import type { Logger } from '../../src/server/logger.js';
+import { createClients, type TuneClients } from '../../src/server/client.js';
 import { createServer, type ServerOptions, type TuneServer } from '../../src/server/server.js';
 import { statusDetailsOf, type StatusDetails } from '../../src/server/status-details.js';
 import { doubleAdapterFiles, EngineDouble } from './engine-double.js';
@@ -21,27 +19,11 @@ import { doubleAdapterFiles, EngineDouble } from './engine-double.js';
 /** Ids every RPC must refuse: traversal, absolute paths, separators, empty, too long, odd characters. */
 export const hostileIds = ['../x', '/etc/passwd', 'a/b', '', 'x'.repeat(300), '..', 'a..b', '.hidden', 'UPPER', 'a b', 'a\\b', 'a\u0000b', '-x', 'é'];
 
-/** The generated clients, connected to one server. */
-export interface Clients {
-  training: TrainingServiceClient;
-  datasets: DatasetServiceClient;
-  generation: GenerationServiceClient;
-  adapters: AdapterServiceClient;
-  model: ModelServiceClient;
-  close(): void;
-}
+/** The generated clients, connected to one server (the same bundle clients of the service use). */
+export type Clients = TuneClients;
 
 export function connect(port: number): Clients {
-  const address = `127.0.0.1:${port}`;
-  const insecure = credentials.createInsecure();
-  const clients = {
-    training: new TrainingServiceClient(address, insecure),
-    datasets: new DatasetServiceClient(address, insecure),
-    generation: new GenerationServiceClient(address, insecure),
-    adapters: new AdapterServiceClient(address, insecure),
-    model: new ModelServiceClient(address, insecure),
-  };
-  return { ...clients, close: () => Object.values(clients).forEach((client) => client.close()) };
+  return createClients(`127.0.0.1:${port}`);
 }
 
 /** A logger that keeps every line (errors are how unknown failures show up). */
