@@ -30,18 +30,25 @@ uint64_t dropout_key(const DropoutContext& d, int layer, int target) {
   return splitmix64(splitmix64(splitmix64(d.seed) ^ d.step) ^ ((uint64_t)layer << 8 | (uint64_t)target));
 }
 
-// xd[rows, in] = x * mask / (1 - p), mask_i = (u_i >= p); rows are numbered from row0 for the hash.
-void apply_dropout(float* xd, const float* x, int64_t rows, int in, int64_t row0, const DropoutContext& d, int layer,
-                   int target) {
+// v[rows, in] *= mask / (1 - p), mask_i = (u_i >= p); rows are numbered from row0 for the hash. The
+// forward applies it to a copy of x, the backward to the input gradient: one mask, never stored.
+void dropout_in_place(float* v, int64_t rows, int in, int64_t row0, const DropoutContext& d, int layer, int target) {
   const uint64_t key = dropout_key(d, layer, target);
   const float keep_scale = 1.f / (1.f - d.p);
   parallel_for(rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; m++)
       for (int i = 0; i < in; i++) {
         uint64_t idx = (uint64_t)(row0 + m) * (uint64_t)in + i;
-        xd[m * in + i] = counter_uniform(key, idx) >= d.p ? x[m * in + i] * keep_scale : 0.f;
+        v[m * in + i] = counter_uniform(key, idx) >= d.p ? v[m * in + i] * keep_scale : 0.f;
       }
   });
+}
+
+// xd = dropout(x) for rows [0, rows) numbered from row0.
+void apply_dropout(std::vector<float>& xd, const float* x, int64_t rows, int in, int64_t row0, const DropoutContext& d,
+                   int layer, int target) {
+  xd.assign(x, x + rows * in);
+  dropout_in_place(xd.data(), rows, in, row0, d, layer, target);
 }
 
 bool dropout_active(const DropoutContext* d) { return d && d->p > 0.f; }
@@ -177,8 +184,7 @@ void lora_forward(float* y, const float* x, const std::vector<LoraSegment>& segm
     if (rows <= 0) continue;
     const float* xs = x + seg.row_begin * m.in;
     if (dropout_active(dropout)) {
-      xd.resize((size_t)rows * m.in);
-      apply_dropout(xd.data(), xs, rows, m.in, seg.row_begin, *dropout, layer, target);
+      apply_dropout(xd, xs, rows, m.in, seg.row_begin, *dropout, layer, target);
       xs = xd.data();
     }
     u.resize((size_t)rows * m.r);
@@ -197,8 +203,7 @@ void lora_backward(float* dx, LoraAdapter& adapter, const float* dy, const float
   std::vector<float> xd, u((size_t)M * m.r), du((size_t)M * m.r), dxd((size_t)M * m.in);
   const float* xs = x;
   if (dropout_active(dropout)) {
-    xd.resize((size_t)M * m.in);
-    apply_dropout(xd.data(), x, M, m.in, 0, *dropout, layer, target);
+    apply_dropout(xd, x, M, m.in, 0, *dropout, layer, target);
     xs = xd.data();
   }
   cpu::sgemm(false, true, M, m.r, m.in, 1.f, xs, m.in, m.A.data(), m.in, 0.f, u.data(), m.r);  // u = xd·Aᵀ
@@ -206,12 +211,7 @@ void lora_backward(float* dx, LoraAdapter& adapter, const float* dy, const float
   cpu::sgemm(false, false, M, m.r, m.out, s, dy, m.out, m.B.data(), m.r, 0.f, du.data(), m.r);  // du = s·dy·B
   cpu::sgemm(true, false, m.r, m.in, M, 1.f, du.data(), m.r, xs, m.in, 1.f, m.dA.data(), m.in);  // dA += duᵀ·xd
   cpu::sgemm(false, false, M, m.in, m.r, 1.f, du.data(), m.r, m.A.data(), m.in, 0.f, dxd.data(), m.in);  // dxd = du·A
-  if (dropout_active(dropout)) {
-    // Dropout backward: the same mask and scale as the forward (xd/x ratio recomputed from the hash).
-    std::vector<float> ones((size_t)M * m.in, 1.f), mask((size_t)M * m.in);
-    apply_dropout(mask.data(), ones.data(), M, m.in, 0, *dropout, layer, target);
-    for (size_t i = 0; i < dxd.size(); i++) dxd[i] *= mask[i];
-  }
+  if (dropout_active(dropout)) dropout_in_place(dxd.data(), M, m.in, 0, *dropout, layer, target);  // same mask
   for (size_t i = 0; i < dxd.size(); i++) dx[i] += dxd[i];
 }
 

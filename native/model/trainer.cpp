@@ -84,18 +84,25 @@ void Trainer::plan_step() {
   step_started_ = now_seconds();
 }
 
-TrainBatch Trainer::make_batch(const std::vector<int64_t>& example_ids) const {
+// Stacks examples into one batch, right-padded with pad_id and label -100 (causal attention never
+// looks at the padding, so no mask is needed).
+static TrainBatch pad_batch(const std::vector<const TrainExample*>& rows, int32_t pad_id) {
   TrainBatch b;
-  b.B = (int)example_ids.size();
-  for (int64_t e : example_ids) b.T = std::max<int>(b.T, (int)examples_[e].ids.size());
-  b.ids.assign((size_t)b.B * b.T, hyper_.pad_id);
-  b.labels.assign((size_t)b.B * b.T, -100);  // right padding: causal attention never looks at it
+  b.B = (int)rows.size();
+  for (const TrainExample* e : rows) b.T = std::max<int>(b.T, (int)e->ids.size());
+  b.ids.assign((size_t)b.B * b.T, pad_id);
+  b.labels.assign((size_t)b.B * b.T, -100);
   for (int i = 0; i < b.B; i++) {
-    const auto& ex = examples_[example_ids[i]];
-    std::copy(ex.ids.begin(), ex.ids.end(), b.ids.begin() + (size_t)i * b.T);
-    std::copy(ex.labels.begin(), ex.labels.end(), b.labels.begin() + (size_t)i * b.T);
+    std::copy(rows[i]->ids.begin(), rows[i]->ids.end(), b.ids.begin() + (size_t)i * b.T);
+    std::copy(rows[i]->labels.begin(), rows[i]->labels.end(), b.labels.begin() + (size_t)i * b.T);
   }
   return b;
+}
+
+TrainBatch Trainer::make_batch(const std::vector<int64_t>& example_ids) const {
+  std::vector<const TrainExample*> rows;
+  for (int64_t e : example_ids) rows.push_back(&examples_[e]);
+  return pad_batch(rows, hyper_.pad_id);
 }
 
 void Trainer::optimizer_update(double lr, double* grad_norm) {
@@ -181,15 +188,7 @@ double Trainer::evaluate() {
   for (size_t i = 0; i < eval_examples_.size(); i += hyper_.batch_size) {
     std::vector<const TrainExample*> rows;
     for (size_t j = i; j < std::min(eval_examples_.size(), i + (size_t)hyper_.batch_size); j++) rows.push_back(&eval_examples_[j]);
-    TrainBatch b;
-    b.B = (int)rows.size();
-    for (auto* e : rows) b.T = std::max<int>(b.T, (int)e->ids.size());
-    b.ids.assign((size_t)b.B * b.T, hyper_.pad_id);
-    b.labels.assign((size_t)b.B * b.T, -100);
-    for (int r = 0; r < b.B; r++) {
-      std::copy(rows[r]->ids.begin(), rows[r]->ids.end(), b.ids.begin() + (size_t)r * b.T);
-      std::copy(rows[r]->labels.begin(), rows[r]->labels.end(), b.labels.begin() + (size_t)r * b.T);
-    }
+    TrainBatch b = pad_batch(rows, hyper_.pad_id);
     TrainPassOptions opt;
     opt.backward = false;
     sum += llama_train_pass(model_, adapter_.get(), b, opt);
