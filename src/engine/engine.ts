@@ -11,6 +11,7 @@ import { loadModelFolder, type LlamaConfig, type ModelFolder } from './model-fol
 import { native, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativeStepReport, type NativeTrainHyper } from './native.js';
 import { ADAPTER_WEIGHTS_FILE, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
 import { LlamaTokenizer } from './tokenizer.js';
+import { awaitCancellable } from './cancel.js';
 import { resolveDevice, type DeviceChoice } from './device.js';
 import { syncDirectory } from './safetensors.js';
 
@@ -237,18 +238,9 @@ export class Engine {
       const perStep = elapsedS / r.step;
       handlers.onStep?.({ ...r, tokensPerS: r.seconds > 0 ? r.tokens / r.seconds : 0, elapsedS, etaS: perStep * (r.totalSteps - r.step) });
     });
-    const onAbort = () => this.native.cancel(job.id);
-    handlers.signal?.addEventListener('abort', onAbort, { once: true });
-    if (handlers.signal?.aborted) onAbort();
-    try {
-      const last = await job.promise;
-      await Promise.all(pendingConfigs);
-      return { steps: last.step, finalLoss: last.loss, evalLoss, tokens, seconds: (performance.now() - started) / 1000, cancelled: last.cancelled };
-    } catch (e) {
-      throw toEngineError(e);
-    } finally {
-      handlers.signal?.removeEventListener('abort', onAbort);
-    }
+    const last = await awaitCancellable(job.promise, () => this.native.cancel(job.id), handlers.signal);
+    await Promise.all(pendingConfigs);
+    return { steps: last.step, finalLoss: last.loss, evalLoss, tokens, seconds: (performance.now() - started) / 1000, cancelled: last.cancelled };
   }
 
   /** Generates from token ids; onTokens receives each step's new ids as they are sampled. */
@@ -273,17 +265,8 @@ export class Engine {
       },
       (ids) => handlers.onTokens?.(Array.from(ids)),
     );
-    const onAbort = () => this.native.cancel(job.id);
-    handlers.signal?.addEventListener('abort', onAbort, { once: true });
-    if (handlers.signal?.aborted) onAbort();
-    try {
-      const r = await job.promise;
-      return { ids: Array.from(r.ids), finishReason: r.finishReason, promptTokens: r.promptTokens, completionTokens: r.ids.length, prefillSeconds: r.prefillSeconds, decodeSeconds: r.decodeSeconds };
-    } catch (e) {
-      throw toEngineError(e);
-    } finally {
-      handlers.signal?.removeEventListener('abort', onAbort);
-    }
+    const r = await awaitCancellable(job.promise, () => this.native.cancel(job.id), handlers.signal);
+    return { ids: Array.from(r.ids), finishReason: r.finishReason, promptTokens: r.promptTokens, completionTokens: r.ids.length, prefillSeconds: r.prefillSeconds, decodeSeconds: r.decodeSeconds };
   }
 
   /** Stops the executor and frees the weights. Idempotent. */

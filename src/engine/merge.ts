@@ -9,8 +9,9 @@ import { basename, dirname, join, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 
 import { Engine, nativeConfig, nativeLora, replaceDirectory, type Adapter } from './engine.js';
-import { EngineError, toEngineError } from './errors.js';
+import { EngineError } from './errors.js';
 import { loadModelFolder } from './model-folder.js';
+import { awaitCancellable } from './cancel.js';
 import { native } from './native.js';
 import { ADAPTER_WEIGHTS_FILE, readAdapterConfig } from './peft-config.js';
 import { readSafetensorsHeader, syncDirectory, writeFileAtomic } from './safetensors.js';
@@ -68,10 +69,7 @@ export async function mergeAdapterFolder(
       { config: nativeConfig(folder.config), shards: folder.shards, outDir: tmp, adapterFile, lora: nativeLora(lora), dtype, into },
       (p) => handlers.onProgress?.(p),
     );
-    const onAbort = () => job.cancel();
-    handlers.signal?.addEventListener('abort', onAbort, { once: true });
-    if (handlers.signal?.aborted) onAbort();
-    const result = await job.promise.catch((e: unknown) => { throw toEngineError(e); }).finally(() => handlers.signal?.removeEventListener('abort', onAbort));
+    const result = await awaitCancellable(job.promise, () => job.cancel(), handlers.signal);
 
     // config.json as the source's, with the dtype of the written weights.
     const config = JSON.parse(await readFile(join(folder.dir, 'config.json'), 'utf8')) as Record<string, unknown>;
