@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 
 #include "core/error.h"
 
@@ -157,7 +158,9 @@ void Engine::run() {
     for (auto& t : tasks) {
       try {
         t(model_);  // tasks report their own errors through their callbacks
-      } catch (const std::exception&) {
+      } catch (const std::exception& e) {
+        // Only a task that forgot to catch gets here; keep serving, but never silently.
+        std::fprintf(stderr, "tuneserve engine: a queued task threw: %s\n", e.what());
       }
     }
     generation_step();
