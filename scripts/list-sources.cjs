@@ -3,7 +3,7 @@
 const fs = require('node:fs');
 const path = require('node:path');
 const ext = process.argv[2] === 'cu' ? '.cu' : '.cpp';
-const dirs = process.argv[2] === 'cu' ? ['native/cuda'] : ['native/core', 'native/cpu', 'native/model', 'native/addon'];
+const dirs = process.argv[2] === 'cu' ? ['native/cuda'] : ['native/core', 'native/cpu', 'native/cuda', 'native/model', 'native/addon'];
 const files = [];
 for (const d of dirs) {
   if (!fs.existsSync(d)) continue;

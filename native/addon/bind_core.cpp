@@ -167,9 +167,9 @@ Napi::Value Nf4Quantize(const Napi::CallbackInfo& info) {
     Napi::Int8Array absmax_q = Napi::Int8Array::New(env, nblocks);  // (nblocks)
     if (nblocks) std::memcpy(absmax_q.Data(), m.absmax_q.data(), nblocks);
     Napi::Float32Array absmax_dq = Napi::Float32Array::New(env, nblocks);  // (nblocks)
-    for (size_t b = 0; b < nblocks; b++) absmax_dq[b] = nf4_block_absmax(m, int64_t(b));
+    for (size_t b = 0; b < nblocks; b++) absmax_dq[b] = nf4_block_absmax(m.view(), int64_t(b));
     Napi::Float32Array dequantized = Napi::Float32Array::New(env, n);  // (rows*cols)
-    nf4_dequantize_rows(m, 0, rows, dequantized.Data());
+    nf4_dequantize_rows(m.view(), 0, rows, dequantized.Data());
 
     Napi::Object out = Napi::Object::New(env);
     out.Set("codes", codes);

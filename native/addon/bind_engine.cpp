@@ -1,7 +1,7 @@
 // Registers the engine part of the addon's JS surface: loadModel() -> NativeEngine with adapters,
-// training, generation and test passes. Long work runs on the engine's executor thread or a loader
-// thread; results come back through JsChannel. JS (src/engine/native.ts) validates arguments; this
-// file converts them.
+// training, generation and test passes over one Executor (native/model/executor.h) on the chosen
+// backend. Long work runs on the executor thread or a loader thread; results come back through
+// JsChannel. JS (src/engine/native.ts) validates arguments; this file converts them.
 #include <memory>
 #include <thread>
 
@@ -9,8 +9,10 @@
 #include "addon/convert.h"
 #include "addon/js_channel.h"
 #include "core/thread_pool.h"
+#include "cpu/cpu_backend.h"
 #include "cpu/gemm.h"
-#include "model/engine.h"
+#include "cuda/cuda_backend.h"
+#include "model/executor.h"
 
 namespace ts::addon {
 
@@ -126,67 +128,93 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   explicit EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EngineWrap>(info) {
     if (info.Length() < 1 || !info[0].IsExternal())
       throw make_error(info.Env(), "INVALID_ARGUMENT", "NativeEngine is created by loadModel()");
-    engine_.reset(info[0].As<Napi::External<Engine>>().Data());
+    engine_.reset(info[0].As<Napi::External<Executor>>().Data());
   }
 
  private:
-  Engine& engine(Napi::Env env) {
+  Executor& engine(Napi::Env env) {
     if (!engine_) throw make_error(env, "FAILED_PRECONDITION", "the engine has been closed");
     return *engine_;
   }
 
   Napi::Value info(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    Engine& e = engine(env);
+    Executor& e = engine(env);
     const LlamaConfig& c = e.config();
+    const MemoryPlan& p = e.memory_plan();
     Napi::Object o = Napi::Object::New(env);
     o.Set("quant", e.weights().quant);
-    o.Set("weightBytes", (double)e.weights().bytes());
-    o.Set("device", "cpu");
+    o.Set("weightBytes", (double)e.weights().bytes);
+    o.Set("device", device_name(e.backend().device()));
+    o.Set("deviceDescription", e.backend().description());
+    o.Set("computeDtype", dtype_name(e.backend().compute_dtype()));
     o.Set("gemmKernel", cpu::gemm_kernel_name());
     o.Set("threads", num_threads());
     o.Set("vocabSize", c.V);
     o.Set("numLayers", c.L);
-    o.Set("maxActiveSequences", e.limits().max_active_sequences);
-    o.Set("prefillChunk", e.limits().prefill_chunk);
+    o.Set("maxActiveSequences", e.options().max_active_sequences);
+    o.Set("prefillChunk", e.options().prefill_chunk);
+    o.Set("maxSeqLen", p.max_seq_len);
+    o.Set("stepGraphs", e.options().step_graphs && e.backend().supports_graphs());
+    Napi::Object plan = Napi::Object::New(env);
+    plan.Set("totalBytes", (double)p.total);
+    plan.Set("freeBytesAtStart", (double)p.free_at_start);
+    plan.Set("weightsBytes", (double)p.weights);
+    plan.Set("adapterSlots", p.adapter_slots);
+    plan.Set("adapterPoolBytes", (double)p.adapter_pool);
+    plan.Set("workspaceBytes", (double)p.workspace);
+    plan.Set("kvBlockSize", p.kv_block_size);
+    plan.Set("kvBlocks", (double)p.kv_blocks);
+    plan.Set("kvBlockBytes", (double)p.kv_block_bytes);
+    plan.Set("kvCacheBytes", (double)p.kv_cache);
+    o.Set("memoryPlan", plan);
     return o;
   }
 
   Napi::Value stats(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    Engine::Stats s = engine(env).stats();
+    Executor& e = engine(env);
+    Executor::Stats s = e.stats();
+    const MemoryInfo mem = e.backend().memory_info();
     Napi::Object o = Napi::Object::New(env);
     o.Set("activeSequences", s.active_sequences);
     o.Set("queuedSequences", s.queued_sequences);
     o.Set("training", s.training);
-    o.Set("kvBytes", (double)s.kv_bytes);
-    o.Set("adapters", engine(env).adapter_count());
+    o.Set("kvBytes", (double)s.kv_bytes_used);
+    o.Set("kvBlocksUsed", (double)s.kv_blocks_used);
+    o.Set("kvBlocksTotal", (double)s.kv_blocks_total);
+    o.Set("trainingWorkspaceBytes", (double)s.training_workspace_bytes);
+    o.Set("graphSteps", (double)s.graph_steps);
+    o.Set("eagerSteps", (double)s.eager_steps);
+    o.Set("deviceTotalBytes", (double)mem.total);
+    o.Set("deviceFreeBytes", (double)mem.free);
+    o.Set("adapters", e.adapter_count());
     return o;
   }
 
-  // createAdapter(lora, seed) -> slot
+  // createAdapter(lora, seed) -> id
   Napi::Value create_adapter(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
-      Engine& e = engine(env);
+      Executor& e = engine(env);
       LoraSpec spec = lora_spec_from_js(info[0].As<Napi::Object>());
       uint64_t seed = (uint64_t)info[1].As<Napi::Number>().Int64Value();
       return Napi::Number::New(env, e.add_adapter(lora_create(e.config(), spec, seed)));
     });
   }
 
-  // loadAdapter(lora, file) -> Promise<slot>; the file is read on its own thread.
+  // loadAdapter(lora, file) -> Promise<id>; the file is read on its own thread.
   Napi::Value load_adapter(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
-      Engine* e = &engine(env);
+      Executor* e = &engine(env);
       LoraSpec spec = lora_spec_from_js(info[0].As<Napi::Object>());
       std::string file = info[1].As<Napi::String>().Utf8Value();
       auto ch = JsChannel::create(env, env.Undefined(), "tuneserve.loadAdapter");
       std::thread([e, spec, file, ch] {
         try {
-          int slot = e->add_adapter(lora_load(e->config(), spec, file));
-          ch->resolve([slot](Napi::Env env) { return Napi::Number::New(env, slot); });
+          int id = e->add_adapter(lora_load(e->config(), spec, file));
+          ch->resolve([id](Napi::Env env) { return Napi::Number::New(env, id); });
         } catch (const EngineError& err) {
           ch->reject(err.code, err.what());
         } catch (const std::exception& err) {
@@ -197,13 +225,13 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     });
   }
 
-  // Runs fn(model) on the executor; resolves with make(env) built from its result.
+  // Runs fn(executor) on the executor thread; resolves with make(env) built from its result.
   template <typename Fn>
   Napi::Value on_executor(Napi::Env env, const char* name, Fn fn) {
     auto ch = JsChannel::create(env, env.Undefined(), name);
-    engine(env).post([ch, fn](LlamaModel& model) {
+    engine(env).post([ch, fn](Executor& e) {
       try {
-        ch->resolve(fn(model));
+        ch->resolve(fn(e));
       } catch (const EngineError& err) {
         ch->reject(err.code, err.what());
       } catch (const std::exception& err) {
@@ -213,14 +241,15 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     return ch->promise();
   }
 
-  // saveAdapter(slot, file) -> Promise<void>; runs between training steps so the weights are consistent.
+  // saveAdapter(id, file) -> Promise<void>; runs between training steps so the weights are consistent.
   Napi::Value save_adapter(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
       auto adapter = engine(env).adapter(info[0].As<Napi::Number>().Int32Value());
       std::string file = info[1].As<Napi::String>().Utf8Value();
-      return on_executor(env, "tuneserve.saveAdapter", [adapter, file](LlamaModel&) -> JsChannel::Make {
-        lora_save(*adapter, file);
+      return on_executor(env, "tuneserve.saveAdapter", [adapter, file](Executor& e) -> JsChannel::Make {
+        e.sync_adapter(adapter);
+        lora_save(*adapter->host, file);
         return [](Napi::Env env) { return env.Undefined(); };
       });
     });
@@ -234,40 +263,40 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     });
   }
 
-  // adapterTensors(slot, grads?) -> Promise<{peftKey: Float32Array}>
+  // adapterTensors(id, grads?) -> Promise<{peftKey: Float32Array}>
   Napi::Value get_adapter_tensors(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
       auto adapter = engine(env).adapter(info[0].As<Napi::Number>().Int32Value());
       bool grads = info.Length() > 1 && info[1].ToBoolean().Value();
-      return on_executor(env, "tuneserve.adapterTensors", [adapter, grads](LlamaModel&) -> JsChannel::Make {
-        auto copy = std::make_shared<LoraAdapter>(*adapter);
+      return on_executor(env, "tuneserve.adapterTensors", [adapter, grads](Executor& e) -> JsChannel::Make {
+        e.sync_adapter(adapter);
+        auto copy = std::make_shared<LoraAdapter>(*adapter->host);
         return [copy, grads](Napi::Env env) { return adapter_tensors(env, *copy, grads); };
       });
     });
   }
 
-  std::shared_ptr<LoraAdapter> slot_or_null(Napi::Env env, const Napi::Value& v) {
-    int slot = v.IsNumber() ? v.As<Napi::Number>().Int32Value() : 0;
-    return slot > 0 ? engine(env).adapter(slot) : nullptr;
+  AdapterPool::Handle adapter_or_null(Napi::Env env, const Napi::Value& v) {
+    int id = v.IsNumber() ? v.As<Napi::Number>().Int32Value() : 0;
+    return id > 0 ? engine(env).adapter(id) : nullptr;
   }
 
-  // logits(ids: Int32Array, slot) -> Promise<Float32Array (T*V)>
+  // logits(ids: Int32Array, id) -> Promise<Float32Array (T*V)>
   Napi::Value logits(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
       auto ids = to_ids(info[0], "ids");
-      auto adapter = slot_or_null(env, info[1]);
+      auto adapter = adapter_or_null(env, info[1]);
       require(!ids.empty(), "INVALID_ARGUMENT", "ids must not be empty");
-      return on_executor(env, "tuneserve.logits", [ids, adapter](LlamaModel& m) -> JsChannel::Make {
-        auto out = std::make_shared<std::vector<float>>(ids.size() * (size_t)m.w.cfg.V);
-        llama_logits(m, adapter.get(), ids.data(), (int)ids.size(), out->data());
+      return on_executor(env, "tuneserve.logits", [ids, adapter](Executor& e) -> JsChannel::Make {
+        auto out = std::make_shared<std::vector<float>>(e.logits(ids, adapter));
         return [out](Napi::Env env) { return to_js(env, *out); };
       });
     });
   }
 
-  // trainPass({B, T, ids, labels}, slot, {backward, recompute, lossScale, dropout, dropoutSeed, dropoutStep})
+  // trainPass({B, T, ids, labels}, id, {backward, recompute, lossScale, dropout, dropoutSeed, dropoutStep})
   //   -> Promise<{loss, grads?: {peftKey: Float32Array}}>  (one pass, no optimizer step; for tests)
   Napi::Value train_pass(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -278,7 +307,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       batch.T = b.Get("T").As<Napi::Number>().Int32Value();
       batch.ids = to_ids(b.Get("ids"), "ids");
       batch.labels = to_ids(b.Get("labels"), "labels");
-      auto adapter = slot_or_null(env, info[1]);
+      auto adapter = adapter_or_null(env, info[1]);
       Napi::Object o = info.Length() > 2 && info[2].IsObject() ? info[2].As<Napi::Object>() : Napi::Object::New(env);
       TrainPassOptions opt;
       opt.backward = flag(o, "backward", true) && adapter != nullptr;
@@ -287,16 +316,9 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       opt.dropout.p = (float)num(o, "dropout", 0.0);
       opt.dropout.seed = (uint64_t)num(o, "dropoutSeed", 0);
       opt.dropout.step = (uint64_t)num(o, "dropoutStep", 0);
-      return on_executor(env, "tuneserve.trainPass", [batch, adapter, opt](LlamaModel& m) -> JsChannel::Make {
-        if (adapter && opt.backward) {
-          bool has_grads = false;  // enable_training() also resets AdamW moments: only on first use
-          for (auto& layer : adapter->mods)
-            for (auto& md : layer) has_grads |= !md.dA.empty();
-          if (!has_grads) adapter->enable_training();
-          adapter->zero_grad();
-        }
-        double loss = llama_train_pass(m, adapter.get(), batch, opt);
-        std::shared_ptr<LoraAdapter> copy = opt.backward ? std::make_shared<LoraAdapter>(*adapter) : nullptr;
+      return on_executor(env, "tuneserve.trainPass", [batch, adapter, opt](Executor& e) -> JsChannel::Make {
+        double loss = e.train_pass(adapter, batch, opt);
+        std::shared_ptr<LoraAdapter> copy = opt.backward ? std::make_shared<LoraAdapter>(*adapter->host) : nullptr;
         int64_t targets = batch.count_targets();
         return [loss, copy, targets](Napi::Env env) {
           Napi::Object r = Napi::Object::New(env);
@@ -356,7 +378,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     return guard(env, [&]() -> Napi::Value {
       Napi::Object s = info[0].As<Napi::Object>();
       GenerationRequest req;
-      req.adapter = slot_or_null(env, s.Get("slot"));
+      req.adapter = adapter_or_null(env, s.Get("slot"));
       req.prompt = to_ids(s.Get("promptIds"), "promptIds");
       req.max_tokens = (int)num(s, "maxTokens", 128);
       req.sampling.temperature = (float)num(s, "temperature", 0);
@@ -403,12 +425,14 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     return info.Env().Undefined();
   }
 
-  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<Executor> engine_;
 };
 
 Napi::FunctionReference EngineWrap::ctor;
 
-// loadModel({config, files, quant, threads?, maxActiveSequences?, prefillChunk?}) -> Promise<NativeEngine>
+// loadModel({config, files, quant, device, float32Compute?, threads?, maxActiveSequences?, prefillChunk?,
+//            maxSeqLen?, adapterSlots?, maxLoraRank?, kvCacheBytes?, stepGraphs?}) -> Promise<NativeEngine>
+// device: "cpu" or "cuda" (the caller resolved "auto"). The weights are read on a loader thread.
 Napi::Value load_model(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guard(env, [&]() -> Napi::Value {
@@ -418,16 +442,28 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
     Napi::Array fa = spec.Get("files").As<Napi::Array>();
     for (uint32_t i = 0; i < fa.Length(); i++) files.push_back(fa.Get(i).As<Napi::String>().Utf8Value());
     std::string quant = spec.Get("quant").IsString() ? spec.Get("quant").As<Napi::String>().Utf8Value() : "none";
+    std::string device = spec.Get("device").IsString() ? spec.Get("device").As<Napi::String>().Utf8Value() : "cpu";
+    require(device == "cpu" || device == "cuda", "INVALID_ARGUMENT", "device must be cpu or cuda, got " + device);
+    cuda::CudaBackendOptions cuda_options;
+    cuda_options.float32_compute = flag(spec, "float32Compute", false);
     if (spec.Get("threads").IsNumber()) set_num_threads(spec.Get("threads").As<Napi::Number>().Int32Value());
-    EngineLimits limits;
-    limits.max_active_sequences = (int)num(spec, "maxActiveSequences", limits.max_active_sequences);
-    limits.prefill_chunk = (int)num(spec, "prefillChunk", limits.prefill_chunk);
+    ExecutorOptions options;
+    options.max_active_sequences = (int)num(spec, "maxActiveSequences", options.max_active_sequences);
+    options.prefill_chunk = (int)num(spec, "prefillChunk", options.prefill_chunk);
+    options.max_seq_len = (int)num(spec, "maxSeqLen", options.max_seq_len);
+    options.adapter_slots = (int)num(spec, "adapterSlots", options.adapter_slots);
+    options.max_lora_rank = (int)num(spec, "maxLoraRank", options.max_lora_rank);
+    options.kv_cache_bytes = (uint64_t)num(spec, "kvCacheBytes", 0);
+    options.step_graphs = flag(spec, "stepGraphs", options.step_graphs);
     auto ch = JsChannel::create(env, env.Undefined(), "tuneserve.loadModel");
-    std::thread([cfg, files, quant, limits, ch] {
+    std::thread([cfg, files, quant, device, cuda_options, options, ch] {
       try {
-        auto* engine = new Engine(load_llama_weights(cfg, files, quant), limits);
+        std::unique_ptr<Backend> backend =
+            device == "cuda" ? cuda::make_cuda_backend(cuda_options) : cpu::make_cpu_backend();
+        auto weights = std::make_shared<const LlamaWeights>(load_llama_weights(cfg, files, quant));
+        auto* engine = new Executor(std::move(backend), std::move(weights), options);
         ch->resolve([engine](Napi::Env env) -> Napi::Value {
-          return EngineWrap::ctor.New({Napi::External<Engine>::New(env, engine)});
+          return EngineWrap::ctor.New({Napi::External<Executor>::New(env, engine)});
         });
       } catch (const EngineError& err) {
         ch->reject(err.code, err.what());

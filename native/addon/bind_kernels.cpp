@@ -118,17 +118,17 @@ Napi::Value Nf4MatmulCheck(const Napi::CallbackInfo& info) {
 
     const NF4Matrix q = nf4_quantize(w.Data(), N, K);
     std::vector<float> wdq(size_t(N * K));
-    nf4_dequantize_rows(q, 0, N, wdq.data());
+    nf4_dequantize_rows(q.view(), 0, N, wdq.data());
 
     const float nan = std::numeric_limits<float>::quiet_NaN();
     std::vector<float> y(size_t(M * N), nan), y_ref(size_t(M * N), nan);
-    cpu::matmul_nf4_nt(y.data(), x.Data(), q, M, 0.f);
+    cpu::matmul_nf4_nt(y.data(), x.Data(), q.view(), M, 0.f);
     cpu::sgemm(false, true, M, N, K, 1.f, x.Data(), std::max<int64_t>(K, 1), wdq.data(), K, 0.f, y_ref.data(),
                std::max<int64_t>(N, 1));
 
     const float* dy = has_dy ? dy_js.Data() : y_ref.data();
     std::vector<float> dx(size_t(M * K), nan), dx_ref(size_t(M * K), nan);
-    cpu::matmul_nf4_nn(dx.data(), dy, q, M, 0.f);
+    cpu::matmul_nf4_nn(dx.data(), dy, q.view(), M, 0.f);
     cpu::sgemm(false, false, M, K, N, 1.f, dy, std::max<int64_t>(N, 1), wdq.data(), K, 0.f, dx_ref.data(), K);
 
     Napi::Object out = Napi::Object::New(env);

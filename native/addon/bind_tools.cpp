@@ -17,7 +17,8 @@
 #include "addon/convert.h"
 #include "model/lora.h"
 #include "model/merge.h"
-#include "model/sampler.h"
+#include "cpu/cpu_backend.h"
+#include "cpu/sampler.h"
 
 namespace ts::addon {
 
@@ -83,7 +84,7 @@ Napi::Value SampleToken(const Napi::CallbackInfo& info) {
     SamplerRng rng(params.seed);  // one stream for all draws
     for (size_t i = 0; i < draws; i++) {
       std::copy(logits.Data(), logits.Data() + V, work.begin());  // each draw sees the same distribution
-      out[i] = sample_token(work.data(), V, params, context, rng);
+      out[i] = cpu::sample_token(work.data(), V, params, context, cpu::UniformSource{&rng, 0.0});
     }
     Napi::Int32Array result = Napi::Int32Array::New(env, draws);
     std::copy(out.begin(), out.end(), result.Data());
@@ -219,6 +220,8 @@ void run_merge(const std::shared_ptr<MergeJob>& job) {
     if (job->cancel) throw EngineError("CANCELLED", "merge cancelled");
     std::shared_ptr<LoraAdapter> adapter = lora_load(job->cfg, job->lora, job->adapter_file);
     job->merge.adapter = adapter.get();
+    std::unique_ptr<Backend> host = cpu::make_cpu_backend();  // the merge streams host tensors
+    job->merge.host = host.get();
     auto on_progress = [&job](const MergeProgress& p) {
       std::lock_guard<std::mutex> lock(job->mu);
       job->latest = p;
@@ -231,6 +234,7 @@ void run_merge(const std::shared_ptr<MergeJob>& job) {
     };
     job->result = merge_adapter(job->merge, on_progress, [&job] { return job->cancel.load(); });
     job->merge.adapter = nullptr;
+    job->merge.host = nullptr;
     job->ok = true;
   } catch (const EngineError& e) {
     job->error_code = e.code;

@@ -120,16 +120,16 @@ NF4Matrix nf4_quantize(const float* w, int64_t rows, int64_t cols, std::vector<f
   return m;
 }
 
-float nf4_block_absmax(const NF4Matrix& m, int64_t block) {
+float nf4_block_absmax(const NF4View& m, int64_t block) {
   const float scale = m.absmax_scale[size_t(block / NF4_DQ_GROUP)];
   return m.absmax_mean + float(m.absmax_q[size_t(block)]) * (scale / 127.f);
 }
 
-void nf4_dequantize_rows(const NF4Matrix& m, int64_t row_begin, int64_t row_end, float* out) {
+void nf4_dequantize_rows(const NF4View& m, int64_t row_begin, int64_t row_end, float* out) {
   const int64_t b0 = row_begin * m.cols / NF4_BLOCK, b1 = row_end * m.cols / NF4_BLOCK;
   for (int64_t b = b0; b < b1; b++) {
     const float amax = nf4_block_absmax(m, b);
-    const uint8_t* codes = m.codes.data() + b * (NF4_BLOCK / 2);
+    const uint8_t* codes = m.codes + b * (NF4_BLOCK / 2);
     float* dst = out + (b - b0) * NF4_BLOCK;
     for (int j = 0; j < NF4_BLOCK / 2; j++) {
       dst[2 * j] = NF4_LEVELS[codes[j] >> 4] * amax;

@@ -12,11 +12,23 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/host_device.h"
+
 namespace ts {
 
 constexpr int NF4_BLOCK = 64;         // weights per absmax block
 constexpr int NF4_DQ_GROUP = 256;     // absmax blocks per double-quantization group
 extern const float NF4_LEVELS[16];    // the 16 levels, ascending, REFERENCE.md values
+
+// A non-owning view of NF4 data in some backend's memory (what the matrix kernels take).
+struct NF4View {
+  int64_t rows = 0, cols = 0;
+  const uint8_t* codes = nullptr;        // (rows*cols/2)
+  const int8_t* absmax_q = nullptr;      // (nblocks)
+  const float* absmax_scale = nullptr;   // (ceil(nblocks/256))
+  float absmax_mean = 0.f;
+  int64_t nblocks() const { return rows * cols / NF4_BLOCK; }
+};
 
 struct NF4Matrix {
   int64_t rows = 0, cols = 0;           // logical shape [rows, cols] (a linear weight: [out, in])
@@ -26,6 +38,7 @@ struct NF4Matrix {
   float absmax_mean = 0.f;              // mean of all block absmax values
   int64_t nblocks() const { return rows * cols / NF4_BLOCK; }
   size_t bytes() const { return codes.size() + absmax_q.size() + absmax_scale.size() * 4 + 4; }
+  NF4View view() const { return {rows, cols, codes.data(), absmax_q.data(), absmax_scale.data(), absmax_mean}; }
 };
 
 // Index of the NF4 level nearest to x (x in [-1, 1]), decided as bitsandbytes' decision tree does: the
@@ -37,8 +50,8 @@ uint8_t nf4_nearest(float x);
 // Writes the undouble-quantized absmax per block to `absmax_out` when given (for tests).
 NF4Matrix nf4_quantize(const float* w, int64_t rows, int64_t cols, std::vector<float>* absmax_out = nullptr);
 // The absmax of block b after double quantization (what dequantization uses).
-float nf4_block_absmax(const NF4Matrix& m, int64_t block);
+float nf4_block_absmax(const NF4View& m, int64_t block);
 // Dequantizes rows [row_begin, row_end) into out ((row_end-row_begin)*cols floats).
-void nf4_dequantize_rows(const NF4Matrix& m, int64_t row_begin, int64_t row_end, float* out);
+void nf4_dequantize_rows(const NF4View& m, int64_t row_begin, int64_t row_end, float* out);
 
 }  // namespace ts

@@ -19,10 +19,10 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
 // y[M,N] = x[M,K] · dequant(W)[N,K]ᵀ + beta * y, with W NF4 ([N,K], K % 64 == 0). Dequantizes panels
 // of W on the fly (never the whole matrix); small M (decoding, M <= 12) takes a fused dequant-dot
 // path that streams the 4-bit codes once.
-void matmul_nf4_nt(float* y, const float* x, const NF4Matrix& w, int64_t M, float beta);
+void matmul_nf4_nt(float* y, const float* x, const NF4View& w, int64_t M, float beta);
 // dx[M,K] = dy[M,N] · dequant(W)[N,K] + beta * dx  (the input gradient through a frozen NF4 weight;
 // M <= 4 fused, larger M through dequantized panels).
-void matmul_nf4_nn(float* dx, const float* dy, const NF4Matrix& w, int64_t M, float beta);
+void matmul_nf4_nn(float* dx, const float* dy, const NF4View& w, int64_t M, float beta);
 
 // Which kernel sgemm runs on this CPU: "avx512", "avx2", or "scalar" (or "openblas" if selected).
 const char* gemm_kernel_name();

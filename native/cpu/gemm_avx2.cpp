@@ -115,7 +115,7 @@ struct Tile6x16 {
   // dst[k*16 + c] = op(B)(k0 + k, j + c); dst is 32-byte aligned.
   TS_TARGET static void pack_b(const GemmProblem& p, int64_t k0, int64_t kc, int64_t j, int nv, float* dst) {
     if (p.b_nf4) {
-      const NF4Matrix& w = *p.b_nf4;
+      const NF4View& w = *p.b_nf4;
       const __m256 lut_lo = _mm256_loadu_ps(NF4_LEVELS), lut_hi = _mm256_loadu_ps(NF4_LEVELS + 8);
       if (p.b_nf4_trans && kc % NF4_BLOCK == 0 && k0 % NF4_BLOCK == 0) {
         float amax[NR][KC / NF4_BLOCK];  // (16, KC/64) absmax of each row's blocks in this K panel
@@ -131,7 +131,7 @@ struct Tile6x16 {
               const int c = 8 * half + q;
               if (c < nv) {
                 const int64_t e = (j + c) * w.cols + k0 + k;
-                r[q] = nf4_decode8(w.codes.data() + e / 2, lut_lo, lut_hi, _mm256_set1_ps(amax[c][k / NF4_BLOCK]));
+                r[q] = nf4_decode8(w.codes + e / 2, lut_lo, lut_hi, _mm256_set1_ps(amax[c][k / NF4_BLOCK]));
               } else {
                 r[q] = _mm256_setzero_ps();
               }
@@ -146,8 +146,8 @@ struct Tile6x16 {
         for (int64_t k = 0; k < kc; k++) {
           const int64_t e = (k0 + k) * w.cols + j;
           const __m256 amax = _mm256_set1_ps(absmax(e / NF4_BLOCK));
-          _mm256_store_ps(dst + k * NR, nf4_decode8(w.codes.data() + e / 2, lut_lo, lut_hi, amax));
-          _mm256_store_ps(dst + k * NR + 8, nf4_decode8(w.codes.data() + e / 2 + 4, lut_lo, lut_hi, amax));
+          _mm256_store_ps(dst + k * NR, nf4_decode8(w.codes + e / 2, lut_lo, lut_hi, amax));
+          _mm256_store_ps(dst + k * NR + 8, nf4_decode8(w.codes + e / 2 + 4, lut_lo, lut_hi, amax));
         }
         return;
       }
@@ -275,7 +275,7 @@ TS_TARGET void gemm_small_m(const GemmProblem& p, int64_t j0, int64_t j1) {
 // ---- fused NF4 (small M). A lane group is 32 code bytes = 64 weights = exactly one absmax block. ----
 
 template <int MB>
-TS_TARGET void nf4_nt_rows(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4Matrix& w, float beta,
+TS_TARGET void nf4_nt_rows(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4View& w, float beta,
                            int64_t n0, int64_t n1) {
   const __m256 lut_lo = _mm256_loadu_ps(NF4_LEVELS), lut_hi = _mm256_loadu_ps(NF4_LEVELS + 8);
   const int64_t blocks = w.cols / NF4_BLOCK;
@@ -285,7 +285,7 @@ TS_TARGET void nf4_nt_rows(float* y, int64_t ldy, const float* xp, int64_t Kp, c
     for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < blocks; g++) {
       const int64_t b = n * blocks + g;
-      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes.data() + b * 32));
+      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + b * 32));
       const __m256 absmax = _mm256_set1_ps(block_absmax(b));
       __m256 level[8];
       for (int s = 0; s < 8; s++) level[s] = nf4_lookup8(_mm256_srli_epi32(codes, 4 * s), lut_lo, lut_hi);
@@ -308,7 +308,7 @@ TS_TARGET void nf4_nt_rows(float* y, int64_t ldy, const float* xp, int64_t Kp, c
   }
 }
 
-TS_TARGET void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4Matrix& w, int64_t M,
+TS_TARGET void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4View& w, int64_t M,
                             float beta, int64_t n0, int64_t n1) {
   const int64_t chunk = w.cols >= 8192 ? 4 : 16;
   for (int64_t nc = n0; nc < n1; nc += chunk) {
@@ -327,7 +327,7 @@ TS_TARGET void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, 
   }
 }
 
-TS_TARGET void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4Matrix& w, int64_t M, int64_t g0,
+TS_TARGET void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4View& w, int64_t M, int64_t g0,
                             int64_t g1) {
   const __m256 lut_lo = _mm256_loadu_ps(NF4_LEVELS), lut_hi = _mm256_loadu_ps(NF4_LEVELS + 8);
   const int64_t N = w.rows, blocks = w.cols / NF4_BLOCK;
@@ -336,7 +336,7 @@ TS_TARGET void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4M
   for (int64_t n = 0; n < N; n++) {
     for (int64_t g = g0; g < g1; g++) {
       const int64_t b = n * blocks + g;
-      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes.data() + b * 32));
+      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + b * 32));
       const float absmax = block_absmax(b);
       __m256 level[8];
       for (int s = 0; s < 8; s++) level[s] = nf4_lookup8(_mm256_srli_epi32(codes, 4 * s), lut_lo, lut_hi);

@@ -159,7 +159,7 @@ struct Tile14x32 {
   // dst[k*32 + c] = op(B)(k0 + k, j + c), zero columns past nv. dst is 64-byte aligned.
   TS_TARGET static void pack_b(const GemmProblem& p, int64_t k0, int64_t kc, int64_t j, int nv, float* dst) {
     if (p.b_nf4) {
-      const NF4Matrix& w = *p.b_nf4;
+      const NF4View& w = *p.b_nf4;
       const __m512 lut = nf4_lut();
       if (p.b_nf4_trans && kc % NF4_BLOCK == 0 && k0 % NF4_BLOCK == 0) {
         // op(B)(k, j+c) = W[j+c, k]: decode 16 weights of each of 32 rows (one absmax each: 16 | 64),
@@ -177,7 +177,7 @@ struct Tile14x32 {
               const int c = 16 * half + q;
               if (c < nv) {
                 const int64_t e = (j + c) * w.cols + k0 + k;
-                r[q] = nf4_decode16(w.codes.data() + e / 2, lut, _mm512_set1_ps(amax[c][k / NF4_BLOCK]));
+                r[q] = nf4_decode16(w.codes + e / 2, lut, _mm512_set1_ps(amax[c][k / NF4_BLOCK]));
               } else {
                 r[q] = _mm512_setzero_ps();
               }
@@ -194,8 +194,8 @@ struct Tile14x32 {
         for (int64_t k = 0; k < kc; k++) {
           const int64_t e = (k0 + k) * w.cols + j;
           const __m512 amax = _mm512_set1_ps(absmax(e / NF4_BLOCK));
-          _mm512_store_ps(dst + k * NR, nf4_decode16(w.codes.data() + e / 2, lut, amax));
-          _mm512_store_ps(dst + k * NR + 16, nf4_decode16(w.codes.data() + e / 2 + 8, lut, amax));
+          _mm512_store_ps(dst + k * NR, nf4_decode16(w.codes + e / 2, lut, amax));
+          _mm512_store_ps(dst + k * NR + 16, nf4_decode16(w.codes + e / 2 + 8, lut, amax));
         }
         return;
       }
@@ -357,13 +357,13 @@ TS_TARGET inline __m512i nf4_group(const uint8_t* codes, int64_t b0, int64_t g, 
 // y[m, n] for MB rows of xp (slot order, (MB, Kp) at xp + m*Kp): per group, the 8 level vectors are
 // decoded once and dotted with each x row; the absmax is applied to the group's partial sum.
 template <int MB>
-TS_TARGET void nf4_nt_rows(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4Matrix& w, float beta,
+TS_TARGET void nf4_nt_rows(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4View& w, float beta,
                            int64_t n0, int64_t n1) {
   const __m512 lut = nf4_lut();
   const int64_t K = w.cols, groups = (K + 127) / 128;
   Nf4Absmax absmax(w);
   for (int64_t n = n0; n < n1; n++) {
-    const uint8_t* codes = w.codes.data() + n * (K / 2);
+    const uint8_t* codes = w.codes + n * (K / 2);
     const int64_t b0 = n * (K / NF4_BLOCK);
     __m512 acc[MB];
     for (int m = 0; m < MB; m++) acc[m] = _mm512_setzero_ps();
@@ -392,7 +392,7 @@ TS_TARGET void nf4_nt_rows(float* y, int64_t ldy, const float* xp, int64_t Kp, c
   }
 }
 
-TS_TARGET void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4Matrix& w, int64_t M,
+TS_TARGET void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4View& w, int64_t M,
                             float beta, int64_t n0, int64_t n1) {
   // Rows of W in chunks that stay in L1 while every 4-row slice of x passes over them.
   const int64_t chunk = w.cols >= 8192 ? 4 : 16;
@@ -414,7 +414,7 @@ TS_TARGET void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, 
 
 // dxp[m, slots of groups g0..g1) = Σ_n dy[m, n] W[n, :] in slot order; rows of W streamed two at a time
 // so each accumulator load/store carries two FMAs.
-TS_TARGET void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4Matrix& w, int64_t M, int64_t g0,
+TS_TARGET void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4View& w, int64_t M, int64_t g0,
                             int64_t g1) {
   const __m512 lut = nf4_lut();
   const int64_t N = w.rows, K = w.cols;
@@ -422,7 +422,7 @@ TS_TARGET void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4M
   for (int64_t m = 0; m < M; m++) std::memset(dxp + m * ldp + g0 * 128, 0, size_t(g1 - g0) * 128 * sizeof(float));
   for (int64_t n = 0; n < N; n += 2) {
     const bool pair = n + 1 < N;
-    const uint8_t* row0 = w.codes.data() + n * (K / 2);
+    const uint8_t* row0 = w.codes + n * (K / 2);
     const int64_t b0 = n * (K / NF4_BLOCK);
     for (int64_t g = g0; g < g1; g++) {
       const bool half = K - 128 * g < 128;

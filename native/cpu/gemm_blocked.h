@@ -106,7 +106,7 @@ TS_TARGET void pack_a_generic(const Operand& a, int64_t i, int mv, int64_t k0, i
 template <int NR>
 TS_TARGET void pack_b_generic(const GemmProblem& p, int64_t k0, int64_t kc, int64_t j, int nv, float* dst) {
   if (p.b_nf4) {
-    const NF4Matrix& w = *p.b_nf4;
+    const NF4View& w = *p.b_nf4;
     Nf4Absmax absmax(w);
     for (int64_t k = 0; k < kc; k++) {
       float* d = dst + k * NR;

@@ -23,7 +23,7 @@ struct GemmProblem {
   int64_t M = 0, N = 0, K = 0;
   float alpha = 1.f, beta = 0.f;
   Operand a, b;
-  const NF4Matrix* b_nf4 = nullptr;
+  const NF4View* b_nf4 = nullptr;
   bool b_nf4_trans = false;
   float* c = nullptr;
   int64_t ldc = 0;
@@ -59,10 +59,10 @@ inline float nf4_absmax_value(float mean, int8_t q, float step) {
 // Block absmax values for blocks visited mostly in increasing order: scale / 127 (a division) is
 // recomputed only when the 256-block group changes.
 struct Nf4Absmax {
-  const NF4Matrix& w;
+  const NF4View& w;
   int64_t group = -1;
   float step = 0.f;
-  explicit Nf4Absmax(const NF4Matrix& m) : w(m) {}
+  explicit Nf4Absmax(const NF4View& m) : w(m) {}
   float operator()(int64_t block) {
     const int64_t g = block / NF4_DQ_GROUP;
     if (g != group) {
@@ -84,11 +84,11 @@ struct KernelSet {
   void (*gemm_small_m)(const GemmProblem& p, int64_t j0, int64_t j1);
   // y[m, n] = Σ_k x[m,k] W[n,k] + beta*y[m, n] for n in [n0, n1), m < M; xp is x in slot order,
   // (M, Kp) with Kp = K rounded up to 8L and zero padded; y is (M, ldy).
-  void (*nf4_nt_small)(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4Matrix& w, int64_t M,
+  void (*nf4_nt_small)(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4View& w, int64_t M,
                        float beta, int64_t n0, int64_t n1);
   // dxp[m, slot] = Σ_n dy[m,n] W[n, k(slot)] for the slots of groups [g0, g1) (8L weights each), written
   // (overwritten) at dxp + m*ldp + slot; dy is (M, N) contiguous.
-  void (*nf4_nn_small)(float* dxp, int64_t ldp, const float* dy, const NF4Matrix& w, int64_t M, int64_t g0,
+  void (*nf4_nn_small)(float* dxp, int64_t ldp, const float* dy, const NF4View& w, int64_t M, int64_t g0,
                        int64_t g1);
 };
 

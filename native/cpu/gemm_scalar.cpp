@@ -64,7 +64,7 @@ inline float slot_level(const uint8_t* codes, int s) {
   return NF4_LEVELS[(s & 1) ? (byte >> 4) : (byte & 15)];  // slot s = weight s ^ 1: odd slots are even weights
 }
 
-void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4Matrix& w, int64_t M, float beta,
+void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4View& w, int64_t M, float beta,
                   int64_t n0, int64_t n1) {
   const int64_t K = w.cols;
   Nf4Absmax absmax(w);
@@ -73,7 +73,7 @@ void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4M
       const float* x = xp + m * Kp;
       float s = 0.f;
       for (int64_t b = 0; b < K / NF4_BLOCK; b++) {
-        const uint8_t* codes = w.codes.data() + (n * K + b * NF4_BLOCK) / 2;
+        const uint8_t* codes = w.codes + (n * K + b * NF4_BLOCK) / 2;
         float t = 0.f;
         for (int i = 0; i < NF4_BLOCK; i++) t += x[b * NF4_BLOCK + i] * slot_level(codes + (i / 8) * 4, i % 8);
         s += t * absmax((n * K) / NF4_BLOCK + b);
@@ -83,14 +83,14 @@ void nf4_nt_small(float* y, int64_t ldy, const float* xp, int64_t Kp, const NF4M
     }
 }
 
-void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4Matrix& w, int64_t M, int64_t g0, int64_t g1) {
+void nf4_nn_small(float* dxp, int64_t ldp, const float* dy, const NF4View& w, int64_t M, int64_t g0, int64_t g1) {
   const int64_t N = w.rows, K = w.cols;
   Nf4Absmax block_absmax(w);
   for (int64_t m = 0; m < M; m++) std::memset(dxp + m * ldp + g0 * 8, 0, size_t(g1 - g0) * 8 * sizeof(float));
   for (int64_t n = 0; n < N; n++)
     for (int64_t g = g0; g < g1; g++) {
       const int64_t e = n * K + g * 8;
-      const uint8_t* codes = w.codes.data() + e / 2;
+      const uint8_t* codes = w.codes + e / 2;
       const float absmax = block_absmax(e / NF4_BLOCK);
       for (int64_t m = 0; m < M; m++) {
         const float scale = absmax * dy[m * N + n];

@@ -3,12 +3,21 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "core/thread_pool.h"
 
 namespace ts::cpu {
+
+void embedding_forward(float* out, const int32_t* ids, const float* table, int64_t M, int H) {
+  for (int64_t m = 0; m < M; m++) std::memcpy(out + m * H, table + (int64_t)ids[m] * H, H * sizeof(float));
+}
+
+void add_inplace(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
 
 void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t M, int H, float eps) {
   parallel_for(M, 16, [&](int64_t b, int64_t e) {
@@ -44,7 +53,7 @@ void rmsnorm_backward(float* dx, const float* dout, const float* x, const float*
   });
 }
 
-void rope_apply(float* x, const int32_t* pos, const RopeTable& rope, int64_t M, int nheads, bool inverse) {
+void rope_apply(float* x, const int32_t* pos, const RopeView& rope, int64_t M, int nheads, bool inverse) {
   const int D = rope.D, half = D / 2;
   parallel_for(M, 16, [&](int64_t b, int64_t e) {
     for (int64_t m = b; m < e; m++) {
@@ -93,8 +102,9 @@ static inline float dot(const float* a, const float* b, int n) {
   return s;
 }
 
-void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v, int B, int T, int NH,
-                       int NKV, int D) {
+void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v, const AttentionShape& s) {
+  const int B = s.B, T = s.T, NH = s.NH, NKV = s.NKV, D = s.D;
+  const int32_t* doc_start = s.doc_start;
   const int G = NH / NKV;
   const int QD = NH * D, KVD = NKV * D;
   const float scale = 1.f / std::sqrt((float)D);
@@ -104,21 +114,22 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
     for (int64_t it = begin; it < end; it++) {
       int t = it % T, h = (it / T) % NH, b = it / ((int64_t)T * NH);
       int kh = h / G;
+      const int j0 = doc_start ? doc_start[(int64_t)b * T + t] : 0;
       const float* qt = q + ((int64_t)b * T + t) * QD + h * D;
       float mx = -std::numeric_limits<float>::infinity();
-      for (int j = 0; j <= t; j++) {
+      for (int j = j0; j <= t; j++) {
         p[j] = dot(qt, k + ((int64_t)b * T + j) * KVD + kh * D, D) * scale;
         mx = std::max(mx, p[j]);
       }
       double sum = 0;
-      for (int j = 0; j <= t; j++) {
+      for (int j = j0; j <= t; j++) {
         p[j] = std::exp(p[j] - mx);
         sum += p[j];
       }
       float inv = (float)(1.0 / sum);
       float* ot = out + ((int64_t)b * T + t) * QD + h * D;
       std::fill(ot, ot + D, 0.f);
-      for (int j = 0; j <= t; j++) {
+      for (int j = j0; j <= t; j++) {
         float pj = p[j] * inv;
         const float* vj = v + ((int64_t)b * T + j) * KVD + kh * D;
         for (int d = 0; d < D; d++) ot[d] += pj * vj[d];
@@ -129,7 +140,9 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
 }
 
 void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse,
-                        const float* q, const float* k, const float* v, int B, int T, int NH, int NKV, int D) {
+                        const float* q, const float* k, const float* v, const AttentionShape& s) {
+  const int B = s.B, T = s.T, NH = s.NH, NKV = s.NKV, D = s.D;
+  const int32_t* doc_start = s.doc_start;
   const int G = NH / NKV;
   const int QD = NH * D, KVD = NKV * D;
   const float scale = 1.f / std::sqrt((float)D);
@@ -154,7 +167,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
           float delta = dot(dot_, out + row, D);
           float l = lse[((int64_t)b * NH + h) * T + t];
           std::fill(dqt, dqt + D, 0.f);
-          for (int j = 0; j <= t; j++) {
+          const int j0 = doc_start ? doc_start[(int64_t)b * T + t] : 0;
+          for (int j = j0; j <= t; j++) {
             const float* kj = k + ((int64_t)b * T + j) * KVD + kh * D;
             const float* vj = v + ((int64_t)b * T + j) * KVD + kh * D;
             float p = std::exp(dot(qt, kj, D) * scale - l);
@@ -173,23 +187,35 @@ void attention_backward(float* dq, float* dk, float* dv, const float* dout, cons
   });
 }
 
-void attention_decode(float* out, const float* q, const float* const* k_rows, const float* const* v_rows,
-                      const int32_t* len, int64_t M, int NH, int NKV, int D) {
+void kv_write(const KVLayerView& kv, const float* k, const float* v, const int32_t* slot, int64_t M) {
+  float* kc = static_cast<float*>(kv.k);
+  float* vc = static_cast<float*>(kv.v);
+  for (int64_t m = 0; m < M; m++) {
+    std::memcpy(kc + (int64_t)slot[m] * kv.KVD, k + m * kv.KVD, kv.KVD * sizeof(float));
+    std::memcpy(vc + (int64_t)slot[m] * kv.KVD, v + m * kv.KVD, kv.KVD * sizeof(float));
+  }
+}
+
+void attention_paged(float* out, const float* q, const KVLayerView& kv, const PagedRows& rows, int64_t M, int NH,
+                     int NKV, int D) {
   const int G = NH / NKV;
-  const int KVD = NKV * D;
+  const int KVD = kv.KVD, bs = kv.block_size;
+  const float* kc = static_cast<const float*>(kv.k);
+  const float* vc = static_cast<const float*>(kv.v);
   const float scale = 1.f / std::sqrt((float)D);
   parallel_for(M * NH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p;
     for (int64_t it = begin; it < end; it++) {
       int64_t m = it / NH;
-      int h = it % NH, kh = h / G, n = len[m];
+      int h = it % NH, kh = h / G, n = rows.len[m];
+      const int32_t* table = rows.block_tables + (int64_t)rows.row_seq[m] * rows.max_blocks;
+      // cache row of position j of this sequence
+      auto at = [&](int j) { return ((int64_t)table[j / bs] * bs + j % bs) * KVD + kh * D; };
       p.resize(n);
       const float* qt = q + (m * NH + h) * D;
-      const float* kc = k_rows[m];
-      const float* vc = v_rows[m];
       float mx = -std::numeric_limits<float>::infinity();
       for (int j = 0; j < n; j++) {
-        p[j] = dot(qt, kc + (int64_t)j * KVD + kh * D, D) * scale;
+        p[j] = dot(qt, kc + at(j), D) * scale;
         mx = std::max(mx, p[j]);
       }
       double sum = 0;
@@ -202,11 +228,19 @@ void attention_decode(float* out, const float* q, const float* const* k_rows, co
       std::fill(ot, ot + D, 0.f);
       for (int j = 0; j < n; j++) {
         float pj = p[j] * inv;
-        const float* vj = vc + (int64_t)j * KVD + kh * D;
+        const float* vj = vc + at(j);
         for (int d = 0; d < D; d++) ot[d] += pj * vj[d];
       }
     }
   });
+}
+
+void gather_rows(float* out, const float* in, const int32_t* index, int64_t n, int64_t cols) {
+  for (int64_t i = 0; i < n; i++) std::memcpy(out + i * cols, in + (int64_t)index[i] * cols, cols * sizeof(float));
+}
+
+void scatter_rows(float* out, const float* in, const int32_t* index, int64_t n, int64_t cols) {
+  for (int64_t i = 0; i < n; i++) std::memcpy(out + (int64_t)index[i] * cols, in + i * cols, cols * sizeof(float));
 }
 
 double cross_entropy_forward_backward(float* logits, const int32_t* targets, int64_t M, int V, float scale) {
@@ -240,6 +274,23 @@ double cross_entropy_forward_backward(float* logits, const int32_t* targets, int
   double total = 0;
   for (double l : row_loss) total += l;
   return total;
+}
+
+void sum_squares(double* acc, const float* x, int64_t n) {
+  double sq = *acc;  // one running sum across calls: the order of additions is the parameters' order
+  for (int64_t i = 0; i < n; i++) sq += (double)x[i] * x[i];
+  *acc = sq;
+}
+
+void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, const AdamWStep& s) {
+  const float b1 = s.beta1, b2 = s.beta2;
+  for (int64_t i = 0; i < n; i++) {
+    float gi = g[i] * s.clip;
+    p[i] *= s.decay;
+    m[i] = b1 * m[i] + (1.f - b1) * gi;
+    v[i] = b2 * v[i] + (1.f - b2) * gi * gi;
+    p[i] -= s.step_size * m[i] / (std::sqrt(v[i]) / s.sqrt_bc2 + s.eps);
+  }
 }
 
 }  // namespace ts::cpu

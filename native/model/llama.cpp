@@ -1,6 +1,6 @@
-// Llama 3 passes (llama.h): the training forward/backward with per-layer recompute, and inference
-// over KV caches. Everything is float32; the base is frozen, so the backward computes activation
-// gradients through it and parameter gradients only for LoRA A/B.
+// Llama 3 passes (llama.h) over the backend interface. The base is frozen, so the backward computes
+// activation gradients through it and parameter gradients only for LoRA A/B. The order of the ops is
+// the CPU oracle's: a backend that computes each op exactly reproduces it bit for bit.
 #include "model/llama.h"
 
 #include <algorithm>
@@ -8,11 +8,8 @@
 #include <cstring>
 
 #include "core/error.h"
-#include "cpu/gemm.h"
 
 namespace ts {
-
-using namespace cpu;
 
 // ---------------------------------------------------------------------------------------------- rope
 
@@ -51,17 +48,49 @@ void rope_tables(const LlamaConfig& cfg, int64_t P, std::vector<float>* cos_out,
 
 void LlamaModel::ensure_rope(int64_t positions) {
   if (rope.P >= positions) return;
-  require(positions <= w.cfg.max_pos, "INVALID_ARGUMENT",
+  const LlamaConfig& c = cfg();
+  require(positions <= c.max_pos, "INVALID_ARGUMENT",
           "sequence position " + std::to_string(positions - 1) + " is beyond max_position_embeddings " +
-              std::to_string(w.cfg.max_pos));
+              std::to_string(c.max_pos));
   // Grow geometrically so decoding does not rebuild the tables every token.
-  int64_t P = std::min<int64_t>(w.cfg.max_pos, std::max<int64_t>(positions, std::max<int64_t>(256, rope.P * 2)));
-  rope_tables(w.cfg, P, &rope_cos, &rope_sin);
-  rope.D = w.cfg.D;
-  rope.P = P;
-  rope.cos = rope_cos.data();
-  rope.sin = rope_sin.data();
+  int64_t P = std::min<int64_t>(c.max_pos, std::max<int64_t>(positions, std::max<int64_t>(256, rope.P * 2)));
+  std::vector<float> cos, sin;
+  rope_tables(c, P, &cos, &sin);
+  const size_t half_bytes = cos.size() * sizeof(float);
+  Buffer storage(*be, 2 * half_bytes);
+  float* dcos = static_cast<float*>(storage.data());
+  float* dsin = reinterpret_cast<float*>(static_cast<char*>(storage.data()) + half_bytes);
+  be->upload(dcos, cos.data(), half_bytes);
+  be->upload(dsin, sin.data(), half_bytes);
+  be->synchronize();  // the old tables may still be read by queued work until here
+  rope_storage = std::move(storage);
+  rope = RopeView{c.D, P, dcos, dsin};
 }
+
+// ----------------------------------------------------------------------------------- shared helpers
+
+namespace {
+
+// The LoRA of one (layer, target) over all rows of a training pass (one adapter).
+LoraApply training_lora(const AdapterTensors* adapter, int64_t M, int layer, int target, const DropoutContext& drop) {
+  LoraApply a;
+  if (!adapter) return a;
+  const LoraModuleView& mv = adapter->mod(layer, target).view;
+  if (!mv.A) return a;
+  a.segments.push_back({0, M, mv});
+  a.max_rank = mv.r;
+  a.dropout = drop.at(layer, target);
+  return a;
+}
+
+// A linear module of the block with its LoRA path: y = x·Wᵀ (+ s·B·A·dropout(x)). The one place LoRA
+// is applied in the forward.
+void project(Backend& be, Tensor y, Tensor x, const LinearView& w, const LoraApply& lora, const LoraScratch& scratch) {
+  be.linear_forward(y, x, w, 0.f);
+  if (!lora.segments.empty() || lora.row_slot) be.lora_forward(y, x, lora, scratch);
+}
+
+}  // namespace
 
 // ------------------------------------------------------------------------------------------ training
 
@@ -74,262 +103,400 @@ int64_t TrainBatch::count_targets() const {
 
 namespace {
 
-// A linear module of the block with its LoRA path: y = x·Wᵀ (+ s·B·A·dropout(x)).
-void project(float* y, const float* x, const LayerWeights& lw, int64_t M, const std::vector<LoraSegment>& segs,
-             int layer, int target, const DropoutContext* drop) {
-  linear_forward(y, x, lw.lin[target], M, 0.f);
-  lora_forward(y, x, segs, layer, target, drop);
-}
-
-// dx (+)= dy·W and LoRA gradients of the module (adapter may be null: base only).
-void project_backward(float* dx, bool accumulate, const float* dy, const float* x, const LayerWeights& lw, int64_t M,
-                      LoraAdapter* adapter, int layer, int target, const DropoutContext* drop) {
-  linear_backward_input(dx, dy, lw.lin[target], M, accumulate ? 1.f : 0.f);
-  if (adapter) lora_backward(dx, *adapter, dy, x, M, layer, target, drop);
-}
-
 // Activations of one layer's forward that its backward needs.
 struct LayerActs {
-  std::vector<float> xn1, rstd1;  // (M,H), (M)
-  std::vector<float> q, k, v;     // (M,NH*D), (M,NKV*D) x2, rotated q/k
-  std::vector<float> att, lse;    // (M,NH*D), (B,NH,T)
-  std::vector<float> x2;          // (M,H) residual after attention
-  std::vector<float> xn2, rstd2;  // (M,H), (M)
-  std::vector<float> g, u, h;     // (M,I) gate, up, silu(gate)*up
-  void alloc(const LlamaConfig& c, int B, int T) {
-    const int64_t M = (int64_t)B * T;
-    xn1.resize(M * c.H); rstd1.resize(M);
-    q.resize(M * c.NH * c.D); k.resize(M * c.NKV * c.D); v.resize(M * c.NKV * c.D);
-    att.resize(M * c.NH * c.D); lse.resize((int64_t)B * c.NH * T);
-    x2.resize(M * c.H); xn2.resize(M * c.H); rstd2.resize(M);
-    g.resize(M * c.I); u.resize(M * c.I); h.resize(M * c.I);
-  }
+  Tensor xn1;               // (M,H)
+  float* rstd1;             // (M)
+  Tensor q, k, v;           // (M,NH*D), (M,NKV*D) x2, rotated q/k
+  Tensor att;               // (M,NH*D)
+  float* lse;               // (B,NH,T)
+  Tensor x2;                // (M,H) residual after attention
+  Tensor xn2;               // (M,H)
+  float* rstd2;             // (M)
+  Tensor g, u, h;           // (M,I) gate, up, silu(gate)*up
 };
-
-struct TrainContext {
-  const LlamaModel& m;
-  const LlamaConfig& c;
-  int B, T;
-  int64_t M;
-  std::vector<int32_t> pos;  // (M)
-  std::vector<LoraSegment> segs;
-  LoraAdapter* adapter;
-  const DropoutContext* drop;
-};
-
-// x_out[M,H] = block(x_in)
-void layer_forward(TrainContext& tc, int l, LayerActs& a, const float* x_in, float* x_out) {
-  const LlamaConfig& c = tc.c;
-  const LayerWeights& lw = tc.m.w.layers[l];
-  const int64_t M = tc.M;
-  rmsnorm_forward(a.xn1.data(), a.rstd1.data(), x_in, lw.attn_norm.data(), M, c.H, c.rms_eps);
-  project(a.q.data(), a.xn1.data(), lw, M, tc.segs, l, Q, tc.drop);
-  project(a.k.data(), a.xn1.data(), lw, M, tc.segs, l, K, tc.drop);
-  project(a.v.data(), a.xn1.data(), lw, M, tc.segs, l, V_PROJ, tc.drop);
-  rope_apply(a.q.data(), tc.pos.data(), tc.m.rope, M, c.NH, false);
-  rope_apply(a.k.data(), tc.pos.data(), tc.m.rope, M, c.NKV, false);
-  attention_forward(a.att.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(), tc.B, tc.T, c.NH, c.NKV, c.D);
-  project(a.x2.data(), a.att.data(), lw, M, tc.segs, l, O, tc.drop);
-  for (int64_t i = 0; i < M * c.H; i++) a.x2[i] += x_in[i];
-  rmsnorm_forward(a.xn2.data(), a.rstd2.data(), a.x2.data(), lw.mlp_norm.data(), M, c.H, c.rms_eps);
-  project(a.g.data(), a.xn2.data(), lw, M, tc.segs, l, GATE, tc.drop);
-  project(a.u.data(), a.xn2.data(), lw, M, tc.segs, l, UP, tc.drop);
-  swiglu_forward(a.h.data(), a.g.data(), a.u.data(), M, c.I);
-  project(x_out, a.h.data(), lw, M, tc.segs, l, DOWN, tc.drop);
-  for (int64_t i = 0; i < M * c.H; i++) x_out[i] += a.x2[i];
-}
 
 // Scratch of the backward, shared by all layers.
 struct LayerGrads {
-  std::vector<float> dh, dg, du;   // (M,I)
-  std::vector<float> dxn;          // (M,H)
-  std::vector<float> datt, dq;     // (M,NH*D)
-  std::vector<float> dk, dv;       // (M,NKV*D)
-  void alloc(const LlamaConfig& c, int64_t M) {
-    dh.resize(M * c.I); dg.resize(M * c.I); du.resize(M * c.I);
-    dxn.resize(M * c.H);
-    datt.resize(M * c.NH * c.D); dq.resize(M * c.NH * c.D);
-    dk.resize(M * c.NKV * c.D); dv.resize(M * c.NKV * c.D);
-  }
+  Tensor dh, dg, du;    // (M,I)
+  Tensor dxn;           // (M,H)
+  Tensor datt, dq;      // (M,NH*D)
+  Tensor dk, dv;        // (M,NKV*D)
 };
 
-// On entry dx[M,H] = dL/d(x_out); on exit dx = dL/d(x_in).
-void layer_backward(TrainContext& tc, int l, const LayerActs& a, const float* x_in, float* dx, LayerGrads& g) {
-  const LlamaConfig& c = tc.c;
-  const LayerWeights& lw = tc.m.w.layers[l];
-  const int64_t M = tc.M;
-  LoraAdapter* ad = tc.adapter;
-  // MLP: x_out = x2 + down(silu(gate(xn2)) * up(xn2))
-  project_backward(g.dh.data(), false, dx, a.h.data(), lw, M, ad, l, DOWN, tc.drop);
-  swiglu_backward(g.dg.data(), g.du.data(), g.dh.data(), a.g.data(), a.u.data(), M, c.I);
-  project_backward(g.dxn.data(), false, g.dg.data(), a.xn2.data(), lw, M, ad, l, GATE, tc.drop);
-  project_backward(g.dxn.data(), true, g.du.data(), a.xn2.data(), lw, M, ad, l, UP, tc.drop);
-  rmsnorm_backward(dx, g.dxn.data(), a.x2.data(), lw.mlp_norm.data(), a.rstd2.data(), M, c.H, true);  // dx = dL/dx2
-  // Attention: x2 = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
-  project_backward(g.datt.data(), false, dx, a.att.data(), lw, M, ad, l, O, tc.drop);
-  attention_backward(g.dq.data(), g.dk.data(), g.dv.data(), g.datt.data(), a.att.data(), a.lse.data(), a.q.data(),
-                     a.k.data(), a.v.data(), tc.B, tc.T, c.NH, c.NKV, c.D);
-  rope_apply(g.dq.data(), tc.pos.data(), tc.m.rope, M, c.NH, true);
-  rope_apply(g.dk.data(), tc.pos.data(), tc.m.rope, M, c.NKV, true);
-  project_backward(g.dxn.data(), false, g.dq.data(), a.xn1.data(), lw, M, ad, l, Q, tc.drop);
-  project_backward(g.dxn.data(), true, g.dk.data(), a.xn1.data(), lw, M, ad, l, K, tc.drop);
-  project_backward(g.dxn.data(), true, g.dv.data(), a.xn1.data(), lw, M, ad, l, V_PROJ, tc.drop);
-  rmsnorm_backward(dx, g.dxn.data(), x_in, lw.attn_norm.data(), a.rstd1.data(), M, c.H, true);  // dx = dL/dx_in
+// Everything a training pass uses, carved in one order (the plan measures exactly this).
+struct TrainWorkspace {
+  int32_t *ids, *pos, *scored_rows, *scored_targets;  // (M) each
+  double* loss_sum;
+  std::vector<Tensor> layer_in;   // (L+1) x (M,H): the input of each layer, and the final stream
+  std::vector<LayerActs> acts;    // L when every layer's activations are kept, else 1 (recompute)
+  Tensor xnf;                     // (M,H)
+  float* rstdf;                   // (M)
+  Tensor logits;                  // (chunk,V) float32
+  Tensor xs, dxs;                 // (chunk,H)
+  Tensor dxnf, dx, scratch_out;   // (M,H)
+  LayerGrads grads;
+  LoraScratch lora;
+};
+
+TrainWorkspace carve_train(Arena& a, const LlamaConfig& c, DType act, int B, int T, int max_rank,
+                           const TrainPassOptions& opt) {
+  const int64_t M = (int64_t)B * T, QD = c.NH * c.D, KVD = c.NKV * c.D;
+  const int64_t chunk = std::min<int64_t>(std::max(1, opt.ce_chunk_rows), M);
+  TrainWorkspace w;
+  w.ids = a.take_array<int32_t>(M);
+  w.pos = a.take_array<int32_t>(M);
+  w.scored_rows = a.take_array<int32_t>(M);
+  w.scored_targets = a.take_array<int32_t>(M);
+  w.loss_sum = a.take_array<double>(1);
+  for (int l = 0; l <= c.L; l++) w.layer_in.push_back(a.take(M, c.H, act));
+  const bool keep_all = opt.backward && !opt.recompute;
+  w.acts.resize(keep_all ? c.L : 1);
+  for (LayerActs& x : w.acts) {
+    x.xn1 = a.take(M, c.H, act);
+    x.rstd1 = a.take_array<float>(M);
+    x.q = a.take(M, QD, act);
+    x.k = a.take(M, KVD, act);
+    x.v = a.take(M, KVD, act);
+    x.att = a.take(M, QD, act);
+    x.lse = a.take_array<float>((int64_t)B * c.NH * T);
+    x.x2 = a.take(M, c.H, act);
+    x.xn2 = a.take(M, c.H, act);
+    x.rstd2 = a.take_array<float>(M);
+    x.g = a.take(M, c.I, act);
+    x.u = a.take(M, c.I, act);
+    x.h = a.take(M, c.I, act);
+  }
+  w.xnf = a.take(M, c.H, act);
+  w.rstdf = a.take_array<float>(M);
+  w.logits = a.take(chunk, c.V, DType::F32);
+  w.xs = a.take(chunk, c.H, act);
+  w.dxs = a.take(chunk, c.H, act);
+  const int64_t max_in = std::max<int64_t>({c.H, c.I, QD});
+  if (opt.backward) {
+    w.dxnf = a.take(M, c.H, act);
+    w.dx = a.take(M, c.H, act);
+    if (opt.recompute) w.scratch_out = a.take(M, c.H, act);
+    w.grads.dh = a.take(M, c.I, act);
+    w.grads.dg = a.take(M, c.I, act);
+    w.grads.du = a.take(M, c.I, act);
+    w.grads.dxn = a.take(M, c.H, act);
+    w.grads.datt = a.take(M, QD, act);
+    w.grads.dq = a.take(M, QD, act);
+    w.grads.dk = a.take(M, KVD, act);
+    w.grads.dv = a.take(M, KVD, act);
+  }
+  if (max_rank > 0) {
+    w.lora.u = a.take(M, max_rank, DType::F32);
+    if (opt.dropout.p > 0.f) w.lora.xd = a.take(M, max_in, DType::F32);
+    if (opt.backward) {
+      w.lora.du = a.take(M, max_rank, DType::F32);
+      w.lora.dxd = a.take(M, max_in, DType::F32);
+    }
+  }
+  return w;
 }
 
-void embed_rows(const LlamaWeights& w, const int32_t* ids, int64_t M, float* x) {
-  const int H = w.cfg.H;
-  for (int64_t m = 0; m < M; m++) {
-    require(ids[m] >= 0 && ids[m] < w.cfg.V, "INVALID_ARGUMENT",
-            "token id " + std::to_string(ids[m]) + " is outside the vocabulary [0, " + std::to_string(w.cfg.V) + ")");
-    std::memcpy(x + m * H, w.embed.data() + (int64_t)ids[m] * H, H * sizeof(float));
-  }
+struct TrainContext {
+  LlamaModel& m;
+  Backend& be;
+  const LlamaConfig& c;
+  AttentionShape shape;
+  int64_t M;
+  const int32_t* pos;
+  const AdapterTensors* adapter;   // the adapter of the forward (null: base)
+  bool backward_adapter;           // its gradients are wanted
+  const DropoutContext& drop;
+  const LoraScratch& lora;
+};
+
+// The LoRA scratch narrowed to a module's input width.
+LoraScratch lora_scratch_for(const LoraScratch& s, int in) {
+  LoraScratch n = s;
+  if (s.xd.data || s.xd.rows) n.xd = make_tensor(s.xd.data, DType::F32, s.xd.rows, in, s.xd.device);
+  if (s.dxd.data || s.dxd.rows) n.dxd = make_tensor(s.dxd.data, DType::F32, s.dxd.rows, in, s.dxd.device);
+  return n;
+}
+
+void train_project(TrainContext& tc, Tensor y, Tensor x, int l, int t) {
+  const LinearView& w = tc.m.w.layers[l].lin[t];
+  project(tc.be, y, x, w, training_lora(tc.adapter, tc.M, l, t, tc.drop), lora_scratch_for(tc.lora, w.in));
+}
+
+// dx (+)= dy·W and LoRA gradients of the module (only when the adapter trains).
+void project_backward(TrainContext& tc, Tensor dx, bool accumulate, Tensor dy, Tensor x, int l, int t) {
+  const LinearView& w = tc.m.w.layers[l].lin[t];
+  tc.be.linear_backward_input(dx, dy, w, accumulate ? 1.f : 0.f);
+  if (!tc.backward_adapter) return;
+  const AdapterTensors::Module& mod = tc.adapter->mod(l, t);
+  if (!mod.view.A) return;
+  tc.be.lora_backward(dx, mod.dA, mod.dB, dy, x, mod.view, tc.drop.at(l, t), lora_scratch_for(tc.lora, w.in));
+}
+
+// x_out[M,H] = block(x_in)
+void layer_forward(TrainContext& tc, int l, const LayerActs& a, Tensor x_in, Tensor x_out) {
+  const LlamaConfig& c = tc.c;
+  Backend& be = tc.be;
+  const BackendWeights::Layer& lw = tc.m.w.layers[l];
+  be.rmsnorm_forward(a.xn1, a.rstd1, x_in, lw.attn_norm, c.rms_eps);
+  train_project(tc, a.q, a.xn1, l, Q);
+  train_project(tc, a.k, a.xn1, l, K);
+  train_project(tc, a.v, a.xn1, l, V_PROJ);
+  be.rope(a.q, tc.pos, tc.m.rope, c.NH, false);
+  be.rope(a.k, tc.pos, tc.m.rope, c.NKV, false);
+  be.attention_forward(a.att, a.lse, a.q, a.k, a.v, tc.shape);
+  train_project(tc, a.x2, a.att, l, O);
+  be.add(a.x2, x_in);
+  be.rmsnorm_forward(a.xn2, a.rstd2, a.x2, lw.mlp_norm, c.rms_eps);
+  train_project(tc, a.g, a.xn2, l, GATE);
+  train_project(tc, a.u, a.xn2, l, UP);
+  be.swiglu_forward(a.h, a.g, a.u);
+  train_project(tc, x_out, a.h, l, DOWN);
+  be.add(x_out, a.x2);
+}
+
+// On entry dx[M,H] = dL/d(x_out); on exit dx = dL/d(x_in).
+void layer_backward(TrainContext& tc, int l, const LayerActs& a, Tensor x_in, Tensor dx, const LayerGrads& g) {
+  const LlamaConfig& c = tc.c;
+  Backend& be = tc.be;
+  const BackendWeights::Layer& lw = tc.m.w.layers[l];
+  // MLP: x_out = x2 + down(silu(gate(xn2)) * up(xn2))
+  project_backward(tc, g.dh, false, dx, a.h, l, DOWN);
+  be.swiglu_backward(g.dg, g.du, g.dh, a.g, a.u);
+  project_backward(tc, g.dxn, false, g.dg, a.xn2, l, GATE);
+  project_backward(tc, g.dxn, true, g.du, a.xn2, l, UP);
+  be.rmsnorm_backward(dx, g.dxn, a.x2, lw.mlp_norm, a.rstd2, true);  // dx = dL/dx2
+  // Attention: x2 = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
+  project_backward(tc, g.datt, false, dx, a.att, l, O);
+  be.attention_backward(g.dq, g.dk, g.dv, g.datt, a.att, a.lse, a.q, a.k, a.v, tc.shape);
+  be.rope(g.dq, tc.pos, tc.m.rope, c.NH, true);
+  be.rope(g.dk, tc.pos, tc.m.rope, c.NKV, true);
+  project_backward(tc, g.dxn, false, g.dq, a.xn1, l, Q);
+  project_backward(tc, g.dxn, true, g.dk, a.xn1, l, K);
+  project_backward(tc, g.dxn, true, g.dv, a.xn1, l, V_PROJ);
+  be.rmsnorm_backward(dx, g.dxn, x_in, lw.attn_norm, a.rstd1, true);  // dx = dL/dx_in
+}
+
+void check_ids(const int32_t* ids, int64_t n, int V) {
+  for (int64_t m = 0; m < n; m++)
+    require(ids[m] >= 0 && ids[m] < V, "INVALID_ARGUMENT",
+            "token id " + std::to_string(ids[m]) + " is outside the vocabulary [0, " + std::to_string(V) + ")");
+}
+
+int max_rank_of(const AdapterTensors* a) {
+  int r = 0;
+  if (a)
+    for (const auto& layer : a->mods)
+      for (const auto& mod : layer) r = std::max(r, mod.view.r);
+  return r;
 }
 
 }  // namespace
 
-double llama_train_pass(LlamaModel& m, LoraAdapter* adapter, const TrainBatch& batch, const TrainPassOptions& opt) {
-  const LlamaConfig& c = m.w.cfg;
+size_t plan_train_workspace(const LlamaModel& m, int B, int T, int max_rank, const TrainPassOptions& opt) {
+  Arena a = Arena::measuring(m.be->device());
+  carve_train(a, m.cfg(), m.be->compute_dtype(), B, T, max_rank, opt);
+  return a.used();
+}
+
+double llama_train_pass(LlamaModel& m, const AdapterTensors* adapter, const TrainBatch& batch,
+                        const TrainPassOptions& opt, Arena& ws) {
+  const LlamaConfig& c = m.cfg();
+  Backend& be = *m.be;
   const int B = batch.B, T = batch.T;
   const int64_t M = (int64_t)B * T;
   require(B > 0 && T > 0 && (int64_t)batch.ids.size() == M && (int64_t)batch.labels.size() == M, "INVALID_ARGUMENT",
           "train batch shape does not match its ids/labels");
+  check_ids(batch.ids.data(), M, c.V);
   m.ensure_rope(T);
-  TrainContext tc{m, c, B, T, M, std::vector<int32_t>(M), {{0, M, adapter}}, opt.backward ? adapter : nullptr,
-                  opt.dropout.p > 0 ? &opt.dropout : nullptr};
-  for (int64_t i = 0; i < M; i++) tc.pos[i] = (int32_t)(i % T);
-  // Position t predicts labels[t + 1] (the shift Hugging Face applies inside the loss).
-  std::vector<int32_t> targets(M, -100);
+  ws.reset();
+  TrainWorkspace w = carve_train(ws, c, be.compute_dtype(), B, T, max_rank_of(adapter), opt);
+
+  // Host inputs: positions, and the rows that have a target. Position t predicts labels[t + 1] (the
+  // shift Hugging Face applies inside the loss); prompt and padding rows are skipped: their logits are
+  // never computed.
+  std::vector<int32_t> pos(M), scored_rows, scored_targets;
+  for (int64_t i = 0; i < M; i++) pos[i] = (int32_t)(i % T);
   for (int b = 0; b < B; b++)
-    for (int t = 0; t + 1 < T; t++) targets[(int64_t)b * T + t] = batch.labels[(int64_t)b * T + t + 1];
+    for (int t = 0; t + 1 < T; t++) {
+      const int32_t y = batch.labels[(int64_t)b * T + t + 1];
+      if (y == -100) continue;
+      scored_rows.push_back(b * T + t);
+      scored_targets.push_back(y);
+    }
+  const int64_t n_scored = (int64_t)scored_rows.size();
+  be.upload(w.ids, batch.ids.data(), M * sizeof(int32_t));
+  be.upload(w.pos, pos.data(), M * sizeof(int32_t));
+  be.upload(w.scored_rows, scored_rows.data(), n_scored * sizeof(int32_t));
+  be.upload(w.scored_targets, scored_targets.data(), n_scored * sizeof(int32_t));
+  be.fill_zero(w.loss_sum, sizeof(double));
+
+  const bool backward_adapter = opt.backward && adapter != nullptr;
+  TrainContext tc{m, be, c, AttentionShape{B, T, c.NH, c.NKV, c.D, nullptr}, M, w.pos, adapter, backward_adapter,
+                  opt.dropout, w.lora};
 
   // Forward. layer_in[l] holds the input of layer l (and layer_in[L] the final residual stream).
-  std::vector<std::vector<float>> layer_in(c.L + 1, std::vector<float>(M * c.H));
-  embed_rows(m.w, batch.ids.data(), M, layer_in[0].data());
+  be.embedding(w.layer_in[0], w.ids, m.w.embed);
   const bool keep_all = opt.backward && !opt.recompute;
-  std::vector<LayerActs> acts(keep_all ? c.L : 1);
-  for (auto& a : acts) a.alloc(c, B, T);
-  for (int l = 0; l < c.L; l++)
-    layer_forward(tc, l, acts[keep_all ? l : 0], layer_in[l].data(), layer_in[l + 1].data());
+  for (int l = 0; l < c.L; l++) layer_forward(tc, l, w.acts[keep_all ? l : 0], w.layer_in[l], w.layer_in[l + 1]);
+  be.rmsnorm_forward(w.xnf, w.rstdf, w.layer_in[c.L], m.w.final_norm, c.rms_eps);
 
-  std::vector<float> xnf(M * c.H), rstdf(M);
-  rmsnorm_forward(xnf.data(), rstdf.data(), layer_in[c.L].data(), m.w.final_norm.data(), M, c.H, c.rms_eps);
-
-  // Chunked cross-entropy over the rows that have a target (prompt and padding rows are skipped:
-  // their logits are never computed). At most ce_chunk_rows rows of (V) logits exist at a time.
-  std::vector<int64_t> scored;
-  for (int64_t i = 0; i < M; i++)
-    if (targets[i] != -100) scored.push_back(i);
-  const int64_t chunk = std::max(1, opt.ce_chunk_rows);
-  const float* lm_head = m.w.lm_head_ptr();
-  std::vector<float> logits(chunk * c.V), xs(chunk * c.H), dxs(chunk * c.H);
-  std::vector<int32_t> ys(chunk);
-  std::vector<float> dxnf(opt.backward ? M * c.H : 0, 0.f);
-  double loss = 0;
-  for (int64_t r0 = 0; r0 < (int64_t)scored.size(); r0 += chunk) {
-    const int64_t rows = std::min<int64_t>(chunk, (int64_t)scored.size() - r0);
-    for (int64_t i = 0; i < rows; i++) {
-      std::memcpy(xs.data() + i * c.H, xnf.data() + scored[r0 + i] * c.H, c.H * sizeof(float));
-      ys[i] = targets[scored[r0 + i]];
-    }
-    sgemm(false, true, rows, c.V, c.H, 1.f, xs.data(), c.H, lm_head, c.H, 0.f, logits.data(), c.V);
-    loss += cross_entropy_forward_backward(logits.data(), ys.data(), rows, c.V, opt.backward ? opt.loss_scale : 0.f);
+  // Chunked cross-entropy over the scored rows: at most `chunk` rows of (V) logits exist at a time.
+  const int64_t chunk = w.logits.rows;
+  if (opt.backward) be.fill_zero(w.dxnf.data, size_t(M * c.H) * dtype_size(w.dxnf.dtype));
+  for (int64_t r0 = 0; r0 < n_scored; r0 += chunk) {
+    const int64_t rows = std::min<int64_t>(chunk, n_scored - r0);
+    Tensor xs = w.xs.rows_view(0, rows), logits = w.logits.rows_view(0, rows), dxs = w.dxs.rows_view(0, rows);
+    be.gather_rows(xs, w.xnf, w.scored_rows + r0);
+    be.linear_forward(logits, xs, m.w.lm_head, 0.f);
+    be.cross_entropy(w.loss_sum, logits, w.scored_targets + r0, opt.backward ? opt.loss_scale : 0.f);
     if (!opt.backward) continue;
-    sgemm(false, false, rows, c.H, c.V, 1.f, logits.data(), c.V, lm_head, c.H, 0.f, dxs.data(), c.H);
-    for (int64_t i = 0; i < rows; i++)
-      std::memcpy(dxnf.data() + scored[r0 + i] * c.H, dxs.data() + i * c.H, c.H * sizeof(float));
+    be.linear_backward_input(dxs, logits, m.w.lm_head, 0.f);
+    be.scatter_rows(w.dxnf, dxs, w.scored_rows + r0);
   }
-  if (!opt.backward) return loss;
-
-  // Backward, last layer first; with recompute each layer's forward is run again from its saved input.
-  std::vector<float> dx(M * c.H);
-  rmsnorm_backward(dx.data(), dxnf.data(), layer_in[c.L].data(), m.w.final_norm.data(), rstdf.data(), M, c.H, false);
-  LayerGrads grads;
-  grads.alloc(c, M);
-  std::vector<float> scratch_out(opt.recompute ? M * c.H : 0);
-  for (int l = c.L - 1; l >= 0; l--) {
-    LayerActs& a = acts[keep_all ? l : 0];
-    if (!keep_all) layer_forward(tc, l, a, layer_in[l].data(), scratch_out.data());
-    layer_backward(tc, l, a, layer_in[l].data(), dx.data(), grads);
+  double loss = 0;
+  if (opt.backward) {
+    // Backward, last layer first; with recompute each layer's forward is run again from its saved input.
+    be.rmsnorm_backward(w.dx, w.dxnf, w.layer_in[c.L], m.w.final_norm, w.rstdf, false);
+    for (int l = c.L - 1; l >= 0; l--) {
+      const LayerActs& a = w.acts[keep_all ? l : 0];
+      if (!keep_all) layer_forward(tc, l, a, w.layer_in[l], w.scratch_out);
+      layer_backward(tc, l, a, w.layer_in[l], w.dx, w.grads);
+    }
   }
+  be.download(&loss, w.loss_sum, sizeof(double));
   return loss;
 }
 
 // ----------------------------------------------------------------------------------------- inference
 
-void KVCache::init(const LlamaConfig& cfg, int64_t capacity) {
-  L = cfg.L;
-  KVD = cfg.NKV * cfg.D;
-  cap = capacity;
-  len = 0;
-  k.assign((size_t)L * cap * KVD, 0.f);
-  v.assign((size_t)L * cap * KVD, 0.f);
+InferenceWorkspace carve_inference(Arena& a, const LlamaConfig& c, DType act, int64_t M, int64_t S, int max_blocks,
+                                   int64_t n_logits, int max_rank) {
+  const int64_t QD = c.NH * c.D, KVD = c.NKV * c.D;
+  InferenceWorkspace w;
+  w.M = M;
+  w.S = S;
+  w.n_logits = n_logits;
+  w.max_blocks = max_blocks;
+  w.max_rank = max_rank;
+  w.x = a.take(M, c.H, act);
+  w.xn = a.take(M, c.H, act);
+  w.q = a.take(M, QD, act);
+  w.k = a.take(M, KVD, act);
+  w.v = a.take(M, KVD, act);
+  w.att = a.take(M, QD, act);
+  w.tmp = a.take(M, c.H, act);
+  w.g = a.take(M, c.I, act);
+  w.u = a.take(M, c.I, act);
+  w.lora_u = a.take(M, std::max(1, max_rank), DType::F32);
+  w.ids = a.take_array<int32_t>(M);
+  w.pos = a.take_array<int32_t>(M);
+  w.slot = a.take_array<int32_t>(M);
+  w.row_seq = a.take_array<int32_t>(M);
+  w.len = a.take_array<int32_t>(M);
+  w.tables = a.take_array<int32_t>(std::max<int64_t>(1, S * max_blocks));
+  w.row_slot = a.take_array<int32_t>(M);
+  w.logit_index = a.take_array<int32_t>(std::max<int64_t>(1, n_logits));
+  w.xl = a.take(n_logits, c.H, act);
+  w.xnl = a.take(n_logits, c.H, act);
+  w.logits = a.take(n_logits, c.V, DType::F32);
+  return w;
 }
 
-void llama_infer(LlamaModel& m, const std::vector<InferenceRow>& rows, const std::vector<LoraSegment>& segments,
-                 const std::vector<int64_t>& logit_rows, float* logits) {
-  const LlamaConfig& c = m.w.cfg;
-  const int64_t M = (int64_t)rows.size();
-  if (M == 0) return;
-  const int KVD = c.NKV * c.D, QD = c.NH * c.D;
-  std::vector<int32_t> ids(M), pos(M), len(M);
+size_t plan_inference_workspace(const LlamaConfig& c, DType act, int64_t M, int64_t S, int max_blocks, int64_t n_logits,
+                                int max_rank) {
+  Arena a = Arena::measuring(DeviceKind::CPU);
+  carve_inference(a, c, act, M, S, max_blocks, n_logits, max_rank);
+  return a.used();
+}
+
+void stage_inference(LlamaModel& m, const InferenceBatch& b, const InferenceWorkspace& ws, const KVPool& kv) {
+  const LlamaConfig& c = m.cfg();
+  Backend& be = *m.be;
+  const int64_t M = b.rows(), S = b.sequences(), n = (int64_t)b.logit_rows.size();
+  require(M <= ws.M && S <= ws.S && n <= ws.n_logits && b.max_blocks == ws.max_blocks, "INTERNAL",
+          "inference step larger than its workspace");
+  check_ids(b.tokens.data(), M, c.V);
+  const int bs = kv.block_size();
+  // Padding rows (M..ws.M) write into the reserved scratch block 0 and attend to its first position.
+  std::vector<int32_t> tokens(ws.M, 0), pos(ws.M, 0), slot(ws.M, 0), row_seq(ws.M, 0), len(ws.M, 1),
+      row_slot(ws.M, -1);
+  std::vector<int32_t> tables(std::max<int64_t>(1, ws.S * ws.max_blocks), 0);
+  std::copy(b.block_tables.begin(), b.block_tables.end(), tables.begin());
   int32_t max_pos = 0;
   for (int64_t i = 0; i < M; i++) {
-    ids[i] = rows[i].token;
-    pos[i] = rows[i].pos;
-    len[i] = rows[i].pos + 1;
-    require(rows[i].pos < rows[i].cache->cap, "RESOURCE_EXHAUSTED", "KV cache of a sequence is full");
-    max_pos = std::max(max_pos, rows[i].pos);
+    const int32_t p = b.pos[i], s = b.row_seq[i];
+    require(s >= 0 && s < S && p >= 0 && p / bs < b.max_blocks, "INTERNAL", "inference row outside its block table");
+    const int32_t block = b.block_tables[(int64_t)s * b.max_blocks + p / bs];
+    require(block > 0 && block < kv.num_blocks(), "INTERNAL", "inference row maps to no cache block");
+    tokens[i] = b.tokens[i];
+    pos[i] = p;
+    slot[i] = block * bs + p % bs;
+    row_seq[i] = s;
+    len[i] = p + 1;
+    max_pos = std::max(max_pos, p);
   }
+  for (const AdapterRows& r : b.adapters)
+    for (int64_t i = r.row_begin; i < r.row_end; i++) row_slot[i] = r.slot;
+  std::vector<int32_t> logit_index(std::max<int64_t>(1, ws.n_logits), 0);
+  std::copy(b.logit_rows.begin(), b.logit_rows.end(), logit_index.begin());
   m.ensure_rope(max_pos + 1);
-  std::vector<float> x(M * c.H), xn(M * c.H), q(M * QD), k(M * KVD), v(M * KVD), att(M * QD), tmp(M * c.H);
-  std::vector<float> g(M * c.I), u(M * c.I);
-  std::vector<const float*> k_rows(M), v_rows(M);
-  embed_rows(m.w, ids.data(), M, x.data());
-  for (int l = 0; l < c.L; l++) {
-    const LayerWeights& lw = m.w.layers[l];
-    rmsnorm_forward(xn.data(), nullptr, x.data(), lw.attn_norm.data(), M, c.H, c.rms_eps);
-    project(q.data(), xn.data(), lw, M, segments, l, Q, nullptr);
-    project(k.data(), xn.data(), lw, M, segments, l, K, nullptr);
-    project(v.data(), xn.data(), lw, M, segments, l, V_PROJ, nullptr);
-    rope_apply(q.data(), pos.data(), m.rope, M, c.NH, false);
-    rope_apply(k.data(), pos.data(), m.rope, M, c.NKV, false);
-    for (int64_t i = 0; i < M; i++) {
-      KVCache* kc = rows[i].cache;
-      std::memcpy(kc->k_at(l, pos[i]), k.data() + i * KVD, KVD * sizeof(float));
-      std::memcpy(kc->v_at(l, pos[i]), v.data() + i * KVD, KVD * sizeof(float));
-      k_rows[i] = kc->k_at(l, 0);
-      v_rows[i] = kc->v_at(l, 0);
-    }
-    attention_decode(att.data(), q.data(), k_rows.data(), v_rows.data(), len.data(), M, c.NH, c.NKV, c.D);
-    project(tmp.data(), att.data(), lw, M, segments, l, O, nullptr);
-    for (int64_t i = 0; i < M * c.H; i++) x[i] += tmp[i];
-    rmsnorm_forward(xn.data(), nullptr, x.data(), lw.mlp_norm.data(), M, c.H, c.rms_eps);
-    project(g.data(), xn.data(), lw, M, segments, l, GATE, nullptr);
-    project(u.data(), xn.data(), lw, M, segments, l, UP, nullptr);
-    swiglu_forward(g.data(), g.data(), u.data(), M, c.I);
-    project(tmp.data(), g.data(), lw, M, segments, l, DOWN, nullptr);
-    for (int64_t i = 0; i < M * c.H; i++) x[i] += tmp[i];
-  }
-  for (int64_t i = 0; i < M; i++) rows[i].cache->len = std::max<int64_t>(rows[i].cache->len, pos[i] + 1);
-  const int64_t n = (int64_t)logit_rows.size();
-  if (n == 0) return;
-  std::vector<float> xl(n * c.H), xnl(n * c.H);
-  for (int64_t i = 0; i < n; i++) std::memcpy(xl.data() + i * c.H, x.data() + logit_rows[i] * c.H, c.H * sizeof(float));
-  rmsnorm_forward(xnl.data(), nullptr, xl.data(), m.w.final_norm.data(), n, c.H, c.rms_eps);
-  sgemm(false, true, n, c.V, c.H, 1.f, xnl.data(), c.H, m.w.lm_head_ptr(), c.H, 0.f, logits, c.V);
+  be.upload(ws.ids, tokens.data(), ws.M * sizeof(int32_t));
+  be.upload(ws.pos, pos.data(), ws.M * sizeof(int32_t));
+  be.upload(ws.slot, slot.data(), ws.M * sizeof(int32_t));
+  be.upload(ws.row_seq, row_seq.data(), ws.M * sizeof(int32_t));
+  be.upload(ws.len, len.data(), ws.M * sizeof(int32_t));
+  be.upload(ws.tables, tables.data(), tables.size() * sizeof(int32_t));
+  be.upload(ws.row_slot, row_slot.data(), ws.M * sizeof(int32_t));
+  be.upload(ws.logit_index, logit_index.data(), logit_index.size() * sizeof(int32_t));
 }
 
-void llama_logits(LlamaModel& m, const LoraAdapter* adapter, const int32_t* ids, int T, float* logits) {
-  KVCache cache;
-  cache.init(m.w.cfg, T);
-  std::vector<InferenceRow> rows(T);
-  std::vector<int64_t> all(T);
-  for (int t = 0; t < T; t++) {
-    rows[t] = {&cache, t, ids[t]};
-    all[t] = t;
+void run_inference(LlamaModel& m, const InferenceBatch& b, const InferenceWorkspace& ws, const KVPool& kv) {
+  const LlamaConfig& c = m.cfg();
+  Backend& be = *m.be;
+  const PagedRows paged{ws.slot, ws.row_seq, ws.tables, ws.len, ws.max_blocks};
+  LoraScratch scratch;
+  scratch.u = ws.lora_u;
+  // The LoRA of one (layer, target): host segments (the CPU form) and the per-row slot form.
+  auto lora_of = [&](int l, int t) {
+    LoraApply a;
+    a.max_rank = ws.max_rank;
+    for (const AdapterRows& r : b.adapters) {
+      if (!r.adapter) continue;
+      const LoraModuleView& mv = r.adapter->mod(l, t).view;
+      if (mv.A) a.segments.push_back({r.row_begin, r.row_end, mv});
+    }
+    if (b.slot_modules && b.slots > 0) {
+      a.row_slot = ws.row_slot;
+      a.slot_modules = b.slot_modules + ((int64_t)l * NUM_TARGETS + t) * b.slots;
+    }
+    return a;
+  };
+  be.embedding(ws.x, ws.ids, m.w.embed);
+  for (int l = 0; l < c.L; l++) {
+    const BackendWeights::Layer& lw = m.w.layers[l];
+    const KVLayerView cache = kv.layer(l);
+    be.rmsnorm_forward(ws.xn, nullptr, ws.x, lw.attn_norm, c.rms_eps);
+    project(be, ws.q, ws.xn, lw.lin[Q], lora_of(l, Q), scratch);
+    project(be, ws.k, ws.xn, lw.lin[K], lora_of(l, K), scratch);
+    project(be, ws.v, ws.xn, lw.lin[V_PROJ], lora_of(l, V_PROJ), scratch);
+    be.rope(ws.q, ws.pos, m.rope, c.NH, false);
+    be.rope(ws.k, ws.pos, m.rope, c.NKV, false);
+    be.kv_write(cache, ws.k, ws.v, ws.slot);
+    be.attention_paged(ws.att, ws.q, cache, paged, c.NH, c.NKV, c.D);
+    project(be, ws.tmp, ws.att, lw.lin[O], lora_of(l, O), scratch);
+    be.add(ws.x, ws.tmp);
+    be.rmsnorm_forward(ws.xn, nullptr, ws.x, lw.mlp_norm, c.rms_eps);
+    project(be, ws.g, ws.xn, lw.lin[GATE], lora_of(l, GATE), scratch);
+    project(be, ws.u, ws.xn, lw.lin[UP], lora_of(l, UP), scratch);
+    be.swiglu_forward(ws.g, ws.g, ws.u);
+    project(be, ws.tmp, ws.g, lw.lin[DOWN], lora_of(l, DOWN), scratch);
+    be.add(ws.x, ws.tmp);
   }
-  llama_infer(m, rows, {{0, T, adapter}}, all, logits);
+  if (ws.n_logits == 0) return;
+  be.gather_rows(ws.xl, ws.x, ws.logit_index);
+  be.rmsnorm_forward(ws.xnl, nullptr, ws.xl, m.w.final_norm, c.rms_eps);
+  be.linear_forward(ws.logits, ws.xnl, m.w.lm_head, 0.f);
 }
 
 }  // namespace ts

@@ -1,24 +1,33 @@
-// Llama 3 forward and backward on the CPU backend: the training pass (forward, chunked cross-entropy,
-// backward through the frozen base into LoRA gradients, optional per-layer recompute) and the
-// inference pass over KV caches (prefill and decode of many sequences, each with its own adapter).
+// Llama 3 written once against the backend interface (core/backend.h): the training pass (forward,
+// chunked cross-entropy, backward through the frozen base into LoRA gradients, optional per-layer
+// recompute) and the inference step over the paged KV cache (prefill chunks and decode tokens of many
+// sequences, each with its own adapter). Every buffer a pass uses is carved from an Arena whose size
+// was planned by running the same carve function on a measuring arena (plan_* below).
 #pragma once
 #include <cstdint>
 #include <vector>
 
-#include "cpu/ops.h"
+#include "core/backend.h"
+#include "model/kv_cache.h"
 #include "model/lora.h"
 #include "model/weights.h"
 
 namespace ts {
 
 struct LlamaModel {
-  LlamaWeights w;
-  std::vector<float> rope_cos, rope_sin;  // (P, D/2)
-  cpu::RopeTable rope;
-  void ensure_rope(int64_t positions);    // grows the rotary tables to cover [0, positions)
+  Backend* be = nullptr;
+  BackendWeights w;
+  RopeView rope;        // cos/sin (P, D/2) in backend memory
+  Buffer rope_storage;
+  const LlamaConfig& cfg() const { return w.cfg; }
+  // Makes the rotary tables cover [0, positions). Grows geometrically; a captured step graph bakes the
+  // table's address, so whoever captures sizes it first for the longest sequence it will run.
+  void ensure_rope(int64_t positions);
 };
 // Computes the rotary tables for [0, P) (inv_freq with llama3 scaling, float32 angles as transformers).
 void rope_tables(const LlamaConfig& cfg, int64_t P, std::vector<float>* cos, std::vector<float>* sin);
+
+// ------------------------------------------------------------------------------------------ training
 
 // B sequences of T tokens (right-padded by the caller; padding positions carry label -100).
 // labels use Hugging Face's convention: same length as ids, unshifted; position t is trained to
@@ -38,35 +47,60 @@ struct TrainPassOptions {
   DropoutContext dropout;        // p = 0: none
 };
 
-// Returns the sum of the token cross-entropies of the batch. With backward, accumulates
-// loss_scale * d(sum)/d(A,B) into adapter's dA/dB (the adapter must have enable_training()).
-double llama_train_pass(LlamaModel& m, LoraAdapter* adapter, const TrainBatch& batch, const TrainPassOptions& opt);
+// Bytes of the workspace of a training pass over batches of up to B x T rows, for an adapter of rank
+// up to max_rank (0: no adapter).
+size_t plan_train_workspace(const LlamaModel& m, int B, int T, int max_rank, const TrainPassOptions& opt);
 
-// Logits (T, V) of one sequence, no cache (for tests and fidelity probes).
-void llama_logits(LlamaModel& m, const LoraAdapter* adapter, const int32_t* ids, int T, float* logits);
+// Returns the sum of the token cross-entropies of the batch. With opt.backward, accumulates
+// loss_scale · d(sum)/d(A,B) into the adapter's dA/dB (its tensors must have gradients). `ws` holds
+// at least plan_train_workspace() bytes for this batch shape; it is reset here.
+double llama_train_pass(LlamaModel& m, const AdapterTensors* adapter, const TrainBatch& batch,
+                        const TrainPassOptions& opt, Arena& ws);
 
-// Key/value cache of one sequence: (L, cap, NKV*D) for k and v.
-struct KVCache {
-  int L = 0, KVD = 0;
-  int64_t cap = 0;
-  int64_t len = 0;  // positions filled
-  std::vector<float> k, v;
-  void init(const LlamaConfig& cfg, int64_t capacity);
-  float* k_at(int layer, int64_t pos) { return k.data() + ((int64_t)layer * cap + pos) * KVD; }
-  float* v_at(int layer, int64_t pos) { return v.data() + ((int64_t)layer * cap + pos) * KVD; }
-  size_t bytes() const { return (k.size() + v.size()) * sizeof(float); }
+// ----------------------------------------------------------------------------------------- inference
+
+// The adapter of a range of rows in an inference step.
+struct AdapterRows {
+  int64_t row_begin = 0, row_end = 0;
+  const AdapterTensors* adapter = nullptr;  // null: base only
+  int slot = -1;                            // its slot in the adapter pool (the per-row LoRA form)
 };
 
-// One token of one sequence in an inference step. Rows of a sequence are contiguous and in position
-// order; the row's k/v are written at `pos` of its cache, then it attends to [0, pos].
-struct InferenceRow {
-  KVCache* cache = nullptr;
-  int32_t pos = 0;
-  int32_t token = 0;
+// The host description of one inference step. Rows of a sequence are contiguous and in position
+// order; row m writes its k/v at position pos[m] of sequence row_seq[m] and attends to [0, pos[m]].
+struct InferenceBatch {
+  std::vector<int32_t> tokens, pos, row_seq;   // (M)
+  std::vector<int32_t> block_tables;           // (S, max_blocks) block ids, position order, 0-padded
+  int max_blocks = 0;
+  std::vector<AdapterRows> adapters;           // covering the rows that use an adapter
+  std::vector<int32_t> logit_rows;             // rows whose logits are wanted
+  const LoraModuleView* slot_modules = nullptr;  // (L, NUM_TARGETS, slots) the pool's slot table
+  int slots = 0;
+  int64_t rows() const { return int64_t(tokens.size()); }
+  int64_t sequences() const { return max_blocks > 0 ? int64_t(block_tables.size()) / max_blocks : 0; }
 };
-// Runs an inference step. `segments` give each row range's adapter. logits (logit_rows.size(), V)
-// receives the logits of the listed rows (e.g. the last prompt row of each sequence).
-void llama_infer(LlamaModel& m, const std::vector<InferenceRow>& rows, const std::vector<LoraSegment>& segments,
-                 const std::vector<int64_t>& logit_rows, float* logits);
+
+// The buffers of one inference step; carve_inference lays them out for the given sizes.
+struct InferenceWorkspace {
+  int64_t M = 0, S = 0, n_logits = 0;
+  int max_blocks = 0, max_rank = 0;
+  Tensor x, xn, q, k, v, att, tmp, g, u;  // (M, H|NH·D|NKV·D|I), compute dtype
+  Tensor lora_u;                          // (M, max_rank) float32
+  int32_t *ids, *pos, *slot, *row_seq, *len, *tables, *row_slot, *logit_index;
+  Tensor xl, xnl;                         // (n_logits, H)
+  Tensor logits;                          // (n_logits, V) float32
+};
+InferenceWorkspace carve_inference(Arena& a, const LlamaConfig& c, DType act, int64_t M, int64_t S, int max_blocks,
+                                   int64_t n_logits, int max_rank);
+size_t plan_inference_workspace(const LlamaConfig& c, DType act, int64_t M, int64_t S, int max_blocks, int64_t n_logits,
+                                int max_rank);
+
+// Uploads the step's inputs (ids, positions, cache slots, block tables, lengths, adapter slots) into
+// the workspace. Host-side checks happen here (token ids in the vocabulary, positions inside the
+// block tables).
+void stage_inference(LlamaModel& m, const InferenceBatch& b, const InferenceWorkspace& ws, const KVPool& kv);
+// Runs the step's ops only (what a captured step graph replays); logits land in ws.logits.
+// `b` provides the host-side LoRA segments; rows of ws beyond b.rows() are padding.
+void run_inference(LlamaModel& m, const InferenceBatch& b, const InferenceWorkspace& ws, const KVPool& kv);
 
 }  // namespace ts

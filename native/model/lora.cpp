@@ -1,4 +1,4 @@
-// LoRA adapters (lora.h): creation, PEFT safetensors I/O, and the forward/backward of the low-rank path.
+// LoRA adapters (lora.h): creation, PEFT safetensors I/O, dropout keys.
 #include "model/lora.h"
 
 #include <cmath>
@@ -7,53 +7,13 @@
 
 #include "core/error.h"
 #include "core/safetensors.h"
-#include "core/thread_pool.h"
-#include "cpu/gemm.h"
+#include "core/counter_rng.h"
 
 namespace ts {
 
-namespace {
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
+LoraDropout DropoutContext::at(int layer, int target) const {
+  return LoraDropout{p, p > 0.f ? lora_dropout_key(seed, step, layer, target) : 0};
 }
-
-// Uniform [0,1) from a counter: the same (key, index) always gives the same value.
-inline float counter_uniform(uint64_t key, uint64_t index) {
-  return (float)(splitmix64(key ^ splitmix64(index)) >> 40) * (1.0f / 16777216.0f);
-}
-
-uint64_t dropout_key(const DropoutContext& d, int layer, int target) {
-  return splitmix64(splitmix64(splitmix64(d.seed) ^ d.step) ^ ((uint64_t)layer << 8 | (uint64_t)target));
-}
-
-// v[rows, in] *= mask / (1 - p), mask_i = (u_i >= p); rows are numbered from row0 for the hash. The
-// forward applies it to a copy of x, the backward to the input gradient: one mask, never stored.
-void dropout_in_place(float* v, int64_t rows, int in, int64_t row0, const DropoutContext& d, int layer, int target) {
-  const uint64_t key = dropout_key(d, layer, target);
-  const float keep_scale = 1.f / (1.f - d.p);
-  parallel_for(rows, 16, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; m++)
-      for (int i = 0; i < in; i++) {
-        uint64_t idx = (uint64_t)(row0 + m) * (uint64_t)in + i;
-        v[m * in + i] = counter_uniform(key, idx) >= d.p ? v[m * in + i] * keep_scale : 0.f;
-      }
-  });
-}
-
-// xd = dropout(x) for rows [0, rows) numbered from row0.
-void apply_dropout(std::vector<float>& xd, const float* x, int64_t rows, int in, int64_t row0, const DropoutContext& d,
-                   int layer, int target) {
-  xd.assign(x, x + rows * in);
-  dropout_in_place(xd.data(), rows, in, row0, d, layer, target);
-}
-
-bool dropout_active(const DropoutContext* d) { return d && d->p > 0.f; }
-
-}  // namespace
 
 int64_t LoraAdapter::num_params() const {
   int64_t n = 0;
@@ -112,7 +72,7 @@ std::shared_ptr<LoraAdapter> lora_create(const LlamaConfig& cfg, const LoraSpec&
       LoraModule& m = a->mods[l][t];
       // kaiming_uniform_(a=√5) on A (r, in): bound = gain·√(3/fan_in) with gain = √(2/(1+5)) = 1/√in.
       const float bound = 1.f / std::sqrt((float)m.in);
-      const uint64_t key = splitmix64(seed * 1000003ull + (uint64_t)l * NUM_TARGETS + t);
+      const uint64_t key = splitmix64_hash(seed * 1000003ull + (uint64_t)l * NUM_TARGETS + t);
       for (size_t i = 0; i < m.A.size(); i++) m.A[i] = (2.f * counter_uniform(key, i) - 1.f) * bound;
     }
   return a;
@@ -171,48 +131,6 @@ void lora_save(const LoraAdapter& adapter, const std::string& file) {
     bytes.resize(data[i]->size() * sizeof(float));
     std::memcpy(bytes.data(), data[i]->data(), bytes.size());
   });
-}
-
-void lora_forward(float* y, const float* x, const std::vector<LoraSegment>& segments, int layer, int target,
-                  const DropoutContext* dropout) {
-  std::vector<float> xd, u;
-  for (const LoraSegment& seg : segments) {
-    const LoraAdapter* a = seg.adapter;
-    if (!a || !a->has(target)) continue;
-    const LoraModule& m = a->mod(layer, target);
-    const int64_t rows = seg.row_end - seg.row_begin;
-    if (rows <= 0) continue;
-    const float* xs = x + seg.row_begin * m.in;
-    if (dropout_active(dropout)) {
-      apply_dropout(xd, xs, rows, m.in, seg.row_begin, *dropout, layer, target);
-      xs = xd.data();
-    }
-    u.resize((size_t)rows * m.r);
-    // u[rows, r] = xd · Aᵀ ;  y[rows, out] += s · u · Bᵀ
-    cpu::sgemm(false, true, rows, m.r, m.in, 1.f, xs, m.in, m.A.data(), m.in, 0.f, u.data(), m.r);
-    cpu::sgemm(false, true, rows, m.out, m.r, a->scaling, u.data(), m.r, m.B.data(), m.r, 1.f, y + seg.row_begin * m.out,
-               m.out);
-  }
-}
-
-void lora_backward(float* dx, LoraAdapter& adapter, const float* dy, const float* x, int64_t M, int layer, int target,
-                   const DropoutContext* dropout) {
-  if (!adapter.has(target)) return;
-  LoraModule& m = adapter.mod(layer, target);
-  const float s = adapter.scaling;
-  std::vector<float> xd, u((size_t)M * m.r), du((size_t)M * m.r), dxd((size_t)M * m.in);
-  const float* xs = x;
-  if (dropout_active(dropout)) {
-    apply_dropout(xd, x, M, m.in, 0, *dropout, layer, target);
-    xs = xd.data();
-  }
-  cpu::sgemm(false, true, M, m.r, m.in, 1.f, xs, m.in, m.A.data(), m.in, 0.f, u.data(), m.r);  // u = xd·Aᵀ
-  cpu::sgemm(true, false, m.out, m.r, M, s, dy, m.out, u.data(), m.r, 1.f, m.dB.data(), m.r);   // dB += s·dyᵀ·u
-  cpu::sgemm(false, false, M, m.r, m.out, s, dy, m.out, m.B.data(), m.r, 0.f, du.data(), m.r);  // du = s·dy·B
-  cpu::sgemm(true, false, m.r, m.in, M, 1.f, du.data(), m.r, xs, m.in, 1.f, m.dA.data(), m.in);  // dA += duᵀ·xd
-  cpu::sgemm(false, false, M, m.in, m.r, 1.f, du.data(), m.r, m.A.data(), m.in, 0.f, dxd.data(), m.in);  // dxd = du·A
-  if (dropout_active(dropout)) dropout_in_place(dxd.data(), M, m.in, 0, *dropout, layer, target);  // same mask
-  for (size_t i = 0; i < dxd.size(); i++) dx[i] += dxd[i];
 }
 
 }  // namespace ts

@@ -1,4 +1,5 @@
-// LoRA adapters with PEFT semantics, and the one place in the engine where they are applied.
+// LoRA adapters with PEFT semantics: the host copy (master weights, PEFT files) and the views a backend
+// computes with. They are applied in one place, model/llama.cpp's project() / project_backward().
 //
 //   y[m] += s · B · A · dropout(x[m])      A (r, in), B (out, r), s = alpha / r  (alpha / √r with rslora)
 //
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "core/backend.h"
 #include "model/config.h"
 
 namespace ts {
@@ -54,25 +56,29 @@ void lora_save(const LoraAdapter& adapter, const std::string& file);
 // PEFT key of a module's A or B weight.
 std::string peft_key(int layer, int target, char which);
 
-// Dropout context of one forward pass; a null context (or p == 0) means no dropout (inference).
+// Dropout of one training micro-step; p == 0 means none (inference). The mask of module (layer,
+// target) is keyed by lora_dropout_key(seed, step, layer, target) (core/counter_rng.h).
 struct DropoutContext {
   float p = 0.f;
   uint64_t seed = 0;
   uint64_t step = 0;  // differs per micro-step so masks differ
+  LoraDropout at(int layer, int target) const;
 };
 
-// The rows [row_begin, row_end) of a pass that use one adapter (inference batches mix adapters).
-struct LoraSegment {
-  int64_t row_begin = 0, row_end = 0;
-  const LoraAdapter* adapter = nullptr;  // null: base only
+// An adapter's tensors in a backend's memory, per (layer, target): A and B and, while it trains, the
+// gradients dA, dB and the AdamW moments. On the CPU backend they alias the host LoraAdapter's own
+// vectors (training updates it in place); on CUDA they are device copies (see AdapterPool).
+struct AdapterTensors {
+  struct Module {
+    LoraModuleView view;  // view.A == nullptr where the adapter does not target the module
+    float* A = nullptr;
+    float* B = nullptr;
+    float *dA = nullptr, *dB = nullptr;                          // training only
+    float *mA = nullptr, *vA = nullptr, *mB = nullptr, *vB = nullptr;  // training only
+  };
+  int L = 0;
+  std::vector<std::array<Module, NUM_TARGETS>> mods;  // (L)
+  const Module& mod(int layer, int target) const { return mods[layer][target]; }
 };
-
-// y[M,out] += s · B · A · dropout(x) for every segment's rows, module (layer, target).
-void lora_forward(float* y, const float* x, const std::vector<LoraSegment>& segments, int layer, int target,
-                  const DropoutContext* dropout);
-// Backward of the above for a single training adapter over all M rows: accumulates dA, dB and adds the
-// input gradient into dx[M,in].
-void lora_backward(float* dx, LoraAdapter& adapter, const float* dy, const float* x, int64_t M, int layer, int target,
-                   const DropoutContext* dropout);
 
 }  // namespace ts

@@ -20,7 +20,6 @@
 #include "core/error.h"
 #include "core/nf4.h"
 #include "core/safetensors.h"
-#include "cpu/gemm.h"
 
 namespace ts {
 
@@ -102,6 +101,8 @@ MergeResult merge_adapter(const MergeSpec& spec, const std::function<void(const 
   struct stat st;
   require(::stat(spec.out_dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "NOT_FOUND",
           "merge: output folder " + spec.out_dir + " does not exist");
+  require(spec.host != nullptr && spec.host->device() == DeviceKind::CPU, "INTERNAL",
+          "merge: needs a host-memory backend for its products");
   const LoraAdapter* adapter = spec.adapter;
   check_cancel();
 
@@ -181,13 +182,16 @@ MergeResult merge_adapter(const MergeSpec& spec, const std::function<void(const 
           if (p.dequantize) {
             const int64_t rows = t.shape[0], cols = t.shape[1];
             NF4Matrix q = nf4_quantize(work.data(), rows, cols);
-            nf4_dequantize_rows(q, 0, rows, work.data());
+            nf4_dequantize_rows(q.view(), 0, rows, work.data());
           }
           if (p.module) {
             // W[out,in] += s · B[out,r] · A[r,in]
             const LoraModule& m = *p.module;
-            cpu::sgemm(false, false, m.out, m.in, m.r, adapter->scaling, m.B.data(), m.r, m.A.data(), m.in, 1.f,
-                       work.data(), m.in);
+            auto host = [](const float* data, int64_t rows, int64_t cols) {
+              return make_tensor(const_cast<float*>(data), DType::F32, rows, cols, DeviceKind::CPU);
+            };
+            spec.host->matmul(host(work.data(), m.out, m.in), false, host(m.B.data(), m.out, m.r), false,
+                              host(m.A.data(), m.r, m.in), adapter->scaling, 1.f);
           }
           bytes.resize(n * dtype_size(spec.dtype));
           convert_from_f32(bytes.data(), work.data(), spec.dtype, n);

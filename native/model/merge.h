@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/dtype.h"
 #include "model/config.h"
 #include "model/lora.h"
@@ -21,6 +22,7 @@ struct MergeSpec {
   const LoraAdapter* adapter = nullptr;
   DType dtype = DType::BF16;           // output dtype of every floating tensor
   bool into_dequantized = false;       // merge into dequant(NF4(W)) for the quantizable linear weights
+  Backend* host = nullptr;             // a host-memory (CPU) backend for the products
 };
 
 struct MergeProgress {

@@ -8,7 +8,7 @@
 #include <cstring>
 
 #include "core/error.h"
-#include "model/sampler.h"
+#include "core/sampling.h"
 
 #include <sys/stat.h>
 
@@ -32,9 +32,10 @@ double lr_multiplier(const std::string& scheduler, int64_t step, int64_t warmup,
   throw EngineError("INVALID_ARGUMENT", "unknown scheduler '" + scheduler + "' (constant, linear or cosine)");
 }
 
-Trainer::Trainer(LlamaModel& model, std::shared_ptr<LoraAdapter> adapter, std::vector<TrainExample> examples,
+Trainer::Trainer(LlamaModel& model, AdapterPool& pool, AdapterPool::Handle adapter, std::vector<TrainExample> examples,
                  TrainHyper hyper, std::vector<TrainExample> eval_examples)
     : model_(model),
+      pool_(pool),
       adapter_(std::move(adapter)),
       examples_(std::move(examples)),
       eval_examples_(std::move(eval_examples)),
@@ -42,16 +43,40 @@ Trainer::Trainer(LlamaModel& model, std::shared_ptr<LoraAdapter> adapter, std::v
   require(!examples_.empty(), "INVALID_DATASET", "the training set has no examples");
   require(hyper_.batch_size > 0 && hyper_.grad_accum > 0, "INVALID_ARGUMENT", "batch size and accumulation must be > 0");
   lr_multiplier(hyper_.scheduler, 0, 0, 1);  // validates the name
-  for (const auto& e : examples_)
-    require(e.ids.size() == e.labels.size() && !e.ids.empty(), "INVALID_DATASET", "an example has mismatched ids/labels");
+  int longest = 0;
+  for (const auto* set : {&examples_, &eval_examples_})
+    for (const auto& e : *set) {
+      require(e.ids.size() == e.labels.size() && !e.ids.empty(), "INVALID_DATASET", "an example has mismatched ids/labels");
+      longest = std::max(longest, int(e.ids.size()));
+    }
   micro_batches_per_epoch_ = ((int64_t)examples_.size() + hyper_.batch_size - 1) / hyper_.batch_size;
   steps_per_epoch_ = (micro_batches_per_epoch_ + hyper_.grad_accum - 1) / hyper_.grad_accum;
   total_steps_ = hyper_.max_steps > 0 ? hyper_.max_steps : steps_per_epoch_ * std::max(1, hyper_.epochs);
-  adapter_->enable_training();
+
+  // The memory plan of the job: the workspace of its largest pass (a full batch of the longest row;
+  // eval passes are forward-only, hence never larger).
+  TrainPassOptions opt;
+  opt.recompute = hyper_.recompute;
+  opt.dropout.p = adapter_->host->spec.dropout;
+  const int B = std::min<int64_t>(hyper_.batch_size, std::max(examples_.size(), eval_examples_.size()));
+  const size_t need = plan_train_workspace(model_, B, longest, adapter_->host->spec.r, opt);
+  const MemoryInfo mem = model_.be->memory_info();
+  if (need > mem.free)
+    throw EngineError("RESOURCE_EXHAUSTED",
+                      "the training job needs a " + std::to_string(need >> 20) + " MiB workspace (batch " + std::to_string(B) +
+                          " x " + std::to_string(longest) + " tokens, rank " + std::to_string(adapter_->host->spec.r) +
+                          (hyper_.recompute ? ", recompute" : ", no recompute") + ") and " + device_name(model_.be->device()) +
+                          " memory has " + std::to_string(mem.free >> 20) + " MiB free");
+  workspace_ = Buffer(*model_.be, need);
+  arena_ = Arena(workspace_.data(), workspace_.bytes(), model_.be->device(), "training");
+  norm_ = Buffer(*model_.be, sizeof(double));
+  pool_.begin_training(*adapter_);
   order_.resize(examples_.size());
   cursor_ = micro_batches_per_epoch_;  // forces a new epoch order on the first plan
   epoch_ = -1;
 }
+
+Trainer::~Trainer() { pool_.end_training(*adapter_); }
 
 void Trainer::plan_step() {
   planned_.clear();
@@ -80,7 +105,7 @@ void Trainer::plan_step() {
     }
     planned_.push_back(std::move(ids));
   }
-  adapter_->zero_grad();
+  zero_grad();
   step_started_ = now_seconds();
 }
 
@@ -105,40 +130,50 @@ TrainBatch Trainer::make_batch(const std::vector<int64_t>& example_ids) const {
   return pad_batch(rows, hyper_.pad_id);
 }
 
-void Trainer::optimizer_update(double lr, double* grad_norm) {
-  double sq = 0;
-  for (auto& layer : adapter_->mods)
-    for (auto& m : layer) {
-      for (float g : m.dA) sq += (double)g * g;
-      for (float g : m.dB) sq += (double)g * g;
+void Trainer::zero_grad() {
+  Backend& be = *model_.be;
+  for (const auto& layer : adapter_->tensors.mods)
+    for (const auto& d : layer) {
+      if (!d.A) continue;
+      be.fill_zero(d.dA, size_t(d.view.r) * d.view.in * sizeof(float));
+      be.fill_zero(d.dB, size_t(d.view.out) * d.view.r * sizeof(float));
     }
+}
+
+void Trainer::optimizer_update(double lr, double* grad_norm) {
+  Backend& be = *model_.be;
+  const auto& mods = adapter_->tensors.mods;
+  // Global norm over every gradient, in parameter order (A then B of each module), one double sum.
+  double* sq_dev = static_cast<double*>(norm_.data());
+  be.fill_zero(sq_dev, sizeof(double));
+  for (const auto& layer : mods)
+    for (const auto& d : layer) {
+      if (!d.A) continue;
+      be.sum_squares(sq_dev, d.dA, int64_t(d.view.r) * d.view.in);
+      be.sum_squares(sq_dev, d.dB, int64_t(d.view.out) * d.view.r);
+    }
+  double sq = 0;
+  be.download(&sq, sq_dev, sizeof(double));
   double norm = std::sqrt(sq);
   *grad_norm = norm;
   // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied when < 1.
-  float clip = 1.f;
-  if (hyper_.max_grad_norm > 0) clip = (float)std::min(1.0, hyper_.max_grad_norm / (norm + 1e-6));
+  AdamWStep s;
+  s.clip = 1.f;
+  if (hyper_.max_grad_norm > 0) s.clip = (float)std::min(1.0, hyper_.max_grad_norm / (norm + 1e-6));
   const int64_t t = step_ + 1;
   const double bc1 = 1.0 - std::pow((double)hyper_.beta1, (double)t);
   const double bc2 = 1.0 - std::pow((double)hyper_.beta2, (double)t);
-  const float b1 = hyper_.beta1, b2 = hyper_.beta2;
-  const float step_size = (float)(lr / bc1);
-  const float sqrt_bc2 = (float)std::sqrt(bc2);
-  const float decay = (float)(1.0 - lr * hyper_.weight_decay);
-  auto update = [&](std::vector<float>& p, std::vector<float>& g, std::vector<float>& m, std::vector<float>& v) {
-    // torch.optim.AdamW (decoupled decay): p *= 1 - lr·wd; m, v moments; p -= lr/bc1 · m / (√v/√bc2 + eps)
-    for (size_t i = 0; i < p.size(); i++) {
-      float gi = g[i] * clip;
-      p[i] *= decay;
-      m[i] = b1 * m[i] + (1.f - b1) * gi;
-      v[i] = b2 * v[i] + (1.f - b2) * gi * gi;
-      p[i] -= step_size * m[i] / (std::sqrt(v[i]) / sqrt_bc2 + hyper_.eps);
-    }
-  };
-  for (auto& layer : adapter_->mods)
-    for (auto& m : layer) {
-      if (m.A.empty()) continue;
-      update(m.A, m.dA, m.mA, m.vA);
-      update(m.B, m.dB, m.mB, m.vB);
+  s.beta1 = hyper_.beta1;
+  s.beta2 = hyper_.beta2;
+  s.eps = hyper_.eps;
+  s.step_size = (float)(lr / bc1);
+  s.sqrt_bc2 = (float)std::sqrt(bc2);
+  s.decay = (float)(1.0 - lr * hyper_.weight_decay);
+  for (const auto& layer : mods)
+    for (const auto& d : layer) {
+      if (!d.A) continue;
+      be.adamw(d.A, d.dA, d.mA, d.vA, int64_t(d.view.r) * d.view.in, s);
+      be.adamw(d.B, d.dB, d.mB, d.vB, int64_t(d.view.out) * d.view.r, s);
     }
 }
 
@@ -151,10 +186,10 @@ bool Trainer::micro_step(StepReport* report) {
   // Every micro-batch's gradient is scaled by 1/(targets of the whole accumulated batch), so the
   // accumulated gradient is that of the mean token loss over the step.
   opt.loss_scale = planned_targets_ > 0 ? 1.f / (float)planned_targets_ : 0.f;
-  opt.dropout.p = adapter_->spec.dropout;
+  opt.dropout.p = adapter_->host->spec.dropout;
   opt.dropout.seed = hyper_.seed;
   opt.dropout.step = micro_counter_++;
-  step_loss_sum_ += llama_train_pass(model_, adapter_.get(), batch, opt);
+  step_loss_sum_ += llama_train_pass(model_, &adapter_->tensors, batch, opt, arena_);
   if (planned_next_ < planned_.size()) return false;
 
   const double lr = hyper_.lr * lr_multiplier(hyper_.scheduler, step_, hyper_.warmup_steps, total_steps_);
@@ -177,7 +212,8 @@ bool Trainer::micro_step(StepReport* report) {
   if (hyper_.checkpoint_every > 0 && step_ % hyper_.checkpoint_every == 0 && !hyper_.checkpoint_dir.empty()) {
     report->checkpoint = hyper_.checkpoint_dir + "/checkpoint-" + std::to_string(step_);
     make_directory(report->checkpoint);
-    lora_save(*adapter_, report->checkpoint + "/adapter_model.safetensors");
+    pool_.sync_to_host(*adapter_);
+    lora_save(*adapter_->host, report->checkpoint + "/adapter_model.safetensors");
   }
   return true;
 }
@@ -191,7 +227,7 @@ double Trainer::evaluate() {
     TrainBatch b = pad_batch(rows, hyper_.pad_id);
     TrainPassOptions opt;
     opt.backward = false;
-    sum += llama_train_pass(model_, adapter_.get(), b, opt);
+    sum += llama_train_pass(model_, &adapter_->tensors, b, opt, arena_);
     targets += b.count_targets();
   }
   return targets > 0 ? sum / (double)targets : 0.0;

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "model/adapter_pool.h"
 #include "model/llama.h"
 
 namespace ts {
@@ -57,24 +58,33 @@ struct StepReport {
 
 class Trainer {
  public:
-  Trainer(LlamaModel& model, std::shared_ptr<LoraAdapter> adapter, std::vector<TrainExample> examples, TrainHyper hyper,
-          std::vector<TrainExample> eval_examples = {});
+  // Plans and allocates the job's workspace for its longest batch before any work; a job that does not
+  // fit the backend's free memory is refused with RESOURCE_EXHAUSTED naming the numbers.
+  Trainer(LlamaModel& model, AdapterPool& pool, AdapterPool::Handle adapter, std::vector<TrainExample> examples,
+          TrainHyper hyper, std::vector<TrainExample> eval_examples = {});
+  ~Trainer();
   int64_t total_steps() const { return total_steps_; }
   bool done() const { return step_ >= total_steps_; }
+  size_t workspace_bytes() const { return workspace_.bytes(); }
   // Runs one micro-batch; returns true (and fills *report) when it completed an optimizer step.
   bool micro_step(StepReport* report);
 
  private:
   void plan_step();  // picks the micro-batches of the next optimizer step
   TrainBatch make_batch(const std::vector<int64_t>& example_ids) const;
+  void zero_grad();
   void optimizer_update(double lr, double* grad_norm);
   double evaluate();  // mean token loss over eval_examples_ (forward only)
 
   LlamaModel& model_;
-  std::shared_ptr<LoraAdapter> adapter_;
+  AdapterPool& pool_;
+  AdapterPool::Handle adapter_;
   std::vector<TrainExample> examples_;
   std::vector<TrainExample> eval_examples_;
   TrainHyper hyper_;
+  Buffer workspace_;               // the job's arena: every pass of this job is carved from it
+  Arena arena_;
+  Buffer norm_;                    // one double in backend memory: the squared gradient norm
   int64_t total_steps_ = 0;
   int64_t steps_per_epoch_ = 0;
   int64_t step_ = 0;

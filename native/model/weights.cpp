@@ -1,4 +1,5 @@
-// Loading the frozen base (weights.h): tensor lookup across shards, shape checks, NF4 on load.
+// Loading the frozen base (weights.h): tensor lookup across shards, shape checks, NF4 on load; and its
+// placement in a backend's memory.
 #include "model/weights.h"
 
 #include <map>
@@ -6,19 +7,8 @@
 
 #include "core/error.h"
 #include "core/safetensors.h"
-#include "cpu/gemm.h"
 
 namespace ts {
-
-void linear_forward(float* y, const float* x, const Linear& W, int64_t M, float beta) {
-  if (W.quantized) cpu::matmul_nf4_nt(y, x, W.q, M, beta);
-  else cpu::sgemm(false, true, M, W.out, W.in, 1.f, x, W.in, W.w.data(), W.in, beta, y, W.out);
-}
-
-void linear_backward_input(float* dx, const float* dy, const Linear& W, int64_t M, float beta) {
-  if (W.quantized) cpu::matmul_nf4_nn(dx, dy, W.q, M, beta);
-  else cpu::sgemm(false, false, M, W.in, W.out, 1.f, dy, W.out, W.w.data(), W.in, beta, dx, W.in);
-}
 
 size_t LlamaWeights::bytes() const {
   size_t n = (embed.size() + final_norm.size() + lm_head.size()) * sizeof(float);
@@ -102,6 +92,124 @@ LlamaWeights load_llama_weights(const LlamaConfig& cfg, const std::vector<std::s
     }
   }
   return w;
+}
+
+namespace {
+
+// Lays the base out in one region: measuring (dst == nullptr) only counts bytes; otherwise each tensor
+// is converted on the host and uploaded. Dense tensors go in `dtype`, NF4 arrays as they are.
+class Placer {
+ public:
+  Placer(Backend& be, Arena& arena, DType dtype) : be_(be), arena_(arena), dtype_(dtype) {}
+
+  Tensor dense(const float* src, int64_t rows, int64_t cols) {
+    Tensor t = arena_.take(rows, cols, dtype_);
+    if (!arena_.is_measuring()) {
+      const size_t n = size_t(rows * cols);
+      if (dtype_ == DType::F32) {
+        be_.upload(t.data, src, n * sizeof(float));
+      } else {
+        staging_.resize(n * dtype_size(dtype_));
+        convert_from_f32(staging_.data(), src, dtype_, n);
+        be_.upload(t.data, staging_.data(), staging_.size());
+      }
+    }
+    return t;
+  }
+
+  template <typename T>
+  const T* array(const std::vector<T>& src) {
+    T* p = arena_.take_array<T>(int64_t(src.size()));
+    if (!arena_.is_measuring()) be_.upload(p, src.data(), src.size() * sizeof(T));
+    return p;
+  }
+
+  LinearView linear(const Linear& lin) {
+    LinearView v;
+    v.out = lin.out;
+    v.in = lin.in;
+    v.quantized = lin.quantized;
+    if (lin.quantized) {
+      v.nf4 = lin.q.view();
+      v.nf4.codes = array(lin.q.codes);
+      v.nf4.absmax_q = array(lin.q.absmax_q);
+      v.nf4.absmax_scale = array(lin.q.absmax_scale);
+    } else {
+      v.dense = dense(lin.w.data(), lin.out, lin.in);
+    }
+    return v;
+  }
+
+ private:
+  Backend& be_;
+  Arena& arena_;
+  DType dtype_;
+  std::vector<uint8_t> staging_;
+};
+
+void lay_out(BackendWeights& bw, const LlamaWeights& w, Placer& place) {
+  const LlamaConfig& c = w.cfg;
+  bw.embed = place.dense(w.embed.data(), c.V, c.H);
+  bw.final_norm = place.dense(w.final_norm.data(), 1, c.H);
+  bw.lm_head.out = c.V;
+  bw.lm_head.in = c.H;
+  bw.lm_head.dense = c.tied ? bw.embed : place.dense(w.lm_head.data(), c.V, c.H);
+  bw.layers.resize(c.L);
+  for (int l = 0; l < c.L; l++) {
+    const LayerWeights& lw = w.layers[l];
+    bw.layers[l].attn_norm = place.dense(lw.attn_norm.data(), 1, c.H);
+    bw.layers[l].mlp_norm = place.dense(lw.mlp_norm.data(), 1, c.H);
+    for (int t = 0; t < NUM_TARGETS; t++) bw.layers[l].lin[t] = place.linear(lw.lin[t]);
+  }
+}
+
+// Views straight into the host vectors (CPU backend, float32).
+Tensor host_view(const std::vector<float>& v, int64_t rows, int64_t cols) {
+  return make_tensor(const_cast<float*>(v.data()), DType::F32, rows, cols, DeviceKind::CPU);
+}
+
+}  // namespace
+
+BackendWeights place_weights(Backend& backend, std::shared_ptr<const LlamaWeights> host) {
+  const LlamaWeights& w = *host;
+  const LlamaConfig& c = w.cfg;
+  BackendWeights bw;
+  bw.cfg = c;
+  bw.quant = w.quant;
+  if (backend.device() == DeviceKind::CPU && backend.weight_dtype() == DType::F32) {
+    bw.embed = host_view(w.embed, c.V, c.H);
+    bw.final_norm = host_view(w.final_norm, 1, c.H);
+    bw.lm_head.out = c.V;
+    bw.lm_head.in = c.H;
+    bw.lm_head.dense = c.tied ? bw.embed : host_view(w.lm_head, c.V, c.H);
+    bw.layers.resize(c.L);
+    for (int l = 0; l < c.L; l++) {
+      const LayerWeights& lw = w.layers[l];
+      bw.layers[l].attn_norm = host_view(lw.attn_norm, 1, c.H);
+      bw.layers[l].mlp_norm = host_view(lw.mlp_norm, 1, c.H);
+      for (int t = 0; t < NUM_TARGETS; t++) {
+        const Linear& lin = lw.lin[t];
+        LinearView& v = bw.layers[l].lin[t];
+        v.out = lin.out;
+        v.in = lin.in;
+        v.quantized = lin.quantized;
+        if (lin.quantized) v.nf4 = lin.q.view();
+        else v.dense = host_view(lin.w, lin.out, lin.in);
+      }
+    }
+    bw.bytes = w.bytes();
+    bw.host = std::move(host);
+    return bw;
+  }
+  Arena measure = Arena::measuring(backend.device());
+  Placer counting(backend, measure, backend.weight_dtype());
+  lay_out(bw, w, counting);
+  bw.storage = Buffer(backend, measure.used());
+  Arena arena(bw.storage.data(), bw.storage.bytes(), backend.device(), "weights");
+  Placer placing(backend, arena, backend.weight_dtype());
+  lay_out(bw, w, placing);
+  bw.bytes = bw.storage.bytes();
+  return bw;
 }
 
 }  // namespace ts

@@ -4,9 +4,11 @@
 // exists at once.
 #pragma once
 #include <array>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "core/backend.h"
 #include "core/nf4.h"
 #include "model/config.h"
 
@@ -20,10 +22,6 @@ struct Linear {
   NF4Matrix q;           // when quantized
   size_t bytes() const { return quantized ? q.bytes() : w.size() * sizeof(float); }
 };
-// y[M,out] = x[M,in] · Wᵀ + beta·y
-void linear_forward(float* y, const float* x, const Linear& W, int64_t M, float beta);
-// dx[M,in] = dy[M,out] · W + beta·dx
-void linear_backward_input(float* dx, const float* dy, const Linear& W, int64_t M, float beta);
 
 struct LayerWeights {
   std::vector<float> attn_norm;  // (H) input_layernorm
@@ -46,6 +44,27 @@ struct LlamaWeights {
 // quant: "none" or "nf4" (linear weights of the blocks only; embeddings, norms, lm_head stay float32).
 // Throws EngineError INVALID_SAFETENSORS / INVALID_CONFIG (missing tensor, wrong shape) naming the file.
 LlamaWeights load_llama_weights(const LlamaConfig& cfg, const std::vector<std::string>& files, const std::string& quant);
+
+// The base as a backend's ops see it. On the CPU backend the views alias the host LlamaWeights (kept
+// alive by `host`); elsewhere everything is copied into one backend buffer: NF4 codes and absmax as
+// they are, dense tensors (embeddings, norms, lm_head, unquantized linears) in the backend's
+// weight_dtype().
+struct BackendWeights {
+  struct Layer {
+    Tensor attn_norm, mlp_norm;                 // (1, H)
+    std::array<LinearView, NUM_TARGETS> lin;    // as LayerWeights::lin
+  };
+  LlamaConfig cfg;
+  std::string quant;
+  Tensor embed;         // (V, H)
+  Tensor final_norm;    // (1, H)
+  LinearView lm_head;   // (V, H) dense; the embedding table when tied
+  std::vector<Layer> layers;
+  size_t bytes = 0;     // backend memory holding them (the host bytes when aliased)
+  std::shared_ptr<const LlamaWeights> host;  // set when the views alias host memory
+  Buffer storage;       // set when they were copied
+};
+BackendWeights place_weights(Backend& backend, std::shared_ptr<const LlamaWeights> host);
 
 // Hugging Face name of a block's linear weight, e.g. "model.layers.3.self_attn.q_proj.weight".
 std::string hf_linear_name(int layer, int target);

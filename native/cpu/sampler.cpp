@@ -12,7 +12,8 @@
 //   top-p        over softmax(kept x), most likely first: keep a token iff the probability of the tokens
 //                ranked before it is < top_p (HF's "ascending cumsum <= 1 - top_p is removed"); the
 //                first token is always kept (min_tokens_to_keep = 1)
-//   draw         u ~ U[0,1) from the request's xoshiro256** stream, inverse CDF over the kept tokens
+//   draw         u ~ U[0,1) from the request's xoshiro256** stream (UniformSource), inverse CDF over the
+//                kept tokens
 //
 // Ties in value are ranked by lower token id first (torch.sort's order among equal values is not
 // specified). Weights are float32 exps (a few ulp from exact) summed in double, so a nucleus boundary
@@ -26,7 +27,7 @@
 //            inside that bin only
 //   top-p    a histogram of the softmax mass by logit finds the bin holding the nucleus boundary;
 //            only that bin's tokens are sorted
-#include "model/sampler.h"
+#include "cpu/sampler.h"
 
 #include <algorithm>
 #include <cmath>
@@ -36,18 +37,9 @@
 
 #include "core/error.h"
 
-namespace ts {
+namespace ts::cpu {
 
 namespace {
-
-uint64_t splitmix64(uint64_t& x) {
-  uint64_t z = (x += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 constexpr int BINS = 4096;  // histogram resolution for the top-k / top-p selections
@@ -168,8 +160,8 @@ double softmax_weights(const TokenSet& s, float max_logit, std::vector<float>& w
 }
 
 // Inverse CDF: the first index whose running weight exceeds u·Σw.
-int64_t inverse_cdf(const float* w, int64_t n, double total, SamplerRng& rng) {
-  const double target = rng.uniform() * total;
+int64_t inverse_cdf(const float* w, int64_t n, double total, UniformSource& u) {
+  const double target = u.next() * total;
   double acc = 0;
   int64_t last_positive = 0;
   for (int64_t i = 0; i < n; i++) {
@@ -182,13 +174,13 @@ int64_t inverse_cdf(const float* w, int64_t n, double total, SamplerRng& rng) {
 }
 
 // One draw from softmax over the set.
-int32_t draw(const TokenSet& s, SamplerRng& rng) {
+int32_t draw(const TokenSet& s, UniformSource& u) {
   const int32_t top = argmax(s.x, s.n);
   const float max_logit = s.x[top];
   if (!(max_logit > NEG_INF)) return s.id(top);  // nothing finite: no distribution, the first token
   thread_local std::vector<float> w;
   const double total = softmax_weights(s, max_logit, w);
-  return s.id(inverse_cdf(w.data(), s.n, total, rng));
+  return s.id(inverse_cdf(w.data(), s.n, total, u));
 }
 
 // top-k: the tokens with x >= the k-th largest value (HF keeps ties), in id order, as parallel arrays.
@@ -271,27 +263,8 @@ void nucleus(const TokenSet& s, double top_p, std::vector<Candidate>& out) {
 
 }  // namespace
 
-SamplerRng::SamplerRng(uint64_t seed) {
-  uint64_t x = seed;
-  for (auto& word : s) word = splitmix64(x);
-}
-
-uint64_t SamplerRng::next() {
-  const uint64_t result = rotl(s[1] * 5, 7) * 9;
-  const uint64_t t = s[1] << 17;
-  s[2] ^= s[0];
-  s[3] ^= s[1];
-  s[1] ^= s[2];
-  s[0] ^= s[3];
-  s[2] ^= t;
-  s[3] = rotl(s[3], 45);
-  return result;
-}
-
-double SamplerRng::uniform() { return double(next() >> 11) * 0x1.0p-53; }
-
 int32_t sample_token(float* logits, int V, const SamplingParams& params, const std::vector<int32_t>& context,
-                     SamplerRng& rng) {
+                     UniformSource u) {
   require(V > 0, "INVALID_ARGUMENT", "sample_token: empty logits");
   if (params.repetition_penalty != 1.f) apply_repetition_penalty(logits, V, params.repetition_penalty, context);
   if (!(params.temperature > 0.f)) return argmax(logits, V);
@@ -310,7 +283,7 @@ int32_t sample_token(float* logits, int V, const SamplingParams& params, const s
     top_k(logits, V, params.top_k, kept_x, kept_ids);
     set = TokenSet{kept_x.data(), kept_ids.data(), int64_t(kept_x.size())};
   }
-  if (!use_top_p) return draw(set, rng);
+  if (!use_top_p) return draw(set, u);
 
   thread_local std::vector<Candidate> kept;
   nucleus(set, std::max(0.0, double(params.top_p)), kept);
@@ -322,7 +295,7 @@ int32_t sample_token(float* logits, int V, const SamplingParams& params, const s
     nucleus_x[i] = kept[i].logit;
     nucleus_ids[i] = kept[i].id;
   }
-  return draw(TokenSet{nucleus_x.data(), nucleus_ids.data(), int64_t(kept.size())}, rng);
+  return draw(TokenSet{nucleus_x.data(), nucleus_ids.data(), int64_t(kept.size())}, u);
 }
 
-}  // namespace ts
+}  // namespace ts::cpu

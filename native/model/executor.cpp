@@ -1,0 +1,519 @@
+// Executor (executor.h): admission, the generation step over the paged cache, training micro-steps,
+// and the thread that interleaves them.
+#include "model/executor.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include "core/error.h"
+#include "model/llama.h"
+
+namespace ts {
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+LlamaModel place_model(Backend& be, std::shared_ptr<const LlamaWeights> weights) {
+  LlamaModel m;
+  m.be = &be;
+  m.w = place_weights(be, std::move(weights));
+  return m;
+}
+
+MemoryPlan make_plan(Backend& be, const LlamaModel& m, const ExecutorOptions& o) {
+  const MemoryInfo mem = be.memory_info();
+  return plan_memory(m.cfg(), be.device(), be.compute_dtype(), o, mem.total, mem.free, m.w.bytes);
+}
+
+}  // namespace
+
+struct Executor::Sequence {
+  uint64_t id = 0;
+  GenerationRequest req;
+  GenerationCallbacks cb;
+  std::shared_ptr<std::atomic<bool>> cancelled;
+  std::vector<int32_t> blocks;   // KV blocks, position order (reserved for the whole length at admission)
+  int64_t len = 0;               // positions written to the cache
+  std::vector<int32_t> context;  // prompt + generated (for the repetition penalty)
+  GenerationResult result;
+  SamplerRng rng{0};
+  bool started = false;
+  int64_t prefilled = 0;         // prompt tokens already in the cache
+  int32_t next_token = -1;       // sampled, not yet fed back
+  std::chrono::steady_clock::time_point started_at, decode_started;
+};
+
+struct Executor::TrainingJob {
+  uint64_t id = 0;
+  AdapterPool::Handle adapter;
+  std::unique_ptr<Trainer> trainer;
+  std::vector<TrainExample> examples, eval_examples;
+  TrainHyper hyper;
+  TrainingCallbacks cb;
+  std::shared_ptr<std::atomic<bool>> cancelled;
+  StepReport last;
+};
+
+Executor::Executor(std::unique_ptr<Backend> backend, std::shared_ptr<const LlamaWeights> weights,
+                   ExecutorOptions options)
+    : backend_(std::move(backend)),
+      model_(place_model(*backend_, std::move(weights))),
+      options_(options),
+      plan_(make_plan(*backend_, model_, options_)),
+      pool_(*backend_, model_.cfg(), plan_.adapter_slots, plan_.adapter_budget),
+      kv_(*backend_, model_.cfg(), plan_.kv_block_size, plan_.kv_blocks),
+      workspace_(*backend_, plan_.workspace),
+      arena_(workspace_.data(), workspace_.bytes(), backend_->device(), "inference step") {
+  // A captured step bakes the rotary table's address: size it for the longest sequence up front.
+  if (options_.step_graphs && backend_->supports_graphs()) model_.ensure_rope(plan_.max_seq_len);
+  thread_ = std::thread([this] { run(); });
+}
+
+Executor::~Executor() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  for (auto& [bucket, graph] : graphs_) backend_->graph_destroy(graph);
+}
+
+int Executor::add_adapter(std::shared_ptr<LoraAdapter> adapter) {
+  require(adapter && adapter->spec.r <= options_.max_lora_rank, "INVALID_ARGUMENT",
+          "adapter rank " + std::to_string(adapter ? adapter->spec.r : 0) + " is above this engine's max_lora_rank " +
+              std::to_string(options_.max_lora_rank));
+  const int id = pool_.add(std::move(adapter));
+  cv_.notify_all();  // the executor places it
+  return id;
+}
+
+void Executor::remove_adapter(int id) { pool_.remove(id); }
+
+AdapterPool::Handle Executor::adapter(int id) const { return pool_.get(id); }
+
+void Executor::post(std::function<void(Executor&)> fn) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    tasks_.push_back(std::move(fn));
+  }
+  cv_.notify_all();
+}
+
+uint64_t Executor::submit_generation(GenerationRequest req, GenerationCallbacks cb) {
+  const LlamaConfig& c = model_.cfg();
+  require(!req.prompt.empty(), "INVALID_ARGUMENT", "the prompt has no tokens");
+  require(req.max_tokens >= 1, "INVALID_ARGUMENT", "max_tokens must be >= 1");
+  for (int32_t id : req.prompt)
+    require(id >= 0 && id < c.V, "INVALID_ARGUMENT", "prompt token id " + std::to_string(id) + " is outside the vocabulary");
+  const int64_t length = (int64_t)req.prompt.size() + req.max_tokens;
+  require(length <= c.max_pos, "INVALID_ARGUMENT", "prompt + max_tokens exceeds max_position_embeddings");
+  require(length <= plan_.max_seq_len, "INVALID_ARGUMENT",
+          "prompt + max_tokens = " + std::to_string(length) + " tokens exceeds this engine's max_seq_len " +
+              std::to_string(plan_.max_seq_len));
+  const int64_t blocks = KVPool::blocks_for(length, kv_.block_size());
+  require(blocks <= kv_.usable_blocks(), "INVALID_ARGUMENT",
+          "prompt + max_tokens = " + std::to_string(length) + " tokens needs " + std::to_string(blocks) +
+              " KV-cache blocks; this engine's whole cache holds " + std::to_string(kv_.usable_blocks()));
+  auto s = std::make_shared<Sequence>();
+  s->req = std::move(req);
+  s->cb = std::move(cb);
+  s->cancelled = std::make_shared<std::atomic<bool>>(false);
+  s->rng = SamplerRng(s->req.sampling.seed);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if ((int)queued_.size() >= options_.max_queued)
+      throw EngineError("RESOURCE_EXHAUSTED", "the generation queue is full (" + std::to_string(queued_.size()) +
+                                                  " requests wait for KV-cache room); retry later");
+    s->id = next_id_++;
+    cancel_flags_[s->id] = s->cancelled;
+    queued_.push_back(s);
+  }
+  cv_.notify_all();
+  return s->id;
+}
+
+uint64_t Executor::submit_training(AdapterPool::Handle adapter, std::vector<TrainExample> examples, TrainHyper hyper,
+                                   TrainingCallbacks cb, std::vector<TrainExample> eval_examples) {
+  auto j = std::make_shared<TrainingJob>();
+  j->adapter = std::move(adapter);
+  j->examples = std::move(examples);
+  j->eval_examples = std::move(eval_examples);
+  j->hyper = std::move(hyper);
+  j->cb = std::move(cb);
+  j->cancelled = std::make_shared<std::atomic<bool>>(false);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    j->id = next_id_++;
+    cancel_flags_[j->id] = j->cancelled;
+    trainings_.push_back(j);
+  }
+  cv_.notify_all();
+  return j->id;
+}
+
+void Executor::cancel(uint64_t id) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = cancel_flags_.find(id);
+    if (it != cancel_flags_.end()) it->second->store(true);
+  }
+  cv_.notify_all();
+}
+
+Executor::Stats Executor::stats() const {
+  Stats s;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    s.queued_sequences = (int)queued_.size();
+    s.training = !trainings_.empty();
+  }
+  s.active_sequences = active_count_.load();
+  s.kv_blocks_total = kv_.usable_blocks();
+  s.kv_blocks_used = kv_.usable_blocks() - kv_.free_blocks();
+  s.kv_bytes_used = uint64_t(s.kv_blocks_used) * plan_.kv_block_bytes;
+  s.training_workspace_bytes = training_bytes_.load();
+  s.graph_steps = graph_steps_.load();
+  s.eager_steps = eager_steps_.load();
+  return s;
+}
+
+void Executor::run() {
+  for (;;) {
+    std::deque<std::function<void(Executor&)>> tasks;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] {
+        return stop_ || !tasks_.empty() || !queued_.empty() || !active_.empty() || !trainings_.empty();
+      });
+      if (stop_) break;
+      tasks.swap(tasks_);
+    }
+    maintain_adapters();  // after the swap: adapters added before a task was posted are placed first
+    for (auto& t : tasks) {
+      try {
+        t(*this);  // tasks report their own errors through their callbacks
+      } catch (const std::exception& e) {
+        // Only a task that forgot to catch gets here; keep serving, but never silently.
+        std::fprintf(stderr, "tuneserve engine: a queued task threw: %s\n", e.what());
+      }
+    }
+    generation_step();
+    training_step();
+  }
+  // Shutting down: everything still pending ends as cancelled.
+  for (auto& s : active_) finish(*s, "cancelled");
+  for (auto& s : queued_) finish(*s, "cancelled");
+  for (auto& j : trainings_)
+    if (j->cb.on_done) j->cb.on_done(j->last, true);
+}
+
+void Executor::finish(Sequence& s, const char* reason) {
+  s.result.finish_reason = reason;
+  s.result.decode_seconds = s.decode_started.time_since_epoch().count() ? seconds_since(s.decode_started) : 0;
+  kv_.release(&s.blocks);
+  s.req.adapter.reset();  // the adapter's slot may be freed now
+  if (s.cb.on_done) s.cb.on_done(s.result);
+}
+
+void Executor::admit() {
+  std::vector<std::shared_ptr<Sequence>> dropped;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // Requests cancelled while waiting leave the queue at once, wherever they stand.
+    for (auto it = queued_.begin(); it != queued_.end();) {
+      if ((*it)->cancelled->load()) {
+        dropped.push_back(*it);
+        cancel_flags_.erase((*it)->id);
+        it = queued_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    // In order: the head waits for room rather than being overtaken by smaller requests.
+    while (!queued_.empty() && (int)active_.size() < options_.max_active_sequences) {
+      Sequence& s = *queued_.front();
+      const int64_t length = (int64_t)s.req.prompt.size() + s.req.max_tokens;
+      if (!kv_.allocate(KVPool::blocks_for(length, kv_.block_size()), &s.blocks)) break;
+      active_.push_back(queued_.front());
+      queued_.pop_front();
+    }
+    active_count_ = (int)active_.size();
+  }
+  for (auto& s : dropped) finish(*s, "cancelled");
+}
+
+void Executor::maintain_adapters() {
+  try {
+    pool_.maintain();
+  } catch (const std::exception& e) {
+    // Placement failed (device memory): the adapters stay unplaced and requests using them fail.
+    std::fprintf(stderr, "tuneserve engine: placing adapters failed: %s\n", e.what());
+  }
+}
+
+void Executor::generation_step() {
+  maintain_adapters();  // adapters added since the last turn, before a request can use them
+  admit();
+  if (active_.empty()) return;
+  // Build the step's rows: each sequence contributes a prompt chunk (prefill) or its last token.
+  InferenceBatch batch;
+  batch.max_blocks = plan_.max_blocks_per_sequence;
+  std::vector<Sequence*> stepping;   // sequences that get a token this step
+  std::vector<Sequence*> in_step;    // every sequence with rows in this step (its index = its row_seq)
+  int64_t prefill_budget = options_.prefill_chunk;
+  bool decode_only = true;
+  for (auto& sp : active_) {
+    Sequence& s = *sp;
+    if (s.cancelled->load()) continue;  // finished below
+    if (s.req.adapter && !s.req.adapter->placed) {  // its placement failed (see maintain_adapters)
+      if (s.cb.on_error) s.cb.on_error("RESOURCE_EXHAUSTED", "the request's adapter could not be placed in memory");
+      s.cancelled->store(true);
+      continue;
+    }
+    const int64_t P = (int64_t)s.req.prompt.size();
+    if (!s.started) {
+      s.started = true;
+      s.context = s.req.prompt;
+      s.result.prompt_tokens = P;
+      s.started_at = std::chrono::steady_clock::now();
+    }
+    const int64_t begin = batch.rows();
+    const int32_t seq = (int32_t)in_step.size();
+    bool wants_logits = true;
+    if (s.prefilled < P) {
+      if (prefill_budget <= 0) continue;  // wait for the next step
+      decode_only = false;
+      const int64_t n = std::min<int64_t>(P - s.prefilled, prefill_budget);
+      prefill_budget -= n;
+      for (int64_t i = 0; i < n; i++) {
+        batch.tokens.push_back(s.req.prompt[s.prefilled + i]);
+        batch.pos.push_back((int32_t)(s.prefilled + i));
+        batch.row_seq.push_back(seq);
+      }
+      s.prefilled += n;
+      s.len = s.prefilled;
+      wants_logits = s.prefilled == P;  // more prompt to go: no logits yet
+    } else {
+      batch.tokens.push_back(s.next_token);
+      batch.pos.push_back((int32_t)s.len);
+      batch.row_seq.push_back(seq);
+      s.len += 1;
+    }
+    in_step.push_back(&s);
+    for (int b = 0; b < batch.max_blocks; b++)
+      batch.block_tables.push_back(b < (int)s.blocks.size() ? s.blocks[b] : 0);
+    if (s.req.adapter) batch.adapters.push_back({begin, batch.rows(), &s.req.adapter->tensors, s.req.adapter->slot});
+    if (wants_logits) {
+      batch.logit_rows.push_back((int32_t)batch.rows() - 1);
+      stepping.push_back(&s);
+    }
+  }
+  if (batch.rows() > 0) {
+    bool failed = false;
+    try {
+      const Tensor logits = run_step(batch, decode_only);
+      if (!stepping.empty()) {
+        std::vector<SampleRow> rows(stepping.size());
+        for (size_t i = 0; i < stepping.size(); i++)
+          rows[i] = SampleRow{stepping[i]->req.sampling, &stepping[i]->context, &stepping[i]->rng};
+        std::vector<int32_t> ids(stepping.size());
+        backend_->sample(ids.data(), logits.rows_view(0, (int64_t)stepping.size()), rows.data());
+        for (size_t i = 0; i < stepping.size(); i++) {
+          Sequence& s = *stepping[i];
+          if (s.result.ids.empty()) {
+            s.result.prefill_seconds = seconds_since(s.started_at);
+            s.decode_started = std::chrono::steady_clock::now();
+          }
+          const int32_t tok = ids[i];
+          s.result.ids.push_back(tok);
+          s.context.push_back(tok);
+          s.next_token = tok;
+          if (s.cb.on_tokens) s.cb.on_tokens({tok});
+        }
+      }
+    } catch (const EngineError& e) {
+      failed = true;
+      for (auto& sp : active_)
+        if (sp->cb.on_error) sp->cb.on_error(e.code, e.what());
+    }
+    if (failed)
+      for (auto& sp : active_) sp->cancelled->store(true);
+  }
+  // Retire finished sequences.
+  std::vector<std::shared_ptr<Sequence>> still;
+  for (auto& sp : active_) {
+    Sequence& s = *sp;
+    bool stopped = !s.result.ids.empty() &&
+                   std::find(s.req.stop_ids.begin(), s.req.stop_ids.end(), s.result.ids.back()) != s.req.stop_ids.end();
+    if (s.cancelled->load()) finish(s, "cancelled");
+    else if (stopped) finish(s, "stop");
+    else if ((int)s.result.ids.size() >= s.req.max_tokens) finish(s, "length");
+    else {
+      still.push_back(sp);
+      continue;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    cancel_flags_.erase(s.id);
+  }
+  active_.swap(still);
+  active_count_ = (int)active_.size();
+}
+
+Tensor Executor::run_step(InferenceBatch& batch, bool decode_only) {
+  const LlamaConfig& c = model_.cfg();
+  const DType act = backend_->compute_dtype();
+  const int64_t M = batch.rows(), S = batch.sequences(), n = (int64_t)batch.logit_rows.size();
+  batch.slots = pool_.slots();
+  arena_.reset();
+  const bool graph = decode_only && options_.step_graphs && backend_->supports_graphs();
+  if (!graph) {
+    // The per-row LoRA form only when some row has an adapter (the CPU uses the host segments).
+    batch.slot_modules = batch.adapters.empty() ? nullptr : pool_.slot_table();
+    InferenceWorkspace ws = carve_inference(arena_, c, act, M, S, batch.max_blocks, n, options_.max_lora_rank);
+    stage_inference(model_, batch, ws, kv_);
+    run_inference(model_, batch, ws, kv_);
+    eager_steps_++;
+    return ws.logits;
+  }
+  // Decode only: one row, one sequence and one logit row per sequence. The step runs at the next
+  // power-of-two bucket (padding rows are harmless, see stage_inference) so a few graphs cover every
+  // batch size; the adapter of each row comes from the per-row slot mapping, part of the graph.
+  int64_t bucket = 1;
+  while (bucket < M) bucket *= 2;
+  bucket = std::min<int64_t>(bucket, options_.max_active_sequences);
+  batch.slot_modules = pool_.slot_table();
+  InferenceWorkspace ws =
+      carve_inference(arena_, c, act, bucket, bucket, batch.max_blocks, bucket, options_.max_lora_rank);
+  stage_inference(model_, batch, ws, kv_);
+  auto it = graphs_.find(bucket);
+  if (it == graphs_.end()) {
+    backend_->graph_begin_capture();
+    try {
+      run_inference(model_, batch, ws, kv_);
+    } catch (...) {
+      backend_->graph_end_capture();
+      throw;
+    }
+    it = graphs_.emplace(bucket, backend_->graph_end_capture()).first;
+  }
+  backend_->graph_launch(it->second);
+  graph_steps_++;
+  return ws.logits;
+}
+
+void Executor::training_step() {
+  maintain_adapters();
+  std::shared_ptr<TrainingJob> j;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (trainings_.empty()) return;
+    j = trainings_.front();
+  }
+  bool finished = false, cancelled = j->cancelled->load();
+  try {
+    if (!cancelled) {
+      if (!j->trainer) {
+        j->trainer = std::make_unique<Trainer>(model_, pool_, j->adapter, std::move(j->examples), j->hyper,
+                                               std::move(j->eval_examples));
+        training_bytes_ = j->trainer->workspace_bytes();
+      }
+      StepReport report;
+      if (j->trainer->micro_step(&report)) {
+        j->last = report;
+        if (j->cb.on_step) j->cb.on_step(report);
+      }
+      finished = j->trainer->done();
+    }
+    if (finished || cancelled) {
+      j->trainer.reset();  // ends the adapter's training state, frees the workspace
+      pool_.sync_to_host(*j->adapter);
+      if (j->cb.on_done) j->cb.on_done(j->last, cancelled);
+    }
+  } catch (const EngineError& e) {
+    finished = true;
+    if (j->cb.on_error) j->cb.on_error(e.code, e.what());
+  } catch (const std::bad_alloc&) {
+    finished = true;
+    if (j->cb.on_error) j->cb.on_error("RESOURCE_EXHAUSTED", "out of memory during training");
+  } catch (const std::exception& e) {
+    finished = true;
+    if (j->cb.on_error) j->cb.on_error("INTERNAL", e.what());
+  }
+  if (finished || cancelled) {
+    j->trainer.reset();
+    training_bytes_ = 0;
+    std::lock_guard<std::mutex> lock(mu_);
+    trainings_.pop_front();
+    cancel_flags_.erase(j->id);
+  }
+}
+
+std::vector<float> Executor::logits(const std::vector<int32_t>& ids, const AdapterPool::Handle& adapter) {
+  const LlamaConfig& c = model_.cfg();
+  const int64_t T = (int64_t)ids.size();
+  require(T > 0, "INVALID_ARGUMENT", "ids must not be empty");
+  require(T <= c.max_pos, "INVALID_ARGUMENT", "the sequence is longer than max_position_embeddings");
+  if (adapter && !adapter->placed) pool_.maintain();
+  require(!adapter || adapter->placed, "RESOURCE_EXHAUSTED", "the adapter could not be placed in memory");
+  InferenceBatch b;
+  b.tokens = ids;
+  b.pos.resize(T);
+  b.row_seq.assign(T, 0);
+  b.logit_rows.resize(T);
+  for (int64_t t = 0; t < T; t++) b.pos[t] = b.logit_rows[t] = (int32_t)t;
+  std::vector<int32_t> blocks;
+  b.max_blocks = (int)KVPool::blocks_for(T, kv_.block_size());
+  if (!kv_.allocate(b.max_blocks, &blocks))
+    throw EngineError("RESOURCE_EXHAUSTED", "the KV cache has no room for a " + std::to_string(T) +
+                                                "-token sequence now; retry when generation load is lower");
+  std::vector<float> out;
+  try {
+    b.block_tables = blocks;
+    if (adapter) {
+      b.adapters.push_back({0, T, &adapter->tensors, adapter->slot});
+      b.slot_modules = pool_.slot_table();
+      b.slots = pool_.slots();
+    }
+    // Its own workspace: a probe's T rows of logits can exceed the step workspace's plan.
+    const int rank = adapter ? adapter->host->spec.r : 0;
+    Buffer mem(*backend_, plan_inference_workspace(c, backend_->compute_dtype(), T, 1, b.max_blocks, T, rank));
+    Arena arena(mem.data(), mem.bytes(), backend_->device(), "logits probe");
+    InferenceWorkspace ws = carve_inference(arena, c, backend_->compute_dtype(), T, 1, b.max_blocks, T, rank);
+    stage_inference(model_, b, ws, kv_);
+    run_inference(model_, b, ws, kv_);
+    out.resize(size_t(T) * c.V);
+    backend_->download(out.data(), ws.logits.data, out.size() * sizeof(float));
+  } catch (...) {
+    kv_.release(&blocks);
+    throw;
+  }
+  kv_.release(&blocks);
+  return out;
+}
+
+double Executor::train_pass(const AdapterPool::Handle& adapter, const TrainBatch& batch, const TrainPassOptions& opt) {
+  if (adapter && !adapter->placed) pool_.maintain();
+  require(!adapter || adapter->placed, "RESOURCE_EXHAUSTED", "the adapter could not be placed in memory");
+  if (adapter && opt.backward) {
+    if (!adapter->training) pool_.begin_training(*adapter);  // also resets the AdamW moments: first use only
+    for (const auto& layer : adapter->tensors.mods)
+      for (const auto& d : layer) {
+        if (!d.A) continue;
+        backend_->fill_zero(d.dA, size_t(d.view.r) * d.view.in * sizeof(float));
+        backend_->fill_zero(d.dB, size_t(d.view.out) * d.view.r * sizeof(float));
+      }
+  }
+  const int rank = adapter ? adapter->host->spec.r : 0;
+  Buffer mem(*backend_, plan_train_workspace(model_, batch.B, batch.T, rank, opt));
+  Arena arena(mem.data(), mem.bytes(), backend_->device(), "training pass");
+  const double loss = llama_train_pass(model_, adapter ? &adapter->tensors : nullptr, batch, opt, arena);
+  if (adapter) pool_.sync_to_host(*adapter);
+  return loss;
+}
+
+}  // namespace ts
