@@ -160,6 +160,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     plan.Set("totalBytes", (double)p.total);
     plan.Set("freeBytesAtStart", (double)p.free_at_start);
     plan.Set("weightsBytes", (double)p.weights);
+    plan.Set("backendScratchBytes", (double)p.backend_scratch);
     plan.Set("adapterSlots", p.adapter_slots);
     plan.Set("adapterPoolBytes", (double)p.adapter_pool);
     plan.Set("workspaceBytes", (double)p.workspace);

@@ -193,6 +193,17 @@ struct SampleRow {
   SamplerRng* rng = nullptr;
 };
 
+// What the backend's own scratch must hold, reserved once at start so that no op allocates: dequantized
+// weights for large products through a quantized linear, staging for large float32 operands, and the
+// sampler's per-step buffers.
+struct ScratchPlan {
+  int64_t max_weight_elems = 0;   // largest quantized linear, out · in
+  int64_t max_logit_rows = 0;     // rows of float32 logits an op may see at once
+  int vocab = 0;
+  int64_t max_sample_rows = 0;    // rows sampled in one step
+  int64_t max_context_ids = 0;    // ids the repetition penalty may look at in one step, all rows
+};
+
 struct MemoryInfo {
   uint64_t total = 0, free = 0;  // bytes of the backend's memory (device memory for CUDA, RAM for the CPU)
 };
@@ -216,6 +227,8 @@ class Backend {
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;
   virtual void fill_zero(void* dst, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  // Reserves the backend's own scratch for `plan` (replacing an earlier reservation); returns its bytes.
+  virtual size_t reserve_scratch(const ScratchPlan& plan) { return 0; }
 
   // ---- the model's ops (outputs, inputs, weights, sizes) ----
   // out[m] = table[ids[m]]  (ids already checked against the vocabulary by the caller)

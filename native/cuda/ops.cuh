@@ -25,6 +25,9 @@ void embedding_forward(T* out, const int32_t* ids, const T* table, int64_t M, in
 // x[i] += y[i]
 template <typename T>
 void add_inplace(T* x, const T* y, int64_t n, cudaStream_t stream);
+// x[i] += y[i] with y float32 (LoRA input gradients into bf16 activations)
+template <typename T>
+void accumulate_f32(T* x, const float* y, int64_t n, cudaStream_t stream);
 // out = silu(gate) · up ; the backward from dout
 template <typename T>
 void swiglu_forward(T* out, const T* gate, const T* up, int64_t n, cudaStream_t stream);

@@ -24,9 +24,17 @@ LlamaModel place_model(Backend& be, std::shared_ptr<const LlamaWeights> weights)
   return m;
 }
 
-MemoryPlan make_plan(Backend& be, const LlamaModel& m, const ExecutorOptions& o) {
+// Reserves the backend's scratch, then plans everything else in what is left.
+MemoryPlan reserve_and_plan(Backend& be, const LlamaModel& m, const ExecutorOptions& o) {
+  int64_t largest = 0;
+  for (const auto& layer : m.w.layers)
+    for (const LinearView& lin : layer.lin)
+      if (lin.quantized) largest = std::max<int64_t>(largest, int64_t(lin.out) * lin.in);
+  const size_t scratch = be.reserve_scratch(scratch_plan(m.cfg(), o, largest));
   const MemoryInfo mem = be.memory_info();
-  return plan_memory(m.cfg(), be.device(), be.compute_dtype(), o, mem.total, mem.free, m.w.bytes);
+  MemoryPlan plan = plan_memory(m.cfg(), be.device(), be.compute_dtype(), o, mem.total, mem.free, m.w.bytes);
+  plan.backend_scratch = scratch;
+  return plan;
 }
 
 }  // namespace
@@ -63,7 +71,7 @@ Executor::Executor(std::unique_ptr<Backend> backend, std::shared_ptr<const Llama
     : backend_(std::move(backend)),
       model_(place_model(*backend_, std::move(weights))),
       options_(options),
-      plan_(make_plan(*backend_, model_, options_)),
+      plan_(reserve_and_plan(*backend_, model_, options_)),
       pool_(*backend_, model_.cfg(), plan_.adapter_slots, plan_.adapter_budget),
       kv_(*backend_, model_.cfg(), plan_.kv_block_size, plan_.kv_blocks),
       workspace_(*backend_, plan_.workspace),

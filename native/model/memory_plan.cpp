@@ -13,9 +13,9 @@ namespace ts {
 std::string MemoryPlan::describe() const {
   char buf[512];
   std::snprintf(buf, sizeof buf,
-                "weights %.1f MiB, adapter pool %d slots %.1f MiB, step workspace %.1f MiB, KV cache %lld blocks x %d "
+                "weights %.1f MiB, backend scratch %.1f MiB, adapter pool %d slots %.1f MiB, step workspace %.1f MiB, KV cache %lld blocks x %d "
                 "positions (%.1f MiB), %.1f MiB of %.1f MiB free at start",
-                weights / 1048576.0, adapter_slots, adapter_pool / 1048576.0, workspace / 1048576.0,
+                weights / 1048576.0, backend_scratch / 1048576.0, adapter_slots, adapter_pool / 1048576.0, workspace / 1048576.0,
                 (long long)kv_blocks, kv_block_size, kv_cache / 1048576.0, free_at_start / 1048576.0, total / 1048576.0);
   return buf;
 }
@@ -60,6 +60,17 @@ MemoryPlan plan_memory(const LlamaConfig& cfg, DeviceKind device, DType act, con
   p.kv_blocks = blocks;
   p.kv_cache = uint64_t(blocks) * p.kv_block_bytes;
   return p;
+}
+
+ScratchPlan scratch_plan(const LlamaConfig& cfg, const ExecutorOptions& o, int64_t max_quantized_weight_elems) {
+  ScratchPlan s;
+  s.max_weight_elems = max_quantized_weight_elems;
+  s.max_logit_rows = std::max<int64_t>(o.max_active_sequences, TrainPassOptions{}.ce_chunk_rows);
+  s.vocab = cfg.V;
+  s.max_sample_rows = o.max_active_sequences;
+  const int64_t seq = o.max_seq_len > 0 ? std::min(o.max_seq_len, cfg.max_pos) : cfg.max_pos;
+  s.max_context_ids = int64_t(o.max_active_sequences) * seq;
+  return s;
 }
 
 }  // namespace ts

@@ -29,6 +29,7 @@ struct ExecutorOptions {
 struct MemoryPlan {
   uint64_t total = 0, free_at_start = 0;  // the backend's memory when the plan was made
   uint64_t weights = 0;
+  uint64_t backend_scratch = 0;     // the backend's own scratch (dequantization, sampling buffers)
   int adapter_slots = 0;
   uint64_t adapter_budget = 0;      // bytes adapters may take (0: no limit)
   uint64_t adapter_pool = 0;        // that budget plus the pool's slot table
@@ -42,10 +43,13 @@ struct MemoryPlan {
   std::string describe() const;     // one line for logs
 };
 
-// Sizes everything but the weights (already placed, `weights_bytes`) for `options` on a backend with
-// `free` bytes left after them. Throws RESOURCE_EXHAUSTED when not even one sequence of max_seq_len
+// Sizes everything but the weights (already placed, `weights_bytes`) and the backend's scratch for
+// `options` on a backend with `free` bytes left after them. Throws RESOURCE_EXHAUSTED when not even one sequence of max_seq_len
 // fits, naming the numbers.
 MemoryPlan plan_memory(const LlamaConfig& cfg, DeviceKind device, DType act, const ExecutorOptions& options,
                        uint64_t total, uint64_t free, uint64_t weights_bytes);
+
+// What the backend must reserve for its own scratch for a model of `cfg` run with `options`.
+ScratchPlan scratch_plan(const LlamaConfig& cfg, const ExecutorOptions& options, int64_t max_quantized_weight_elems);
 
 }  // namespace ts

@@ -179,7 +179,7 @@ export async function demoCommand(argv: string[], io: CommandIo = { stdout: proc
       const address = `127.0.0.1:${running.server.port}`;
       running.clients = createClients(address);
       return { info: await unary(running.clients.model, running.clients.model.getModelInfo, {}), address, client: running.clients };
-    }, (r) => `${r.info.modelName}, ${r.info.architecture?.numLayers} layers, NF4 on ${r.info.device.split(' ')[0]}`);
+    }, (r) => `${r.info.modelName}, ${r.info.architecture?.numLayers} layers, NF4 on ${r.info.device.split(':')[0]}`);
     const arch = info.architecture;
     out(`  serving "${info.modelName}" at ${address}: ${arch?.numLayers} layers, hidden ${arch?.hiddenSize}, ` +
       `vocab ${arch?.vocabSize} (the real Llama 3 tokenizer), NF4 weights ${formatBytes(info.memory?.weightsBytes ?? 0)}, ${info.device}`);

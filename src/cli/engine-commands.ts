@@ -24,6 +24,7 @@ function oneOf<T extends string>(flags: Flags, name: string, allowed: readonly T
 const ENGINE_FLAGS = {
   quant: { type: 'string' },
   device: { type: 'string' },
+  'cuda-compute': { type: 'string' },
   threads: { type: 'string' },
 } as const;
 
@@ -32,6 +33,7 @@ function engineOptions(flags: Flags) {
   return {
     quant: oneOf(flags, 'quant', ['nf4', 'none'] as const, 'nf4'),
     device: oneOf(flags, 'device', ['cpu', 'cuda', 'auto'] as const, 'auto'),
+    cudaCompute: oneOf(flags, 'cuda-compute', ['bf16', 'f32'] as const, 'bf16'),
     ...(threads > 0 ? { threads } : {}),
   };
 }

@@ -8,13 +8,14 @@ engine commands:
   train      --model DIR --data FILE.jsonl --out ADAPTER_DIR [--rank --alpha --dropout --targets LIST|all-linear --rslora
              --lr --steps --epochs --batch-size --grad-accum --max-seq-len --scheduler constant|linear|cosine
              --warmup-steps --weight-decay --max-grad-norm --seed --no-shuffle --init-adapter DIR
-             --no-gradient-checkpointing --quant nf4|none --device cpu|cuda|auto --threads N --json]
+             --no-gradient-checkpointing --quant nf4|none --device cpu|cuda|auto --cuda-compute bf16|f32 --threads N --json]
   generate   --model DIR [--adapter DIR] (--prompt TEXT [--chat] | --prompt-ids 1,2,3) [--max-tokens --temperature
              --top-k --top-p --repetition-penalty --seed --ignore-eos --quant --device --threads --json]
   merge      --model DIR --adapter DIR --out DIR [--dtype bf16|f16|f32] [--into original|dequantized] [--no-fidelity --quant --json]
 
 service commands:
   serve      [--model DIR] [--data-root DIR] [--port 50051] [--host 0.0.0.0] [--quant nf4|none] [--device cpu|cuda|auto]
+             [--cuda-compute bf16|f32] [--kv-cache-mb N]
              [--threads N] [--metrics-port N] [--reflection] [--adapter-slots N] [--max-seq-len N] [--grace-ms N]
              [--drain-delay-ms N]   (no --model: the built-in demo model; TUNESERVE_AUTH_TOKENS=tok1,tok2 enables auth)
   remote     <info|train|generate|merge|jobs|adapters|datasets> [--addr host:port] [--token T] [--timeout S] [--json] ...

@@ -30,7 +30,8 @@ export async function serveCommand(argv: string[]): Promise<void> {
     args: argv, strict: true,
     options: {
       model: { type: 'string' }, 'data-root': { type: 'string' }, 'export-root': { type: 'string' }, port: { type: 'string' }, host: { type: 'string' },
-      quant: { type: 'string' }, device: { type: 'string' }, threads: { type: 'string' }, 'metrics-port': { type: 'string' },
+      quant: { type: 'string' }, device: { type: 'string' }, 'cuda-compute': { type: 'string' }, threads: { type: 'string' },
+      'metrics-port': { type: 'string' }, 'kv-cache-mb': { type: 'string' },
       reflection: { type: 'boolean' }, 'adapter-slots': { type: 'string' }, 'max-seq-len': { type: 'string' },
       'grace-ms': { type: 'string' }, 'drain-delay-ms': { type: 'string' },
     },
@@ -39,6 +40,8 @@ export async function serveCommand(argv: string[]): Promise<void> {
   const dataRoot = resolve(values['data-root'] ?? process.env.TUNESERVE_DATA_ROOT ?? 'tuneserve-data');
   const quant = choice(values, 'quant', ['nf4', 'none'] as const) ?? 'nf4';
   const device = choice(values, 'device', ['cpu', 'cuda', 'auto'] as const) ?? 'auto';
+  const cudaCompute = choice(values, 'cuda-compute', ['bf16', 'f32'] as const) ?? 'bf16';
+  const kvCacheMb = integer(values, 'kv-cache-mb') ?? 0;
   const threads = integer(values, 'threads') ?? 0;
   const metricsPort = integer(values, 'metrics-port') ?? 0;
   const authTokens = (process.env.TUNESERVE_AUTH_TOKENS ?? '').split(',').map((t) => t.trim()).filter(Boolean);
@@ -46,7 +49,7 @@ export async function serveCommand(argv: string[]): Promise<void> {
   const enginePromise = (async () => {
     const modelDir = values.model ?? (await ensureDemoModel(dataRoot, (line) => logger.info(line)));
     return NativeEnginePort.open(modelDir, {
-      quant, device, ...(threads > 0 ? { threads } : {}),
+      quant, device, cudaCompute, ...(threads > 0 ? { threads } : {}), ...(kvCacheMb > 0 ? { kvCacheBytes: kvCacheMb * 1048576 } : {}),
       ...(values.model ? {} : { name: 'demo' }),
       adapterSlots: integer(values, 'adapter-slots') ?? 16, maxSeqLen: integer(values, 'max-seq-len') ?? 8192,
       log: (line) => logger.info(line),

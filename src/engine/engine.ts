@@ -12,7 +12,7 @@ import { native, type NativeEngine, type NativeLoraSpec, type NativeModelConfig,
 import { ADAPTER_WEIGHTS_FILE, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
 import { LlamaTokenizer } from './tokenizer.js';
 import { awaitCancellable } from './cancel.js';
-import { resolveDevice, type DeviceChoice } from './device.js';
+import { resolveDevice, type Device, type DeviceChoice } from './device.js';
 import { syncDirectory } from './safetensors.js';
 
 export type Quantization = 'none' | 'nf4';
@@ -20,8 +20,16 @@ export type Quantization = 'none' | 'nf4';
 export interface EngineOptions {
   quant?: Quantization;
   device?: DeviceChoice;
+  /** CUDA: bf16 activations with float32 accumulation (default), or float32 throughout (the check mode). */
+  cudaCompute?: 'bf16' | 'f32';
   threads?: number;
   maxActiveSequences?: number;
+  /** Longest prompt + completion of one generation, in tokens (default: max_position_embeddings). */
+  maxSeqLen?: number;
+  /** Adapters resident at once in the engine's pool, serving and training together. */
+  adapterSlots?: number;
+  /** Size of the paged KV cache; default: a share of the memory left after weights and workspace. */
+  kvCacheBytes?: number;
   /** Where to send the one-line notices (device fallback). Default: stderr. */
   log?: (line: string) => void;
 }
@@ -118,7 +126,8 @@ export class Engine {
     readonly tokenizer: LlamaTokenizer,
     readonly native: NativeEngine,
     readonly quant: Quantization,
-    readonly device: 'cpu',
+    readonly device: Device,
+    readonly cudaCompute: 'bf16' | 'f32',
   ) {}
 
   get config(): LlamaConfig {
@@ -132,9 +141,18 @@ export class Engine {
     const device = resolveDevice(options.device ?? 'auto', options.log);
     const folder = await loadModelFolder(dir);
     const tokenizer = await LlamaTokenizer.fromFolder(folder.dir);
-    const spec = { config: nativeConfig(folder.config), files: folder.shards, quant, ...(options.threads ? { threads: options.threads } : {}), ...(options.maxActiveSequences ? { maxActiveSequences: options.maxActiveSequences } : {}) };
+    const cudaCompute = options.cudaCompute ?? 'bf16';
+    if (cudaCompute !== 'bf16' && cudaCompute !== 'f32') throw new EngineError('INVALID_ARGUMENT', `cuda compute must be bf16 or f32, got ${String(cudaCompute)}`, { field: 'cuda_compute' });
+    const spec = {
+      config: nativeConfig(folder.config), files: folder.shards, quant, device, float32Compute: cudaCompute === 'f32',
+      ...(options.threads ? { threads: options.threads } : {}),
+      ...(options.maxActiveSequences ? { maxActiveSequences: options.maxActiveSequences } : {}),
+      ...(options.maxSeqLen ? { maxSeqLen: Math.min(options.maxSeqLen, folder.config.maxPositionEmbeddings) } : {}),
+      ...(options.adapterSlots ? { adapterSlots: options.adapterSlots } : {}),
+      ...(options.kvCacheBytes ? { kvCacheBytes: options.kvCacheBytes } : {}),
+    };
     const engine = await native().loadModel(spec).catch((e: unknown) => { throw toEngineError(e); });
-    return new Engine(folder, tokenizer, engine, quant, device);
+    return new Engine(folder, tokenizer, engine, quant, device, cudaCompute);
   }
 
   info() {

@@ -115,10 +115,16 @@ export const DEFAULT_PROBE = 'The quick brown fox jumps over the lazy dog. Mergi
  * an NF4 base, "original" merges carry the NF4 quantization error into the comparison; "dequantized"
  * merges differ only by the output dtype's rounding.
  */
+const PROBE_KV_CACHE_BYTES = 64 * 1024 * 1024;
+
 export async function mergeFidelity(engine: Engine, adapter: Adapter, mergedDir: string, probe = DEFAULT_PROBE): Promise<MergeFidelity> {
   const ids = engine.tokenizer.encode(probe, { addBos: true });
   const reference = await engine.logits(ids, adapter);
-  const merged = await Engine.load(mergedDir, { quant: 'none', device: 'cpu' });
+  // The merged model runs on the serving engine's backend too, with a cache just big enough for the probe.
+  const merged = await Engine.load(mergedDir, {
+    quant: 'none', device: engine.device, cudaCompute: engine.cudaCompute, maxActiveSequences: 1, adapterSlots: 1,
+    maxSeqLen: ids.length, kvCacheBytes: PROBE_KV_CACHE_BYTES, log: () => {},
+  });
   try {
     const got = await merged.logits(ids, null);
     const V = engine.config.vocabSize;

@@ -58,9 +58,24 @@ export interface NativeGenerateResult {
 
 export interface NativeJob<T> { id: number; promise: Promise<T> }
 
+/** The memory plan the engine made at start (native/model/memory_plan.h), in bytes. */
+export interface NativeMemoryPlan {
+  totalBytes: number; freeBytesAtStart: number; weightsBytes: number; backendScratchBytes: number;
+  adapterSlots: number; adapterPoolBytes: number; workspaceBytes: number;
+  kvBlockSize: number; kvBlocks: number; kvBlockBytes: number; kvCacheBytes: number;
+}
+
 export interface NativeEngine {
-  info(): { quant: string; weightBytes: number; device: string; gemmKernel: string; threads: number; vocabSize: number; numLayers: number; maxActiveSequences: number; prefillChunk: number };
-  stats(): { activeSequences: number; queuedSequences: number; training: boolean; kvBytes: number; adapters: number };
+  info(): {
+    quant: string; weightBytes: number; device: 'cpu' | 'cuda'; deviceDescription: string; computeDtype: 'F32' | 'BF16';
+    gemmKernel: string; threads: number; vocabSize: number; numLayers: number; maxActiveSequences: number;
+    prefillChunk: number; maxSeqLen: number; stepGraphs: boolean; memoryPlan: NativeMemoryPlan;
+  };
+  stats(): {
+    activeSequences: number; queuedSequences: number; training: boolean; kvBytes: number; kvBlocksUsed: number;
+    kvBlocksTotal: number; trainingWorkspaceBytes: number; graphSteps: number; eagerSteps: number;
+    deviceTotalBytes: number; deviceFreeBytes: number; adapters: number;
+  };
   createAdapter(lora: NativeLoraSpec, seed: number): number;
   loadAdapter(lora: NativeLoraSpec, file: string): Promise<number>;
   saveAdapter(slot: number, file: string): Promise<void>;
@@ -100,11 +115,17 @@ export interface CudaProbe {
   compiled: boolean;
   deviceCount: number;
   error: string;
-  devices: { name: string; totalMemory: number; freeMemory: number; major: number; minor: number }[];
+  devices: { index: number; name: string; totalMemory: number; freeMemory: number; computeCapability: string; multiprocessors: number; kernelOk: boolean; error: string }[];
 }
 
 export interface NativeAddon {
-  loadModel(spec: { config: NativeModelConfig; files: string[]; quant: 'none' | 'nf4'; threads?: number; maxActiveSequences?: number; prefillChunk?: number }): Promise<NativeEngine>;
+  loadModel(spec: {
+    config: NativeModelConfig; files: string[]; quant: 'none' | 'nf4'; device: 'cpu' | 'cuda';
+    /** CUDA only: float32 activations and products (the parity check mode) instead of bf16. */
+    float32Compute?: boolean;
+    threads?: number; maxActiveSequences?: number; prefillChunk?: number; maxSeqLen?: number; adapterSlots?: number;
+    maxLoraRank?: number; kvCacheBytes?: number; stepGraphs?: boolean;
+  }): Promise<NativeEngine>;
   lrMultiplier(scheduler: string, step: number, warmup: number, total: number): number;
   mergeAdapter(spec: NativeMergeSpec, onProgress: (p: { tensor: string; index: number; total: number; merged: boolean }) => void): { promise: Promise<NativeMergeResult>; cancel(): void };
   sampleToken(logits: Float32Array, params: { temperature: number; topK: number; topP: number; repetitionPenalty: number; seed: number }, context: Int32Array, draws: number): Int32Array;

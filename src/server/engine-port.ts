@@ -78,6 +78,14 @@ export interface MemoryUsage {
   trainingWorkspaceBytes: number;
   deviceTotalBytes: number;
   deviceFreeBytes: number;
+  /** The workspace of one generation step, reserved at start. */
+  stepWorkspaceBytes: number;
+  /** The backend's own scratch (dequantized weights, sampling buffers). */
+  backendScratchBytes: number;
+  /** KV-cache blocks in the pool, positions per block, and blocks held by generations now. */
+  kvCacheBlocks: number;
+  kvBlockSize: number;
+  kvCacheBlocksUsed: number;
 }
 
 /** Facts about the loaded base model. memory is read fresh on every call. */
@@ -89,8 +97,10 @@ export interface ModelInfo {
   sourceDtype: 'f32' | 'bf16' | 'f16';
   /** Quantization of the base weights in device memory. */
   quantization: 'none' | 'nf4';
-  /** The device in words, e.g. "cpu (16 threads)" or "cuda:0 NVIDIA H200". */
+  /** The device in words, e.g. "cpu (avx512, 16 threads)" or "cuda: NVIDIA H200 (sm_90, 132 SMs), bf16 compute, ...". */
   device: string;
+  /** Element type of activations and the KV cache. */
+  computeDtype: 'f32' | 'bf16';
   memory: MemoryUsage;
   /** Hex SHA-256 of config.json and the weights index (tensor names, shapes, dtypes). */
   fingerprint: string;

@@ -39,7 +39,13 @@ export function modelService(context: ServiceContext, rpc: RpcRunner): ModelServ
           trainingWorkspaceBytes: memory.trainingWorkspaceBytes,
           deviceTotalBytes: memory.deviceTotalBytes,
           deviceFreeBytes: memory.deviceFreeBytes,
+          stepWorkspaceBytes: memory.stepWorkspaceBytes,
+          backendScratchBytes: memory.backendScratchBytes,
+          kvCacheBlocks: memory.kvCacheBlocks,
+          kvBlockSize: memory.kvBlockSize,
+          kvCacheBlocksUsed: memory.kvCacheBlocksUsed,
         },
+        computeDtype: info.computeDtype,
         baseFingerprint: info.fingerprint,
         limits: {
           maxSeqLen: info.maxSeqLen,

@@ -4,7 +4,6 @@
 
 import { createHash } from 'node:crypto';
 import { readFile, rm } from 'node:fs/promises';
-import { freemem, totalmem } from 'node:os';
 import { basename, join } from 'node:path';
 
 import { Engine, type Adapter, type EngineOptions } from '../engine/engine.js';
@@ -26,6 +25,9 @@ export interface NativeEnginePortOptions extends EngineOptions {
   /** Longest prompt + completion (or training row) accepted, in tokens. */
   maxSeqLen?: number;
 }
+
+/** Engine pool slots beyond the serving slots: training jobs' adapters and merge fidelity probes. */
+const ENGINE_EXTRA_SLOTS = 8;
 
 const SCHEDULING =
   'One executor thread runs all model work: each turn advances every active generation by one token ' +
@@ -83,7 +85,10 @@ export class NativeEnginePort implements EnginePort {
 
   /** Loads the model folder and computes its fingerprint (config.json + the weights' index). */
   static async open(modelDir: string, options: NativeEnginePortOptions = {}): Promise<NativeEnginePort> {
-    const engine = await Engine.load(modelDir, options);
+    // The engine's pool also holds the adapters of running training jobs and merge fidelity probes.
+    const engine = await Engine.load(modelDir, {
+      ...options, adapterSlots: (options.adapterSlots ?? 16) + ENGINE_EXTRA_SLOTS, maxSeqLen: options.maxSeqLen ?? 8192,
+    });
     const hash = createHash('sha256');
     hash.update(await readFile(join(engine.folder.dir, 'config.json')));
     for (const shard of engine.folder.shards) {
@@ -101,6 +106,7 @@ export class NativeEnginePort implements EnginePort {
     const c = this.engine.config;
     const info = this.engine.native.info();
     const stats = this.engine.native.stats();
+    const plan = info.memoryPlan;
     let adapterBytes = 0;
     for (const a of this.adapters.values()) adapterBytes += [...loraTensorShapes(c, a.config).values()].reduce((s, [n, m]) => s + n * m * 4, 0);
     return {
@@ -112,10 +118,17 @@ export class NativeEnginePort implements EnginePort {
       },
       sourceDtype: c.torchDtype === 'bfloat16' ? 'bf16' : c.torchDtype === 'float16' ? 'f16' : 'f32',
       quantization: this.engine.quant,
-      device: `cpu (${info.threads} threads, ${info.gemmKernel} kernels)`,
+      device: `${info.device}: ${info.deviceDescription}`,
+      computeDtype: info.computeDtype === 'BF16' ? 'bf16' : 'f32',
       memory: {
-        weightsBytes: info.weightBytes, adapterPoolBytes: adapterBytes, kvCacheBytes: stats.kvBytes,
-        trainingWorkspaceBytes: 0, deviceTotalBytes: totalmem(), deviceFreeBytes: freemem(),
+        weightsBytes: info.weightBytes,
+        // A byte budget of 0 (the CPU backend, whose adapters stay in host memory) reports what they hold.
+        adapterPoolBytes: Math.max(plan.adapterPoolBytes, adapterBytes),
+        kvCacheBytes: plan.kvCacheBytes,
+        trainingWorkspaceBytes: stats.trainingWorkspaceBytes, deviceTotalBytes: stats.deviceTotalBytes,
+        deviceFreeBytes: stats.deviceFreeBytes, stepWorkspaceBytes: plan.workspaceBytes,
+        backendScratchBytes: plan.backendScratchBytes, kvCacheBlocks: plan.kvBlocks, kvBlockSize: plan.kvBlockSize,
+        kvCacheBlocksUsed: stats.kvBlocksUsed,
       },
       fingerprint: this.fingerprint,
       maxSeqLen: this.maxSeqLen,

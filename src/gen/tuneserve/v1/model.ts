@@ -113,6 +113,16 @@ export interface MemoryUsage {
   deviceTotalBytes: number;
   /** Device memory free now. */
   deviceFreeBytes: number;
+  /** The workspace of one generation step (activations of its rows, logits), reserved at start. */
+  stepWorkspaceBytes: number;
+  /** The backend's own scratch (dequantized weights for large products, sampling buffers). */
+  backendScratchBytes: number;
+  /** KV-cache blocks in the pool (one is reserved as scratch). */
+  kvCacheBlocks: number;
+  /** Positions per KV-cache block. */
+  kvBlockSize: number;
+  /** KV-cache blocks held by generations now (reserved for their whole length at admission). */
+  kvCacheBlocksUsed: number;
 }
 
 /** Limits of this server; requests beyond them are refused. */
@@ -151,7 +161,7 @@ export interface GetModelInfoResponse {
   sourceDtype: string;
   /** Quantization in device memory. */
   quantization: Quantization;
-  /** Device, e.g. "cpu (16 threads)" or "cuda:0 NVIDIA H200". */
+  /** Device, e.g. "cpu (avx512, 16 threads)" or "cuda: NVIDIA H200 (sm_90, 132 SMs), bf16 compute, cuBLASLt 130000". */
   device: string;
   /** Device memory budget. */
   memory?:
@@ -177,6 +187,8 @@ export interface GetModelInfoResponse {
   hasChatTemplate: boolean;
   /** Version of the tuneserve server. */
   serverVersion: string;
+  /** Element type of activations and the KV cache: f32 (the CPU, or CUDA's float32 check mode) or bf16. */
+  computeDtype: string;
 }
 
 function createBaseModelArchitecture(): ModelArchitecture {
@@ -493,6 +505,11 @@ function createBaseMemoryUsage(): MemoryUsage {
     trainingWorkspaceBytes: 0,
     deviceTotalBytes: 0,
     deviceFreeBytes: 0,
+    stepWorkspaceBytes: 0,
+    backendScratchBytes: 0,
+    kvCacheBlocks: 0,
+    kvBlockSize: 0,
+    kvCacheBlocksUsed: 0,
   };
 }
 
@@ -515,6 +532,21 @@ export const MemoryUsage: MessageFns<MemoryUsage> = {
     }
     if (message.deviceFreeBytes !== 0) {
       writer.uint32(48).uint64(message.deviceFreeBytes);
+    }
+    if (message.stepWorkspaceBytes !== 0) {
+      writer.uint32(56).uint64(message.stepWorkspaceBytes);
+    }
+    if (message.backendScratchBytes !== 0) {
+      writer.uint32(64).uint64(message.backendScratchBytes);
+    }
+    if (message.kvCacheBlocks !== 0) {
+      writer.uint32(72).uint64(message.kvCacheBlocks);
+    }
+    if (message.kvBlockSize !== 0) {
+      writer.uint32(80).uint32(message.kvBlockSize);
+    }
+    if (message.kvCacheBlocksUsed !== 0) {
+      writer.uint32(88).uint64(message.kvCacheBlocksUsed);
     }
     return writer;
   },
@@ -580,6 +612,46 @@ export const MemoryUsage: MessageFns<MemoryUsage> = {
             message.deviceFreeBytes = longToNumber(reader.uint64());
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.stepWorkspaceBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.backendScratchBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.kvCacheBlocks = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.kvBlockSize = reader.uint32();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.kvCacheBlocksUsed = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -624,6 +696,31 @@ export const MemoryUsage: MessageFns<MemoryUsage> = {
         : isSet(object.device_free_bytes)
         ? globalThis.Number(object.device_free_bytes)
         : 0,
+      stepWorkspaceBytes: isSet(object.stepWorkspaceBytes)
+        ? globalThis.Number(object.stepWorkspaceBytes)
+        : isSet(object.step_workspace_bytes)
+        ? globalThis.Number(object.step_workspace_bytes)
+        : 0,
+      backendScratchBytes: isSet(object.backendScratchBytes)
+        ? globalThis.Number(object.backendScratchBytes)
+        : isSet(object.backend_scratch_bytes)
+        ? globalThis.Number(object.backend_scratch_bytes)
+        : 0,
+      kvCacheBlocks: isSet(object.kvCacheBlocks)
+        ? globalThis.Number(object.kvCacheBlocks)
+        : isSet(object.kv_cache_blocks)
+        ? globalThis.Number(object.kv_cache_blocks)
+        : 0,
+      kvBlockSize: isSet(object.kvBlockSize)
+        ? globalThis.Number(object.kvBlockSize)
+        : isSet(object.kv_block_size)
+        ? globalThis.Number(object.kv_block_size)
+        : 0,
+      kvCacheBlocksUsed: isSet(object.kvCacheBlocksUsed)
+        ? globalThis.Number(object.kvCacheBlocksUsed)
+        : isSet(object.kv_cache_blocks_used)
+        ? globalThis.Number(object.kv_cache_blocks_used)
+        : 0,
     };
   },
 
@@ -647,6 +744,21 @@ export const MemoryUsage: MessageFns<MemoryUsage> = {
     if (message.deviceFreeBytes !== 0) {
       obj.deviceFreeBytes = Math.round(message.deviceFreeBytes);
     }
+    if (message.stepWorkspaceBytes !== 0) {
+      obj.stepWorkspaceBytes = Math.round(message.stepWorkspaceBytes);
+    }
+    if (message.backendScratchBytes !== 0) {
+      obj.backendScratchBytes = Math.round(message.backendScratchBytes);
+    }
+    if (message.kvCacheBlocks !== 0) {
+      obj.kvCacheBlocks = Math.round(message.kvCacheBlocks);
+    }
+    if (message.kvBlockSize !== 0) {
+      obj.kvBlockSize = Math.round(message.kvBlockSize);
+    }
+    if (message.kvCacheBlocksUsed !== 0) {
+      obj.kvCacheBlocksUsed = Math.round(message.kvCacheBlocksUsed);
+    }
     return obj;
   },
 
@@ -661,6 +773,11 @@ export const MemoryUsage: MessageFns<MemoryUsage> = {
     message.trainingWorkspaceBytes = object.trainingWorkspaceBytes ?? 0;
     message.deviceTotalBytes = object.deviceTotalBytes ?? 0;
     message.deviceFreeBytes = object.deviceFreeBytes ?? 0;
+    message.stepWorkspaceBytes = object.stepWorkspaceBytes ?? 0;
+    message.backendScratchBytes = object.backendScratchBytes ?? 0;
+    message.kvCacheBlocks = object.kvCacheBlocks ?? 0;
+    message.kvBlockSize = object.kvBlockSize ?? 0;
+    message.kvCacheBlocksUsed = object.kvCacheBlocksUsed ?? 0;
     return message;
   },
 };
@@ -953,6 +1070,7 @@ function createBaseGetModelInfoResponse(): GetModelInfoResponse {
     eosTokenIds: [],
     hasChatTemplate: false,
     serverVersion: "",
+    computeDtype: "",
   };
 }
 
@@ -997,6 +1115,9 @@ export const GetModelInfoResponse: MessageFns<GetModelInfoResponse> = {
     }
     if (message.serverVersion !== "") {
       writer.uint32(98).string(message.serverVersion);
+    }
+    if (message.computeDtype !== "") {
+      writer.uint32(106).string(message.computeDtype);
     }
     return writer;
   },
@@ -1120,6 +1241,14 @@ export const GetModelInfoResponse: MessageFns<GetModelInfoResponse> = {
             message.serverVersion = reader.string();
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.computeDtype = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1170,6 +1299,11 @@ export const GetModelInfoResponse: MessageFns<GetModelInfoResponse> = {
         : isSet(object.server_version)
         ? globalThis.String(object.server_version)
         : "",
+      computeDtype: isSet(object.computeDtype)
+        ? globalThis.String(object.computeDtype)
+        : isSet(object.compute_dtype)
+        ? globalThis.String(object.compute_dtype)
+        : "",
     };
   },
 
@@ -1211,6 +1345,9 @@ export const GetModelInfoResponse: MessageFns<GetModelInfoResponse> = {
     if (message.serverVersion !== "") {
       obj.serverVersion = message.serverVersion;
     }
+    if (message.computeDtype !== "") {
+      obj.computeDtype = message.computeDtype;
+    }
     return obj;
   },
 
@@ -1237,6 +1374,7 @@ export const GetModelInfoResponse: MessageFns<GetModelInfoResponse> = {
     message.eosTokenIds = object.eosTokenIds?.map((e) => e) || [];
     message.hasChatTemplate = object.hasChatTemplate ?? false;
     message.serverVersion = object.serverVersion ?? "";
+    message.computeDtype = object.computeDtype ?? "";
     return message;
   },
 };
