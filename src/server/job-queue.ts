@@ -7,7 +7,8 @@
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import type { AdapterRegistry } from './adapter-registry.js';
-import { DataRoot, writeFileAtomic } from './data-root.js';
+import { writeFileAtomic } from '../engine/atomic-file.js';
+import { DataRoot } from './data-root.js';
 import type { DatasetStore } from './datasets.js';
 import type { EnginePort, TrainEvent } from './engine-port.js';
 import {
