@@ -1,21 +1,23 @@
 // The Llama 3 tokenizer: @huggingface/tokenizers on the model's own tokenizer.json and
-// tokenizer_config.json, plus what the engine needs on top: exactly-one-BOS encoding, user content
-// that can never become a control token, an exact token-level chat encoder with assistant masks,
-// the Jinja chat template, and a streaming detokenizer that never splits a UTF-8 character.
+// tokenizer_config.json, plus what the engine needs on top: exactly-one-BOS encoding, text that can
+// never become a control token, the model's chat template with assistant masks (chat-template.ts),
+// and a streaming detokenizer that never splits a UTF-8 character.
+//
+// Train and serve tokenize alike: encodeUserContent is the one function that turns text from a
+// client or a dataset into ids. Generate's text prompts, every text field of every training row
+// format and every chat message content go through it, so "<|eot_id|>" typed by a user is always
+// the characters, never the control token 128009. Only template text and ids given as ids carry
+// control tokens.
 
-import { Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { CHAT_ROLES, ChatTemplate, LLAMA3_CHAT_TEMPLATE, type ChatEncoding, type ChatMessage } from './chat-template.js';
 import { EngineError } from './errors.js';
 
-export interface ChatMessage {
-  role: string;
-  content: string;
-}
+export type { ChatEncoding, ChatMessage } from './chat-template.js';
 
-/** Roles the Llama 3 chat format knows (ipython: Llama 3.1 tool output). */
-export const CHAT_ROLES = ['system', 'user', 'assistant', 'ipython', 'tool'] as const;
+export { CHAT_ROLES } from './chat-template.js';
 
 export interface SpecialTokenIds {
   /** <|begin_of_text|> */
@@ -32,12 +34,6 @@ export interface SpecialTokenIds {
   endHeader: number;
 }
 
-export interface ChatEncoding {
-  ids: number[];
-  /** Per token: true for the tokens an assistant turn produces (its content and its <|eot_id|>). */
-  assistantMask: boolean[];
-}
-
 const SPECIAL = {
   bos: '<|begin_of_text|>',
   endOfText: '<|end_of_text|>',
@@ -47,19 +43,17 @@ const SPECIAL = {
   endHeader: '<|end_header_id|>',
 } as const;
 
-/** What separates a turn's header from its content in the Llama 3 format. */
-const HEADER_SEPARATOR = '\n\n';
-
 export class LlamaTokenizer {
   readonly specialIds: SpecialTokenIds;
-  /** The chat template of tokenizer_config.json, or null when it has none. */
+  /** The chat template of tokenizer_config.json, or null when it has none (then LLAMA3_CHAT_TEMPLATE is used). */
   readonly chatTemplate: string | null;
   /** Number of ids that have a token (base vocabulary plus added tokens). */
   readonly vocabSize: number;
   private readonly tokenizer: Tokenizer;
   private readonly config: Record<string, unknown>;
-  private compiledTemplate: Template | null = null;
-  private readonly separatorIds: number[];
+  /** Added tokens (all control tokens in Llama 3) by their text. */
+  private readonly controlTokens: Map<string, number>;
+  private chat: ChatTemplate | null = null;
 
   constructor(tokenizerJson: object, tokenizerConfig: Record<string, unknown>) {
     try {
@@ -85,7 +79,12 @@ export class LlamaTokenizer {
     };
     this.chatTemplate = pickChatTemplate(tokenizerConfig.chat_template);
     this.vocabSize = this.tokenizer.get_vocab(true).size;
-    this.separatorIds = this.encodeUserContent(HEADER_SEPARATOR);
+    this.controlTokens = new Map();
+    const added = (tokenizerJson as { added_tokens?: unknown }).added_tokens;
+    for (const token of Array.isArray(added) ? added : []) {
+      const { content, id } = (token ?? {}) as { content?: unknown; id?: unknown };
+      if (typeof content === 'string' && content !== '' && typeof id === 'number') this.controlTokens.set(content, id);
+    }
   }
 
   /** Loads tokenizer.json and tokenizer_config.json from a model folder. */
@@ -131,6 +130,15 @@ export class LlamaTokenizer {
   }
 
   /**
+   * Encodes text from a client or a dataset: plain text (encodeUserContent), after exactly one
+   * <|begin_of_text|> when addBos. The one entry point for text prompts and training row text.
+   */
+  encodeText(text: string, options: { addBos: boolean }): number[] {
+    const ids = this.encodeUserContent(text);
+    return options.addBos ? [this.specialIds.bos, ...ids] : ids;
+  }
+
+  /**
    * Encodes untrusted text as plain text: "<|eot_id|>" typed by a user becomes the tokens of those
    * characters, never the control token. The library's encode() splits on added tokens first, so
    * this runs its normalizer → pre-tokenizer → BPE model on the whole text instead (what the Rust
@@ -168,66 +176,43 @@ export class LlamaTokenizer {
     return this.tokenizer.id_to_token(id);
   }
 
-  /** Renders tokenizer_config.json's chat_template with @huggingface/jinja. */
+  /** Renders the chat template (tokenizer_config.json's, or LLAMA3_CHAT_TEMPLATE) to text. */
   applyChatTemplate(messages: readonly ChatMessage[], options: { addGenerationPrompt: boolean }): string {
-    if (this.chatTemplate === null) throw new EngineError('INVALID_CONFIG', 'tokenizer_config.json has no chat_template');
     validateMessages(messages);
-    this.compiledTemplate ??= new Template(this.chatTemplate);
-    const token = (field: string) => (typeof this.config[field] === 'string' ? this.config[field] : undefined);
-    return this.compiledTemplate.render({
-      messages: messages.map(({ role, content }) => ({ role, content })),
-      bos_token: token('bos_token') ?? SPECIAL.bos,
-      eos_token: token('eos_token') ?? SPECIAL.endOfText,
-      add_generation_prompt: options.addGenerationPrompt,
-    });
+    return this.chatTemplateEncoder().render(messages, options.addGenerationPrompt);
   }
 
   /**
-   * Builds the Llama 3 chat format from token pieces (REFERENCE.md):
-   * <|begin_of_text|> then per message <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>,
-   * then <|start_header_id|>assistant<|end_header_id|>\n\n when addGenerationPrompt. Headers are
-   * control tokens; contents are plain text (encodeUserContent), trimmed as the Llama 3 templates
-   * trim them, and encoded together with the "\n\n" before them exactly as the template text would
-   * be. For ordinary content ids === encode(applyChatTemplate(...), {addBos: true}).
+   * Encodes a conversation with the model's chat template (chat-template.ts): contents are plain
+   * text, the template's control tokens are control tokens, and assistantMask marks each assistant
+   * turn (content and end-of-turn token). Generate's chat prompt is this with addGenerationPrompt;
+   * training's chat rows are this without, and the first is a prefix of the second.
    */
   encodeChat(messages: readonly ChatMessage[], options: { addGenerationPrompt: boolean }): ChatEncoding {
     validateMessages(messages);
-    const { bos, startHeader, endHeader, eot } = this.specialIds;
-    const ids: number[] = [bos];
-    const assistantMask: boolean[] = [false];
-    const push = (pieceIds: readonly number[], trainable: boolean) => {
-      for (const id of pieceIds) {
-        ids.push(id);
-        assistantMask.push(trainable);
-      }
+    return this.chatTemplateEncoder().encode(messages, options);
+  }
+
+  private chatTemplateEncoder(): ChatTemplate {
+    // tokenizer_config.json gives a token as a string or as an AddedToken object {content, ...}.
+    const token = (field: string, fallback: string): string => {
+      const value = this.config[field];
+      if (typeof value === 'string') return value;
+      const content = (value as { content?: unknown } | null | undefined)?.content;
+      return typeof content === 'string' ? content : fallback;
     };
-    const pushHeader = (role: string) => push([startHeader, ...this.encodeUserContent(role), endHeader], false);
-    for (const { role, content } of messages) {
-      pushHeader(role);
-      const body = this.encodeUserContent(HEADER_SEPARATOR + content.trim());
-      // "\n\n" is its own pre-token when the (trimmed) content starts with a non-space, so the
-      // separator's ids are a prefix of the body's; the rest is what the assistant wrote.
-      const separatorLength = startsWith(body, this.separatorIds) ? this.separatorIds.length : 0;
-      const trainable = role === 'assistant';
-      push(body.slice(0, separatorLength), false);
-      push(body.slice(separatorLength), trainable);
-      push([eot], trainable);
-    }
-    if (options.addGenerationPrompt) {
-      pushHeader('assistant');
-      push(this.separatorIds, false);
-    }
-    return { ids, assistantMask };
+    this.chat ??= new ChatTemplate(
+      this.chatTemplate ?? LLAMA3_CHAT_TEMPLATE,
+      { bos_token: token('bos_token', SPECIAL.bos), eos_token: token('eos_token', SPECIAL.endOfText) },
+      { encodeLiteral: (text) => this.encodeUserContent(text), controlTokens: this.controlTokens, bos: this.specialIds.bos },
+    );
+    return this.chat;
   }
 
   /** A streaming detokenizer for this tokenizer. */
   detokenizer(options: { skipSpecialTokens?: boolean } = {}): IncrementalDetokenizer {
     return new IncrementalDetokenizer(this, options);
   }
-}
-
-function startsWith(ids: readonly number[], prefix: readonly number[]): boolean {
-  return prefix.length <= ids.length && prefix.every((id, i) => ids[i] === id);
 }
 
 function pickChatTemplate(raw: unknown): string | null {
