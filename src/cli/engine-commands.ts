@@ -5,7 +5,7 @@ import { parseArgs } from 'node:util';
 
 import { Engine, type Adapter } from '../engine/engine.js';
 import { EngineError } from '../engine/errors.js';
-import { loadDataset } from '../engine/dataset.js';
+import { loadDataset, type DatasetReport } from '../engine/dataset.js';
 import { makeModel, MODEL_PRESETS, type ModelPreset } from '../engine/make-model.js';
 import { mergeAdapterFolder, mergeFidelity, type MergeDtype, type MergeInto } from '../engine/merge.js';
 import { createLoraConfig } from '../engine/peft-config.js';
@@ -88,9 +88,10 @@ export async function trainCommand(argv: string[]): Promise<void> {
     const dataset = await loadDataset(dataFile, engine.tokenizer, { maxSeqLen, vocabSize: engine.config.vocabSize });
     // With --init-adapter, that adapter's rank, alpha and targets apply.
     const adapter: Adapter = lora ? engine.createAdapter(lora, seed) : await engine.loadAdapter(init!);
-    const stats = dataset.stats;
-    process.stderr.write(`training on ${stats.examples} examples (${stats.trainableTokens} trained tokens${stats.truncated ? `, ${stats.truncated} truncated` : ''}), ` +
-      `LoRA r=${adapter.config.r} alpha=${adapter.config.alpha} on ${adapter.config.targets.join(',')}, ${engine.quant} base on ${engine.device}\n`);
+    const report = dataset.report;
+    if (values.json) process.stdout.write(`${JSON.stringify({ dataset_report: report })}\n`);
+    else process.stderr.write(`${formatDatasetReport(report)}\n`);
+    process.stderr.write(`training on ${report.rows} examples, LoRA r=${adapter.config.r} alpha=${adapter.config.alpha} on ${adapter.config.targets.join(',')}, ${engine.quant} base on ${engine.device}\n`);
     const bar = values.json ? null : new ProgressBar(process.stderr);
     const controller = new AbortController();
     const onSigint = () => controller.abort();
@@ -112,6 +113,17 @@ export async function trainCommand(argv: string[]): Promise<void> {
   } finally {
     engine.close();
   }
+}
+
+/** The dataset report in a few human lines. */
+export function formatDatasetReport(report: DatasetReport): string {
+  const kinds = Object.entries(report.rowsByKind).filter(([, n]) => n > 0).map(([kind, n]) => `${n} ${kind}`).join(', ');
+  const percent = (fraction: number) => `${(fraction * 100).toFixed(1)}%`;
+  return [
+    `dataset: ${report.rows} rows (${kinds}), ${report.tokens} tokens, ${report.scoredTokens} scored`,
+    `  longest row ${report.longestRow.tokens} tokens (line ${report.longestRow.line}); ${report.truncatedRows} rows truncated to ${report.maxSeqLen} (${report.truncatedTokens} tokens cut)`,
+    `  scored per row: mean ${percent(report.scoredFraction.mean)}, min ${percent(report.scoredFraction.min)} (line ${report.scoredFraction.minLine})`,
+  ].join('\n');
 }
 
 export async function generateCommand(argv: string[]): Promise<void> {
@@ -148,7 +160,8 @@ export async function generateCommand(argv: string[]): Promise<void> {
     } else if (values.chat) {
       promptIds = engine.tokenizer.encodeChat([{ role: 'user', content: prompt! }], { addGenerationPrompt: true }).ids;
     } else {
-      promptIds = engine.tokenizer.encode(prompt!, { addBos: true });
+      // Plain text, as the server's Generate and training rows read it ("<|eot_id|>" stays text).
+      promptIds = engine.tokenizer.encodeText(prompt!, { addBos: true });
     }
     const detok = engine.tokenizer.detokenizer({ skipSpecialTokens: true });
     const controller = new AbortController();
