@@ -10,10 +10,11 @@
 // control tokens.
 
 import { Tokenizer } from '@huggingface/tokenizers';
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CHAT_ROLES, ChatTemplate, LLAMA3_CHAT_TEMPLATE, type ChatEncoding, type ChatMessage } from './chat-template.js';
 import { EngineError } from './errors.js';
+import { checkTokenizerMatchesConfig, readLlamaConfig } from './model-folder.js';
 
 export type { ChatEncoding, ChatMessage } from './chat-template.js';
 
@@ -53,6 +54,7 @@ export class LlamaTokenizer {
   private readonly config: Record<string, unknown>;
   /** Added tokens (all control tokens in Llama 3) by their text. */
   private readonly controlTokens: Map<string, number>;
+  private readonly controlIds: Set<number>;
   private chat: ChatTemplate | null = null;
 
   constructor(tokenizerJson: object, tokenizerConfig: Record<string, unknown>) {
@@ -85,9 +87,13 @@ export class LlamaTokenizer {
       const { content, id } = (token ?? {}) as { content?: unknown; id?: unknown };
       if (typeof content === 'string' && content !== '' && typeof id === 'number') this.controlTokens.set(content, id);
     }
+    this.controlIds = new Set(this.controlTokens.values());
   }
 
-  /** Loads tokenizer.json and tokenizer_config.json from a model folder. */
+  /**
+   * Loads tokenizer.json and tokenizer_config.json from a folder; when the folder is a model folder
+   * (it has config.json), a tokenizer that does not match the model is refused (INVALID_CONFIG).
+   */
   static async fromFolder(dir: string): Promise<LlamaTokenizer> {
     const read = async (name: string): Promise<Record<string, unknown>> => {
       const file = join(dir, name);
@@ -105,7 +111,11 @@ export class LlamaTokenizer {
         throw new EngineError('INVALID_CONFIG', `${file}: ${(error as Error).message}`, { file }, { cause: error });
       }
     };
-    return new LlamaTokenizer(await read('tokenizer.json'), await read('tokenizer_config.json'));
+    const tokenizer = new LlamaTokenizer(await read('tokenizer.json'), await read('tokenizer_config.json'));
+    // In a model folder the tokenizer must belong to the model (a tokenizer-only folder has no config.json).
+    const configFile = join(dir, 'config.json');
+    if (await fileExists(configFile)) checkTokenizerMatchesConfig(tokenizer, await readLlamaConfig(dir), configFile);
+    return tokenizer;
   }
 
   /** Ids the generation loop stops on: eos, <|end_of_text|>, <|eot_id|> and <|eom_id|> when present. */
@@ -168,6 +178,11 @@ export class LlamaTokenizer {
     return this.tokenizer.decode(known, { skip_special_tokens: options.skipSpecialTokens ?? false, clean_up_tokenization_spaces: false });
   }
 
+  /** Whether the id is an added (control) token, such as <|eot_id|> or a reserved special token. */
+  isControlToken(id: number): boolean {
+    return this.controlIds.has(id);
+  }
+
   tokenToId(token: string): number | undefined {
     return this.tokenizer.token_to_id(token);
   }
@@ -212,6 +227,14 @@ export class LlamaTokenizer {
   /** A streaming detokenizer for this tokenizer. */
   detokenizer(options: { skipSpecialTokens?: boolean } = {}): IncrementalDetokenizer {
     return new IncrementalDetokenizer(this, options);
+  }
+}
+
+async function fileExists(path: string): Promise<boolean> {
+  try {
+    return (await stat(path)).isFile();
+  } catch {
+    return false;
   }
 }
 
