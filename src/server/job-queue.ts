@@ -385,6 +385,8 @@ export function isFinal(data: JobEventData): boolean {
 /** The stored form of an engine progress event. */
 function fromTrainEvent(event: TrainEvent): JobEventData {
   switch (event.kind) {
+    case 'dataset':
+      return { kind: 'dataset', report: event.report };
     case 'started':
       return event;
     case 'step':
