@@ -1,6 +1,7 @@
 // The engine commands of the `tuneserve` CLI: make-model, train, generate, merge. Their flag names
 // are a contract with scripts outside the project (issue #2); add flags, never rename them.
 
+import { access } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 
 import { Engine, type Adapter } from '../engine/engine.js';
@@ -8,7 +9,8 @@ import { EngineError } from '../engine/errors.js';
 import { loadDataset, type DatasetReport } from '../engine/dataset.js';
 import { makeModel, MODEL_PRESETS, type ModelPreset } from '../engine/make-model.js';
 import { mergeAdapterFolder, mergeFidelity, type MergeDtype, type MergeInto } from '../engine/merge.js';
-import { createLoraConfig } from '../engine/peft-config.js';
+import { readLlamaConfig, type LlamaConfig } from '../engine/model-folder.js';
+import { createLoraConfig, readAdapterConfig } from '../engine/peft-config.js';
 import { choice, float, integer, required, text as str, type Flags } from './flags.js';
 import { ProgressBar } from './progress.js';
 
@@ -66,7 +68,9 @@ export async function trainCommand(argv: string[]): Promise<void> {
   const dataFile = required(values, 'data');
   const outDir = required(values, 'out');
   const seed = number(values, 'seed', 42, 'int');
-  // Every flag is checked before the model is loaded: a typo fails in milliseconds, not after the load.
+  // Every flag is checked before the model is loaded: a typo fails in milliseconds, not after the
+  // load. Of the model only config.json is read for that (--max-seq-len).
+  const options = engineOptions(values);
   const steps = number(values, 'steps', 0, 'int');
   const hyper = {
     lr: number(values, 'lr', 2e-4), ...(steps > 0 ? { steps } : {}), epochs: number(values, 'epochs', 1, 'int'),
@@ -76,13 +80,16 @@ export async function trainCommand(argv: string[]): Promise<void> {
     maxGradNorm: number(values, 'max-grad-norm', 1), seed, shuffle: values['no-shuffle'] !== true,
     gradientCheckpointing: values['no-gradient-checkpointing'] !== true,
   };
-  const maxSeqLen = number(values, 'max-seq-len', 2048, 'int');
+  checkTrainHyperparameters(hyper);
+  const maxSeqLenFlag = integer(values, 'max-seq-len');
   const init = str(values, 'init-adapter');
-  const lora = init ? null : createLoraConfig({
+  const lora = init ? null : withFlagNames(() => createLoraConfig({
     r: number(values, 'rank', 16, 'int'), alpha: number(values, 'alpha', 32), dropout: number(values, 'dropout', 0.05),
     targets: str(values, 'targets') ?? 'q_proj,k_proj,v_proj,o_proj', useRslora: values.rslora === true,
-  });
-  const options = engineOptions(values);
+  }));
+  const maxSeqLen = checkMaxSeqLenFlag(maxSeqLenFlag, await readLlamaConfig(modelDir));
+  if (init) await readAdapterConfig(init);
+  await access(dataFile).catch((e: unknown) => { throw new EngineError('NOT_FOUND', `--data: cannot read ${dataFile}`, { field: 'data' }, { cause: e }); });
   const engine = await Engine.load(modelDir, options);
   try {
     const dataset = await loadDataset(dataFile, engine.tokenizer, { maxSeqLen, vocabSize: engine.config.vocabSize });
@@ -112,6 +119,38 @@ export async function trainCommand(argv: string[]): Promise<void> {
     process.stderr.write(`${summary.cancelled ? 'cancelled' : 'done'} after ${summary.steps} steps, final loss ${summary.finalLoss.toFixed(4)}, ${summary.seconds.toFixed(1)} s; adapter written to ${outDir}\n`);
   } finally {
     engine.close();
+  }
+}
+
+/** Refuses optimizer flags the engine would refuse after the load, naming the flag. */
+export function checkTrainHyperparameters(hyper: { lr: number; epochs: number; batchSize: number; gradAccum: number; weightDecay: number; maxGradNorm: number }): void {
+  const refuse = (flag: string, problem: string) => new EngineError('INVALID_ARGUMENT', `--${flag} ${problem}`, { field: flag });
+  if (!(hyper.lr > 0)) throw refuse('lr', `must be above 0, got ${hyper.lr}`);
+  if (hyper.epochs < 1) throw refuse('epochs', `must be at least 1, got ${hyper.epochs}`);
+  if (hyper.batchSize < 1) throw refuse('batch-size', `must be at least 1, got ${hyper.batchSize}`);
+  if (hyper.gradAccum < 1) throw refuse('grad-accum', `must be at least 1, got ${hyper.gradAccum}`);
+  if (!(hyper.weightDecay >= 0)) throw refuse('weight-decay', `must be 0 or more, got ${hyper.weightDecay}`);
+  if (!(hyper.maxGradNorm >= 0)) throw refuse('max-grad-norm', `must be 0 (no clipping) or more, got ${hyper.maxGradNorm}`);
+}
+
+/** --max-seq-len against the model's max_position_embeddings; absent: min(2048, that). */
+export function checkMaxSeqLenFlag(value: number | undefined, config: LlamaConfig): number {
+  const limit = config.maxPositionEmbeddings;
+  if (value === undefined) return Math.min(2048, limit);
+  if (value < 2) throw new EngineError('INVALID_ARGUMENT', `--max-seq-len is ${value}; a training sequence needs at least 2 tokens (position 0 is never a target)`, { field: 'max-seq-len' });
+  if (value > limit) throw new EngineError('INVALID_ARGUMENT', `--max-seq-len is ${value}, above the model's max_position_embeddings (${limit})`, { field: 'max-seq-len' });
+  return value;
+}
+
+/** Runs `build`, renaming the LoRA fields in its INVALID_ARGUMENT errors to the flags that set them. */
+function withFlagNames<T>(build: () => T): T {
+  const flags: Record<string, string> = { r: 'rank', lora_alpha: 'alpha', lora_dropout: 'dropout', target_modules: 'targets' };
+  try {
+    return build();
+  } catch (error) {
+    const field = (error as EngineError).details?.field;
+    if (!(error instanceof EngineError) || typeof field !== 'string' || flags[field] === undefined) throw error;
+    throw new EngineError('INVALID_ARGUMENT', `--${flags[field]}: ${error.message}`, { field: flags[field] }, { cause: error });
   }
 }
 
