@@ -304,6 +304,25 @@ describe('chat', () => {
     for (const messages of conversations) expect(withMarkers.encodeChat(messages, { addGenerationPrompt: false })).toEqual(plain.encodeChat(messages, { addGenerationPrompt: false }));
   }, LOAD_TIMEOUT_MS);
 
+  it('finds contents a template JSON-escapes (Llama 3.1 writes tool output with | tojson), keeping them literal', () => {
+    const template =
+      "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m.role + '<|end_header_id|>\n\n' }}{% if m.role == 'tool' %}{{ m.content | tojson }}{% else %}{{ m.content | trim }}{% endif %}{{ '<|eot_id|>' }}{% endfor %}" +
+      "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+    const tok = withTemplate(template);
+    const messages = [
+      { role: 'user', content: 'Weather?' },
+      { role: 'assistant', content: 'Calling the tool.' },
+      { role: 'tool', content: '{"temp": "21°C"} <|eot_id|>' },
+      { role: 'assistant', content: 'It is 21°C.' },
+    ];
+    const rendered = tok.applyChatTemplate(messages, { addGenerationPrompt: false });
+    expect(rendered).toContain('"{\\"temp\\": \\"21°C\\"} <|eot_id|>"');
+    const { ids, assistantMask } = tok.encodeChat(messages, { addGenerationPrompt: false });
+    expect(tok.decode(ids)).toBe(rendered);
+    expect(ids.filter((id) => id === 128009)).toHaveLength(4);
+    expect(tok.decode(ids.filter((_, t) => assistantMask[t]))).toBe('Calling the tool.<|eot_id|>It is 21°C.<|eot_id|>');
+  }, LOAD_TIMEOUT_MS);
+
   describe('refuses, with a reason, templates whose assistant turns cannot be located', () => {
     const messages = [
       { role: 'user', content: 'Say hello.' },
@@ -312,7 +331,7 @@ describe('chat', () => {
     const loop = (assistant: string, other = "'<|start_header_id|>' + m.role + '<|end_header_id|>\n\n' + m.content + '<|eot_id|>'", prompt = "'<|start_header_id|>assistant<|end_header_id|>\n\n'") =>
       `{{ bos_token }}{% for m in messages %}{% if m.role == 'assistant' %}{{ ${assistant} }}{% else %}{{ ${other} }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ ${prompt} }}{% endif %}`;
     const cases: Array<[string, string, RegExp]> = [
-      ['content rewritten (upper-cased)', loop("'<|start_header_id|>assistant<|end_header_id|>\n\n' + m.content | upper + '<|eot_id|>'"), /changes message content beyond trimming it/],
+      ['content rewritten (upper-cased)', loop("'<|start_header_id|>assistant<|end_header_id|>\n\n' + m.content | upper + '<|eot_id|>'"), /changes message content beyond trimming or JSON-escaping it/],
       ['content not rendered', loop("'<|start_header_id|>assistant<|end_header_id|>\n\nOK<|eot_id|>'"), /messages\[1\] \(assistant\): the template does not render its content/],
       ['no control token after the content', loop("'assistant: ' + m.content + '\n'", "m.role + ': ' + m.content + '\n'", "'assistant: '"), /messages\[1\] \(assistant\): no control token \(such as <\|eot_id\|>\) follows its content/],
       ['the turn glued to the prompt inside a token', loop("'<|start_header_id|>assistant<|end_header_id|>\n\nHel' + m.content + '<|eot_id|>'", undefined, "'<|start_header_id|>assistant<|end_header_id|>\n\nHel'"), /messages\[1\] \(assistant\): its turn does not start on a token boundary/],

@@ -227,11 +227,12 @@ function escapeRegExp(text: string): string {
 
 /**
  * Splits the sentinel rendering into template text and contents, and finds each content in the real
- * rendering. Templates commonly trim contents, so a content may appear trimmed at either end.
+ * rendering. Templates commonly trim contents, so a content may appear trimmed at either end, or
+ * JSON-escaped (| tojson; the quotes around it are then template text).
  */
 function locateContents(structure: string, real: string, messages: readonly ChatMessage[], marker: string): Piece[] {
   const pieces: Piece[] = [];
-  const refused = () => unlocatable('the template changes message content beyond trimming it, so the content cannot be found in the rendering');
+  const refused = () => unlocatable('the template changes message content beyond trimming or JSON-escaping it, so the content cannot be found in the rendering');
   const parts = structure.split(new RegExp(`${marker}(\\d+)${marker}`, 'u'));
   let sentinelPos = 0;
   let realPos = 0;
@@ -249,7 +250,9 @@ function locateContents(structure: string, real: string, messages: readonly Chat
     if (content === undefined) throw refused();
     const next = parts[i + 1] ?? '';
     const isLast = i + 1 >= parts.length - 1 && next === '';
-    const candidates = [...new Set([content, content.trim(), content.trimStart(), content.trimEnd()])];
+    // As is, trimmed (Llama templates trim), or JSON-escaped inside quotes the template wrote
+    // (Llama 3.1 writes tool output with | tojson).
+    const candidates = [...new Set([content, content.trim(), content.trimStart(), content.trimEnd(), JSON.stringify(content).slice(1, -1)])];
     const text = candidates.find((c) => real.startsWith(c, realPos) && (isLast ? realPos + c.length === real.length : next === '' || real.startsWith(next, realPos + c.length)));
     if (text === undefined) throw refused();
     pieces.push({ text, message: index, sentinelStart: sentinelPos, realStart: realPos });
