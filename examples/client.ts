@@ -117,8 +117,9 @@ export async function main(address: string, options: ExampleOptions = {}): Promi
     });
     log(`uploaded dataset ${datasetId}: ${dataset.rowCount} rows`);
 
-    // 3. Train: the stream carries queued, started, one event per optimizer step, then completed
-    //    or failed. The job belongs to the server: if this stream breaks, WatchJob re-attaches.
+    // 3. Train: the stream carries queued, the dataset report, started, one event per optimizer
+    //    step, then completed or failed. The job belongs to the server: if this stream breaks,
+    //    WatchJob re-attaches.
     const adapterId = `example-${suffix}`;
     const request = TrainRequest.fromPartial({
       jobId: `job-${suffix}`, // our id makes a retried Train safe: a duplicate gets ALREADY_EXISTS

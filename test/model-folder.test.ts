@@ -1,12 +1,16 @@
 // Loading a Hugging Face Llama folder: config.json parsing and its refusals, single-file and sharded
-// weights, index paths that escape the folder or name missing shards, and missing or misshapen tensors.
+// weights, index paths that escape the folder or name missing shards, missing or misshapen tensors,
+// and a tokenizer that does not belong to the model (vocab_size, bos and eos ids against config.json).
 
-import { mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { expectedTensorNames, expectedTensorShapes, loadModelFolder, parseLlamaConfig, type LlamaConfig } from '../src/engine/model-folder.js';
 import { writeSafetensors, type WritableDtype } from '../src/engine/safetensors.js';
+import { Engine } from '../src/engine/engine.js';
+import { llama3TokenizerFiles, makeModel } from '../src/engine/make-model.js';
+import { LlamaTokenizer } from '../src/engine/tokenizer.js';
 
 /** A Llama config small enough to write in milliseconds (H 8, I 16, L 2, NH 2, NKV 1, D 4, V 32). */
 const microConfig = {
@@ -224,4 +228,48 @@ describe('weights', () => {
     await rm(join(dir, 'model.safetensors'));
     expect(await codeAndMessage(loadModelFolder(dir))).toMatchObject({ code: 'NOT_FOUND', message: expect.stringMatching(/no model\.safetensors or model\.safetensors\.index\.json/) });
   });
+});
+
+describe('the tokenizer against config.json', () => {
+  /** A folder with the real Llama 3 tokenizer files and a Llama 3 config (no weights: fromFolder reads none). */
+  async function tokenizerFolder(overrides: Record<string, unknown> = {}, tokenizerJson?: object): Promise<string> {
+    const dir = await newFolder({ ...microConfig, vocab_size: 128256, bos_token_id: 128000, eos_token_id: [128001, 128008, 128009], ...overrides });
+    const files = llama3TokenizerFiles();
+    if (tokenizerJson === undefined) await copyFile(files.tokenizerJson, join(dir, 'tokenizer.json'));
+    else await writeFile(join(dir, 'tokenizer.json'), JSON.stringify(tokenizerJson));
+    await copyFile(files.tokenizerConfig, join(dir, 'tokenizer_config.json'));
+    return dir;
+  }
+
+  it('loads a tokenizer that matches: vocab_size, bos and every eos id agree', async () => {
+    const tokenizer = await LlamaTokenizer.fromFolder(await tokenizerFolder());
+    expect(tokenizer.vocabSize).toBe(128256);
+  }, 60_000);
+
+  const mismatches: Array<[string, Record<string, unknown>, string, RegExp, number, number]> = [
+    ['the config of another model (Llama 2)', { vocab_size: 32000, bos_token_id: 1, eos_token_id: 2 }, 'vocab_size', /vocab_size is 32000 but the tokenizer has 128256 tokens/, 32000, 128256],
+    ['a padded vocab_size', { vocab_size: 128320 }, 'vocab_size', /vocab_size is 128320 but the tokenizer has 128256 tokens/, 128320, 128256],
+    ['a bos_token_id that is not <|begin_of_text|>', { bos_token_id: 1 }, 'bos_token_id', /bos_token_id is 1 \("\\""\) but the tokenizer's <\|begin_of_text\|> is 128000/, 1, 128000],
+    ['an eos_token_id that is a text token', { eos_token_id: 2 }, 'eos_token_id', /eos_token_id 2 \("#"\) is not a control token of the tokenizer \(its <\|eot_id\|> is 128009\)/, 2, 128009],
+  ];
+  for (const [name, overrides, field, message, configValue, tokenizerValue] of mismatches) {
+    it(`refuses ${name}, naming both values`, async () => {
+      const dir = await tokenizerFolder(overrides);
+      const error = await LlamaTokenizer.fromFolder(dir).then(() => null, (e: unknown) => e);
+      expect(error).toMatchObject({ code: 'INVALID_CONFIG', details: { file: join(dir, 'config.json'), field, configValue, tokenizerValue } });
+      expect((error as Error).message).toMatch(new RegExp(`^the tokenizer does not match ${join(dir, 'config.json').replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: `));
+      expect((error as Error).message).toMatch(message);
+    }, 60_000);
+  }
+
+  it('Engine.load refuses a model whose tokenizer lacks tokens its embedding has', async () => {
+    const made = await makeModel({ preset: 'tiny', outDir: join(root, 'tiny-short-tokenizer'), seed: 1 });
+    const json = JSON.parse(await readFile(llama3TokenizerFiles().tokenizerJson, 'utf8')) as { added_tokens: Array<{ id: number }> };
+    json.added_tokens = json.added_tokens.filter((token) => token.id < 128250);
+    await writeFile(join(made.dir, 'tokenizer.json'), JSON.stringify(json));
+    expect(await codeAndMessage(Engine.load(made.dir, { quant: 'none', device: 'cpu', log: () => {} }))).toMatchObject({
+      code: 'INVALID_CONFIG',
+      message: expect.stringMatching(/config\.json: vocab_size is 128256 but the tokenizer has 128250 tokens$/),
+    });
+  }, 120_000);
 });

@@ -1,14 +1,16 @@
 // The engine commands of the `tuneserve` CLI: make-model, train, generate, merge. Their flag names
 // are a contract with scripts outside the project (issue #2); add flags, never rename them.
 
+import { access } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 
 import { Engine, type Adapter } from '../engine/engine.js';
 import { EngineError } from '../engine/errors.js';
-import { loadDataset } from '../engine/dataset.js';
+import { loadDataset, type DatasetReport } from '../engine/dataset.js';
 import { makeModel, MODEL_PRESETS, type ModelPreset } from '../engine/make-model.js';
 import { mergeAdapterFolder, mergeFidelity, type MergeDtype, type MergeInto } from '../engine/merge.js';
-import { createLoraConfig } from '../engine/peft-config.js';
+import { readLlamaConfig, type LlamaConfig } from '../engine/model-folder.js';
+import { createLoraConfig, readAdapterConfig } from '../engine/peft-config.js';
 import { choice, float, integer, required, text as str, type Flags } from './flags.js';
 import { ProgressBar } from './progress.js';
 
@@ -68,7 +70,9 @@ export async function trainCommand(argv: string[]): Promise<void> {
   const dataFile = required(values, 'data');
   const outDir = required(values, 'out');
   const seed = number(values, 'seed', 42, 'int');
-  // Every flag is checked before the model is loaded: a typo fails in milliseconds, not after the load.
+  // Every flag is checked before the model is loaded: a typo fails in milliseconds, not after the
+  // load. Of the model only config.json is read for that (--max-seq-len).
+  const options = engineOptions(values);
   const steps = number(values, 'steps', 0, 'int');
   const hyper = {
     lr: number(values, 'lr', 2e-4), ...(steps > 0 ? { steps } : {}), epochs: number(values, 'epochs', 1, 'int'),
@@ -78,21 +82,25 @@ export async function trainCommand(argv: string[]): Promise<void> {
     maxGradNorm: number(values, 'max-grad-norm', 1), seed, shuffle: values['no-shuffle'] !== true,
     gradientCheckpointing: values['no-gradient-checkpointing'] !== true,
   };
-  const maxSeqLen = number(values, 'max-seq-len', 2048, 'int');
+  checkTrainHyperparameters(hyper);
+  const maxSeqLenFlag = integer(values, 'max-seq-len');
   const init = str(values, 'init-adapter');
-  const lora = init ? null : createLoraConfig({
+  const lora = init ? null : withFlagNames(() => createLoraConfig({
     r: number(values, 'rank', 16, 'int'), alpha: number(values, 'alpha', 32), dropout: number(values, 'dropout', 0.05),
     targets: str(values, 'targets') ?? 'q_proj,k_proj,v_proj,o_proj', useRslora: values.rslora === true,
-  });
-  const options = engineOptions(values);
+  }));
+  const maxSeqLen = checkMaxSeqLenFlag(maxSeqLenFlag, await readLlamaConfig(modelDir));
+  if (init) await readAdapterConfig(init);
+  await access(dataFile).catch((e: unknown) => { throw new EngineError('NOT_FOUND', `--data: cannot read ${dataFile}`, { field: 'data' }, { cause: e }); });
   const engine = await Engine.load(modelDir, options);
   try {
     const dataset = await loadDataset(dataFile, engine.tokenizer, { maxSeqLen, vocabSize: engine.config.vocabSize });
     // With --init-adapter, that adapter's rank, alpha and targets apply.
     const adapter: Adapter = lora ? engine.createAdapter(lora, seed) : await engine.loadAdapter(init!);
-    const stats = dataset.stats;
-    process.stderr.write(`training on ${stats.examples} examples (${stats.trainableTokens} trained tokens${stats.truncated ? `, ${stats.truncated} truncated` : ''}), ` +
-      `LoRA r=${adapter.config.r} alpha=${adapter.config.alpha} on ${adapter.config.targets.join(',')}, ${engine.quant} base on ${engine.device}\n`);
+    const report = dataset.report;
+    if (values.json) process.stdout.write(`${JSON.stringify({ dataset_report: report })}\n`);
+    else process.stderr.write(`${formatDatasetReport(report)}\n`);
+    process.stderr.write(`training on ${report.rows} examples, LoRA r=${adapter.config.r} alpha=${adapter.config.alpha} on ${adapter.config.targets.join(',')}, ${engine.quant} base on ${engine.device}\n`);
     const bar = values.json ? null : new ProgressBar(process.stderr);
     const controller = new AbortController();
     const onSigint = () => controller.abort();
@@ -114,6 +122,49 @@ export async function trainCommand(argv: string[]): Promise<void> {
   } finally {
     engine.close();
   }
+}
+
+/** Refuses optimizer flags the engine would refuse after the load, naming the flag. */
+export function checkTrainHyperparameters(hyper: { lr: number; epochs: number; batchSize: number; gradAccum: number; weightDecay: number; maxGradNorm: number }): void {
+  const refuse = (flag: string, problem: string) => new EngineError('INVALID_ARGUMENT', `--${flag} ${problem}`, { field: flag });
+  if (!(hyper.lr > 0)) throw refuse('lr', `must be above 0, got ${hyper.lr}`);
+  if (hyper.epochs < 1) throw refuse('epochs', `must be at least 1, got ${hyper.epochs}`);
+  if (hyper.batchSize < 1) throw refuse('batch-size', `must be at least 1, got ${hyper.batchSize}`);
+  if (hyper.gradAccum < 1) throw refuse('grad-accum', `must be at least 1, got ${hyper.gradAccum}`);
+  if (!(hyper.weightDecay >= 0)) throw refuse('weight-decay', `must be 0 or more, got ${hyper.weightDecay}`);
+  if (!(hyper.maxGradNorm >= 0)) throw refuse('max-grad-norm', `must be 0 (no clipping) or more, got ${hyper.maxGradNorm}`);
+}
+
+/** --max-seq-len against the model's max_position_embeddings; absent: min(2048, that). */
+export function checkMaxSeqLenFlag(value: number | undefined, config: LlamaConfig): number {
+  const limit = config.maxPositionEmbeddings;
+  if (value === undefined) return Math.min(2048, limit);
+  if (value < 2) throw new EngineError('INVALID_ARGUMENT', `--max-seq-len is ${value}; a training sequence needs at least 2 tokens (position 0 is never a target)`, { field: 'max-seq-len' });
+  if (value > limit) throw new EngineError('INVALID_ARGUMENT', `--max-seq-len is ${value}, above the model's max_position_embeddings (${limit})`, { field: 'max-seq-len' });
+  return value;
+}
+
+/** Runs `build`, renaming the LoRA fields in its INVALID_ARGUMENT errors to the flags that set them. */
+function withFlagNames<T>(build: () => T): T {
+  const flags: Record<string, string> = { r: 'rank', lora_alpha: 'alpha', lora_dropout: 'dropout', target_modules: 'targets' };
+  try {
+    return build();
+  } catch (error) {
+    const field = (error as EngineError).details?.field;
+    if (!(error instanceof EngineError) || typeof field !== 'string' || flags[field] === undefined) throw error;
+    throw new EngineError('INVALID_ARGUMENT', `--${flags[field]}: ${error.message}`, { field: flags[field] }, { cause: error });
+  }
+}
+
+/** The dataset report in a few human lines. */
+export function formatDatasetReport(report: DatasetReport): string {
+  const kinds = Object.entries(report.rowsByKind).filter(([, n]) => n > 0).map(([kind, n]) => `${n} ${kind}`).join(', ');
+  const percent = (fraction: number) => `${(fraction * 100).toFixed(1)}%`;
+  return [
+    `dataset: ${report.rows} rows (${kinds}), ${report.tokens} tokens, ${report.scoredTokens} scored`,
+    `  longest row ${report.longestRow.tokens} tokens (line ${report.longestRow.line}); ${report.truncatedRows} rows truncated to ${report.maxSeqLen} (${report.truncatedTokens} tokens cut)`,
+    `  scored per row: mean ${percent(report.scoredFraction.mean)}, min ${percent(report.scoredFraction.min)} (line ${report.scoredFraction.minLine})`,
+  ].join('\n');
 }
 
 export async function generateCommand(argv: string[]): Promise<void> {
@@ -150,7 +201,8 @@ export async function generateCommand(argv: string[]): Promise<void> {
     } else if (values.chat) {
       promptIds = engine.tokenizer.encodeChat([{ role: 'user', content: prompt! }], { addGenerationPrompt: true }).ids;
     } else {
-      promptIds = engine.tokenizer.encode(prompt!, { addBos: true });
+      // Plain text, as the server's Generate and training rows read it ("<|eot_id|>" stays text).
+      promptIds = engine.tokenizer.encodeText(prompt!, { addBos: true });
     }
     const detok = engine.tokenizer.detokenizer({ skipSpecialTokens: true });
     const controller = new AbortController();

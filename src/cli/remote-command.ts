@@ -13,7 +13,7 @@ import { Dataset } from '../gen/tuneserve/v1/datasets.js';
 import { ChatMessage, FinishReason, GenerateRequest, type GenerateResponse, type TokenUsage } from '../gen/tuneserve/v1/generation.js';
 import { GetModelInfoResponse, Quantization } from '../gen/tuneserve/v1/model.js';
 import {
-  GetJobResponse, Job, JobEvent, JobState, LrScheduler, TrainingConfig, TrainRequest, type TrainResponse, type TrainingStep,
+  GetJobResponse, Job, JobEvent, JobState, LrScheduler, TrainingConfig, TrainRequest, type DatasetReport, type TrainResponse, type TrainingStep,
 } from '../gen/tuneserve/v1/training.js';
 import {
   createClients, describeFile, exportAdapterFolder, importAdapterFolder, statusDetailsOf, uploadDatasetFile, type TuneClients,
@@ -207,6 +207,14 @@ export function finishReasonLabel(reason: FinishReason): string {
   return enumLabel(FinishReason[reason] ?? String(reason), 'FINISH_REASON_');
 }
 
+/** The dataset report event in one line. */
+export function datasetReportLine(r: DatasetReport): string {
+  const formats = Object.entries(r.rowsByFormat ?? {}).filter(([, n]) => (n as number) > 0).map(([format, n]) => `${n} ${format}`).join(', ');
+  const percent = (fraction: number) => `${(fraction * 100).toFixed(1)}%`;
+  return `dataset: ${r.rows} rows (${formats}), ${r.tokens} tokens, ${r.scoredTokens} scored; longest ${r.longestRowTokens} tokens (line ${r.longestRowLine}), ` +
+    `${r.truncatedRows} truncated to ${r.maxSeqLen}; scored per row mean ${percent(r.meanScoredFraction)}, min ${percent(r.minScoredFraction)} (line ${r.minScoredFractionLine})`;
+}
+
 /** The live readout after one optimizer step. */
 export function stepLabel(step: TrainingStep): string {
   return `loss ${step.loss.toFixed(4)}  lr ${step.learningRate.toExponential(2)}  ${step.tokensPerSecond.toFixed(0)} tok/s  ` +
@@ -247,6 +255,7 @@ export async function followJob(
       if (event.completed || event.failed || event.cancelled || event.interrupted) outcome.last = event;
       if (options.json) continue;
       if (event.queued) note(`job ${event.jobId} queued${event.queued.queuePosition > 0 ? ` behind ${event.queued.queuePosition} job(s)` : ''}`);
+      else if (event.datasetReport) note(datasetReportLine(event.datasetReport));
       else if (event.started) note(`job ${event.jobId} started: ${event.started.totalSteps} steps over ${event.started.trainExamples} examples${event.started.evalExamples ? ` (${event.started.evalExamples} held out)` : ''}`);
       else if (event.step) bar?.update(event.step.step, event.step.totalSteps, stepLabel(event.step));
       else if (event.evaluation) note(`eval after step ${event.evaluation.step}: loss ${event.evaluation.loss.toFixed(4)}`);

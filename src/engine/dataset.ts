@@ -1,18 +1,21 @@
-// JSONL training data → token ids and labels. Every row is either used or reported as an error with
-// its file and line; nothing is silently dropped (blank lines are not rows and are skipped).
+// JSONL training data → token ids and labels, plus the dataset report computed before training.
+// Every row is either used or reported as an error with its file, line and field; nothing is
+// silently dropped (blank lines are not rows and are skipped). Rows are validated by rows.ts, the
+// same code the upload check runs, so a row accepted at upload is refused here only for reasons
+// that need the tokenizer or max_seq_len (the chat template refusing it, nothing left to score after
+// truncation).
 //
-// Row kinds and what is added (TRL conventions, made exact):
-//   {"text": "..."}                      <|begin_of_text|> text <|end_of_text|>; loss on every token.
-//   {"prompt": "...", "completion": "..."}  <|begin_of_text|> prompt completion <|end_of_text|>; loss on
-//                                        the completion and the <|end_of_text|> only. Prompt and
-//                                        completion are encoded separately, so the prompt's ids are
-//                                        exactly what generation later sees for the same prompt.
-//   {"messages": [{role, content}, ...]} the Llama 3 chat format (tokenizer.encodeChat); loss on the
-//                                        assistant turns only, each including its closing <|eot_id|>.
-//   {"input_ids": [...], "labels": [...]} used exactly as given, nothing added; labels optional
-//                                        (default: a copy of input_ids), -100 = ignored.
-// In "text", "prompt" and "completion" special-token strings are control tokens (the data is the
-// trainer's own); chat message contents are plain text, as user input is at inference.
+// What each row format becomes (text is always literal: tokenizer.encodeText / encodeUserContent,
+// so "<|eot_id|>" in any text field is characters, never the control token):
+//   text                 <|begin_of_text|> text <|end_of_text|>; loss on every token.
+//   prompt/completion    <|begin_of_text|> prompt completion <|end_of_text|>; loss on the completion
+//                        and the <|end_of_text|>. Prompt and completion are encoded separately, so
+//                        the prompt's ids are exactly what Generate sees for the same text prompt.
+//   messages, alpaca,    the model's chat template (tokenizer.encodeChat, the function Generate's
+//   sharegpt             chat prompt uses); loss on the assistant turns, each with its end-of-turn
+//                        token. Tokens after the last assistant turn are dropped: no loss is taken
+//                        on them and, attention being causal, nothing before them sees them.
+//   input_ids/labels     used exactly as given, nothing added; labels default to input_ids.
 //
 // Label alignment: labels[t] is the target token AT position t, the same indexing as Hugging Face
 // `labels` (usually labels[t] === ids[t] or -100). The engine shifts internally: the logits at
@@ -21,9 +24,10 @@
 import { createReadStream } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { EngineError } from './errors.js';
-import type { ChatMessage, LlamaTokenizer } from './tokenizer.js';
+import { IGNORE_INDEX, parseRowLine, ROW_KINDS, RowError, type RowKind, type TrainingRow } from './rows.js';
+import type { LlamaTokenizer } from './tokenizer.js';
 
-export const IGNORE_INDEX = -100;
+export { IGNORE_INDEX, type RowKind } from './rows.js';
 
 export interface TrainingExample {
   ids: Int32Array;
@@ -33,20 +37,31 @@ export interface TrainingExample {
   line: number;
 }
 
-export type RowKind = 'text' | 'promptCompletion' | 'messages' | 'tokenIds';
-
-export interface DatasetStats {
-  /** Examples produced (one per non-blank line). */
-  examples: number;
+/** What the rows hold, computed before training (the job streams it as its dataset_report event). */
+export interface DatasetReport {
+  /** Rows (non-blank lines), each one example. */
+  rows: number;
+  /** Blank lines skipped. */
   blankLines: number;
-  /** Examples cut to maxSeqLen. */
-  truncated: number;
-  /** Sum of example lengths after truncation. */
+  rowsByKind: Record<RowKind, number>;
+  /** The truncation length applied. */
+  maxSeqLen: number;
+  /** Tokens of all examples, after truncation. */
   tokens: number;
-  /** Labels that are scored (not IGNORE_INDEX, position 0 excluded). */
-  trainableTokens: number;
-  maxLength: number;
-  byKind: Record<RowKind, number>;
+  /** Targets that take loss: labels other than IGNORE_INDEX, position 0 excluded. */
+  scoredTokens: number;
+  /** Examples longer than maxSeqLen, cut to their first maxSeqLen tokens. */
+  truncatedRows: number;
+  /** Tokens removed by truncation, over all rows. */
+  truncatedTokens: number;
+  /** The longest row before truncation. */
+  longestRow: { tokens: number; line: number };
+  /**
+   * Loss-mask coverage: per row, scored targets / (tokens − 1), the positions that can be targets.
+   * min is the lowest row's (minLine: its line), mean the mean over rows. Never 0: a row with no
+   * scored target is an error.
+   */
+  scoredFraction: { min: number; minLine: number; mean: number };
 }
 
 export interface DatasetOptions {
@@ -58,26 +73,17 @@ export interface DatasetOptions {
 
 export interface Dataset {
   examples: TrainingExample[];
-  stats: DatasetStats;
+  report: DatasetReport;
 }
 
 /** The part of LlamaTokenizer a dataset needs. */
-export type DatasetTokenizer = Pick<LlamaTokenizer, 'encode' | 'encodeChat' | 'specialIds'>;
-
-class RowError extends Error {}
+export type DatasetTokenizer = Pick<LlamaTokenizer, 'encodeText' | 'encodeChat' | 'specialIds'>;
 
 /** Builds examples line by line, so a file can be streamed. */
 class DatasetBuilder {
   readonly examples: TrainingExample[] = [];
-  readonly stats: DatasetStats = {
-    examples: 0,
-    blankLines: 0,
-    truncated: 0,
-    tokens: 0,
-    trainableTokens: 0,
-    maxLength: 0,
-    byKind: { text: 0, promptCompletion: 0, messages: 0, tokenIds: 0 },
-  };
+  private readonly report: DatasetReport;
+  private fractionSum = 0;
 
   constructor(
     private readonly name: string,
@@ -90,134 +96,103 @@ class DatasetBuilder {
     if (!Number.isSafeInteger(options.vocabSize) || options.vocabSize <= 0) {
       throw new EngineError('INVALID_ARGUMENT', `vocabSize must be a positive integer, got ${options.vocabSize}`, { field: 'vocabSize' });
     }
+    this.report = {
+      rows: 0,
+      blankLines: 0,
+      rowsByKind: Object.fromEntries(ROW_KINDS.map((kind) => [kind, 0])) as Record<RowKind, number>,
+      maxSeqLen: options.maxSeqLen,
+      tokens: 0,
+      scoredTokens: 0,
+      truncatedRows: 0,
+      truncatedTokens: 0,
+      longestRow: { tokens: 0, line: 0 },
+      scoredFraction: { min: 1, minLine: 0, mean: 0 },
+    };
   }
 
   addLine(rawLine: string, line: number): void {
     const text = line === 1 && rawLine.startsWith('\uFEFF') ? rawLine.slice(1) : rawLine;
     if (text.trim().length === 0) {
-      this.stats.blankLines++;
+      this.report.blankLines++;
       return;
     }
     try {
-      this.addRow(text, line);
+      this.addRow(parseRowLine(text, this.options.vocabSize), line);
     } catch (error) {
       if (error instanceof RowError) {
-        throw new EngineError('INVALID_DATASET', `${this.name}:${line}: ${error.message}`, { file: this.name, line });
+        throw new EngineError('INVALID_DATASET', `${this.name}:${line}: ${error.message}`, { file: this.name, line, ...(error.field === null ? {} : { field: error.field }) });
       }
       throw error;
     }
   }
 
   finish(): Dataset {
-    if (this.stats.examples === 0) throw new EngineError('INVALID_DATASET', `${this.name}: no rows`, { file: this.name });
-    return { examples: this.examples, stats: this.stats };
+    if (this.report.rows === 0) throw new EngineError('INVALID_DATASET', `${this.name}: no rows`, { file: this.name });
+    this.report.scoredFraction.mean = this.fractionSum / this.report.rows;
+    return { examples: this.examples, report: this.report };
   }
 
-  private addRow(text: string, line: number): void {
-    let row: unknown;
-    try {
-      row = JSON.parse(text);
-    } catch (error) {
-      throw new RowError(`not valid JSON (${(error as Error).message})`);
-    }
-    if (row === null || typeof row !== 'object' || Array.isArray(row)) throw new RowError('a row must be a JSON object');
-    const fields = row as Record<string, unknown>;
-
-    const kinds: RowKind[] = [];
-    if ('input_ids' in fields || 'labels' in fields) kinds.push('tokenIds');
-    if ('messages' in fields) kinds.push('messages');
-    if ('prompt' in fields || 'completion' in fields) kinds.push('promptCompletion');
-    if ('text' in fields) kinds.push('text');
-    if (kinds.length === 0) throw new RowError('expected "text", "prompt" + "completion", "messages" or "input_ids"');
-    if (kinds.length > 1) throw new RowError(`a row must be one kind, this one mixes ${kinds.map(kindFields).join(' and ')}`);
-    const kind = kinds[0]!;
-
-    const { ids, labels } = this.tokenize(kind, fields);
-    let length = ids.length;
-    if (length > this.options.maxSeqLen) {
-      length = this.options.maxSeqLen;
-      this.stats.truncated++;
-    }
+  private addRow(row: TrainingRow, line: number): void {
+    const { ids, labels } = this.tokenize(row);
+    const { maxSeqLen, vocabSize } = this.options;
+    const length = Math.min(ids.length, maxSeqLen);
     const example: TrainingExample = { ids: Int32Array.from(ids.slice(0, length)), labels: Int32Array.from(labels.slice(0, length)), line };
     for (let t = 0; t < length; t++) {
-      if (example.ids[t]! >= this.options.vocabSize) throw new RowError(`token id ${example.ids[t]} at position ${t} is not below vocab_size ${this.options.vocabSize}`);
-      const label = example.labels[t]!;
-      if (label !== IGNORE_INDEX && label >= this.options.vocabSize) throw new RowError(`label ${label} at position ${t} is not below vocab_size ${this.options.vocabSize}`);
+      if (example.ids[t]! >= vocabSize) throw new RowError(null, `token id ${example.ids[t]} at position ${t} is not below vocab_size ${vocabSize}`);
     }
-    let trainable = 0;
-    for (let t = 1; t < length; t++) if (example.labels[t] !== IGNORE_INDEX) trainable++;
-    if (trainable === 0) {
-      const after = length < ids.length ? ` after truncation to ${this.options.maxSeqLen} tokens` : '';
-      throw new RowError(`no trainable tokens${after} (every label is -100, or only position 0 has one, which is never a target)`);
+    let scored = 0;
+    for (let t = 1; t < length; t++) if (example.labels[t] !== IGNORE_INDEX) scored++;
+    if (scored === 0) {
+      const after = length < ids.length ? ` after truncation to max_seq_len ${maxSeqLen} (the row has ${ids.length} tokens; its first scored one is at position ${labels.findIndex((label, t) => t > 0 && label !== IGNORE_INDEX)})` : '';
+      throw new RowError(null, `no token is scored${after}: it would train on nothing`);
     }
 
+    const report = this.report;
     this.examples.push(example);
-    this.stats.examples++;
-    this.stats.byKind[kind]++;
-    this.stats.tokens += length;
-    this.stats.trainableTokens += trainable;
-    this.stats.maxLength = Math.max(this.stats.maxLength, length);
+    report.rows++;
+    report.rowsByKind[row.kind]++;
+    report.tokens += length;
+    report.scoredTokens += scored;
+    if (length < ids.length) {
+      report.truncatedRows++;
+      report.truncatedTokens += ids.length - length;
+    }
+    if (ids.length > report.longestRow.tokens) report.longestRow = { tokens: ids.length, line };
+    const fraction = scored / (length - 1);
+    this.fractionSum += fraction;
+    if (report.scoredFraction.minLine === 0 || fraction < report.scoredFraction.min) report.scoredFraction = { ...report.scoredFraction, min: fraction, minLine: line };
   }
 
-  private tokenize(kind: RowKind, fields: Record<string, unknown>): { ids: number[]; labels: number[] } {
+  private tokenize(row: TrainingRow): { ids: number[]; labels: number[] } {
     const { endOfText } = this.tokenizer.specialIds;
-    switch (kind) {
+    switch (row.kind) {
       case 'text': {
-        const text = fields.text;
-        if (typeof text !== 'string') throw new RowError('"text" must be a string');
-        if (text.length === 0) throw new RowError('"text" is empty');
-        const ids = this.tokenizer.encode(text, { addBos: true });
-        if (ids[ids.length - 1] !== endOfText) ids.push(endOfText);
+        const ids = [...this.tokenizer.encodeText(row.text, { addBos: true }), endOfText];
         return { ids, labels: [...ids] };
       }
       case 'promptCompletion': {
-        const { prompt, completion } = fields;
-        if (prompt === undefined) throw new RowError('"completion" without "prompt"');
-        if (completion === undefined) throw new RowError('"prompt" without "completion"');
-        if (typeof prompt !== 'string') throw new RowError('"prompt" must be a string');
-        if (typeof completion !== 'string') throw new RowError('"completion" must be a string');
-        if (completion.length === 0) throw new RowError('"completion" is empty');
-        const promptIds = this.tokenizer.encode(prompt, { addBos: true });
-        const completionIds = this.tokenizer.encode(completion, { addBos: false });
-        if (completionIds[completionIds.length - 1] !== endOfText) completionIds.push(endOfText);
-        return {
-          ids: [...promptIds, ...completionIds],
-          labels: [...promptIds.map(() => IGNORE_INDEX), ...completionIds],
-        };
+        const promptIds = this.tokenizer.encodeText(row.prompt, { addBos: true });
+        const completionIds = [...this.tokenizer.encodeText(row.completion, { addBos: false }), endOfText];
+        return { ids: [...promptIds, ...completionIds], labels: [...promptIds.map(() => IGNORE_INDEX), ...completionIds] };
       }
-      case 'messages': {
-        const messages = fields.messages;
-        if (!Array.isArray(messages) || messages.length === 0) throw new RowError('"messages" must be a non-empty list of {role, content}');
+      case 'messages':
+      case 'alpaca':
+      case 'sharegpt': {
         let encoding;
         try {
-          encoding = this.tokenizer.encodeChat(messages as ChatMessage[], { addGenerationPrompt: false });
+          encoding = this.tokenizer.encodeChat(row.messages, { addGenerationPrompt: false });
         } catch (error) {
-          if (error instanceof EngineError && error.code === 'INVALID_ARGUMENT') throw new RowError(error.message);
+          if (error instanceof EngineError && error.code === 'INVALID_ARGUMENT') throw new RowError(row.kind === 'sharegpt' ? 'conversations' : 'messages', error.message);
           throw error;
         }
-        return { ids: encoding.ids, labels: encoding.ids.map((id, t) => (encoding.assistantMask[t] ? id : IGNORE_INDEX)) };
+        const end = encoding.assistantMask.lastIndexOf(true) + 1;
+        const ids = encoding.ids.slice(0, end);
+        return { ids, labels: ids.map((id, t) => (encoding.assistantMask[t] ? id : IGNORE_INDEX)) };
       }
-      case 'tokenIds': {
-        const ids = fields.input_ids;
-        if (ids === undefined) throw new RowError('"labels" without "input_ids"');
-        if (!Array.isArray(ids) || ids.length === 0) throw new RowError('"input_ids" must be a non-empty list of token ids');
-        ids.forEach((id, t) => {
-          if (!Number.isSafeInteger(id) || id < 0) throw new RowError(`input_ids[${t}] is ${JSON.stringify(id)}, not a token id`);
-        });
-        const labels = fields.labels ?? ids;
-        if (!Array.isArray(labels)) throw new RowError('"labels" must be a list');
-        if (labels.length !== ids.length) throw new RowError(`"labels" has ${labels.length} entries but "input_ids" has ${ids.length}`);
-        labels.forEach((label, t) => {
-          if (!Number.isSafeInteger(label) || (label < 0 && label !== IGNORE_INDEX)) throw new RowError(`labels[${t}] is ${JSON.stringify(label)}, not a token id or -100`);
-        });
-        return { ids: ids as number[], labels: labels as number[] };
-      }
+      case 'tokenIds':
+        return { ids: row.inputIds, labels: row.labels };
     }
   }
-}
-
-function kindFields(kind: RowKind): string {
-  return { text: '"text"', promptCompletion: '"prompt"/"completion"', messages: '"messages"', tokenIds: '"input_ids"/"labels"' }[kind];
 }
 
 /** Parses JSONL held in memory; `name` is used in messages ("<name>:<line>: ..."). */

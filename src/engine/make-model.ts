@@ -19,10 +19,10 @@ import {
   float32ToBfloat16,
   float32ToFloat16,
   SafetensorsWriter,
-  writeFileAtomic,
   type TensorSpec,
   type WritableDtype,
 } from './safetensors.js';
+import { writeFileAtomic } from './atomic-file.js';
 
 export type ModelPreset = 'tiny' | 'small' | 'llama3-8b-shape';
 export const MODEL_PRESETS: readonly ModelPreset[] = ['tiny', 'small', 'llama3-8b-shape'];

@@ -4,17 +4,17 @@
 // built beside its destination and renamed into place. mergeFidelity() then measures how far the
 // merged model's logits are from base + adapter on a probe prompt.
 
-import { copyFile, mkdir, readFile, rm, stat } from 'node:fs/promises';
-import { basename, dirname, join, resolve } from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { copyFile, readFile, rm, stat } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
 
-import { Engine, nativeConfig, nativeLora, replaceDirectory, type Adapter } from './engine.js';
+import { Engine, nativeConfig, nativeLora, type Adapter } from './engine.js';
 import { EngineError } from './errors.js';
 import { loadModelFolder } from './model-folder.js';
 import { awaitCancellable } from './cancel.js';
 import { native } from './native.js';
 import { ADAPTER_WEIGHTS_FILE, readAdapterConfig } from './peft-config.js';
-import { readSafetensorsHeader, syncDirectory, writeFileAtomic } from './safetensors.js';
+import { readSafetensorsHeader } from './safetensors.js';
+import { replaceFolder, tempFolderBeside, writeFileAtomic } from './atomic-file.js';
 
 export type MergeDtype = 'bf16' | 'f16' | 'f32';
 export type MergeInto = 'original' | 'dequantized';
@@ -61,9 +61,7 @@ export async function mergeAdapterFolder(
   await stat(adapterFile).catch((e: unknown) => { throw new EngineError('NOT_FOUND', `missing ${adapterFile}`, { file: adapterFile }, { cause: e }); });
   const target = resolve(options.outDir);
   if (target === folder.dir) throw new EngineError('INVALID_ARGUMENT', 'the merge output must not be the base model folder', { field: 'out' });
-  await mkdir(dirname(target), { recursive: true });
-  const tmp = join(dirname(target), `.${basename(target)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
-  await mkdir(tmp);
+  const tmp = await tempFolderBeside(target);
   try {
     const job = native().mergeAdapter(
       { config: nativeConfig(folder.config), shards: folder.shards, outDir: tmp, adapterFile, lora: nativeLora(lora), dtype, into },
@@ -88,8 +86,7 @@ export async function mergeAdapterFolder(
       const weightMap = Object.fromEntries(Object.entries(result.weightMap).sort(([a], [b]) => a.localeCompare(b)));
       await writeFileAtomic(join(tmp, 'model.safetensors.index.json'), `${JSON.stringify({ metadata: { total_size: totalSize }, weight_map: weightMap }, null, 2)}\n`);
     }
-    await syncDirectory(tmp);
-    await replaceDirectory(tmp, target);
+    await replaceFolder(tmp, target);
     return { outDir: target, files: result.files, bytes: result.bytes, tensors: result.tensors, mergedTensors: result.mergedTensors, dtype, into };
   } catch (e) {
     await rm(tmp, { recursive: true, force: true });

@@ -1,6 +1,7 @@
 // A Hugging Face Llama model folder, loaded and checked before any weight is read: config.json into a
 // typed LlamaConfig, the safetensors shard list (single file or index), the expected tensor names and
-// shapes, generation_config.json's stop ids, and the tokenizer files.
+// shapes, generation_config.json's stop ids, the tokenizer files, and whether the tokenizer belongs
+// to the model (checkTokenizerMatchesConfig).
 
 import { readFile, realpath, stat } from 'node:fs/promises';
 import { isAbsolute, join, relative, resolve, sep } from 'node:path';
@@ -225,6 +226,51 @@ function parseRopeScaling(reader: ConfigReader, maxPositionEmbeddings: number): 
     throw reader.fail(field('original_max_position_embeddings'), `(${originalMaxPositionEmbeddings}) exceeds max_position_embeddings (${maxPositionEmbeddings})`);
   }
   return { factor, lowFreqFactor, highFreqFactor, originalMaxPositionEmbeddings };
+}
+
+// ---------------------------------------------------------------------------------------------
+// the tokenizer against config.json
+
+/** What checkTokenizerMatchesConfig reads of a tokenizer (LlamaTokenizer has it). */
+export interface TokenizerFacts {
+  /** Ids that have a token (base vocabulary plus added tokens). */
+  vocabSize: number;
+  specialIds: { bos: number; eot: number };
+  idToToken(id: number): string | undefined;
+  /** Whether the id is an added (control) token rather than a piece of text. */
+  isControlToken(id: number): boolean;
+}
+
+/**
+ * Refuses a tokenizer that does not belong to the model (the classic fine-tuning pitfall: the ids
+ * mean something else to the embedding table). INVALID_CONFIG naming both values when:
+ *   - the tokenizer's vocabulary size differs from config.json's vocab_size (ids beyond the
+ *     embedding, or embedding rows no token reaches);
+ *   - config.json's bos_token_id is not the tokenizer's <|begin_of_text|>;
+ *   - an eos_token_id of config.json / generation_config.json is not one of the tokenizer's
+ *     control tokens (a Llama 2 config's eos 2 is the text token "#" to a Llama 3 tokenizer).
+ */
+export function checkTokenizerMatchesConfig(tokenizer: TokenizerFacts, config: LlamaConfig, configFile: string): void {
+  const fail = (field: string, problem: string, values: Record<string, unknown>) =>
+    new EngineError('INVALID_CONFIG', `the tokenizer does not match ${configFile}: ${problem}`, { file: configFile, field, ...values });
+  const named = (id: number) => `${id} (${JSON.stringify(tokenizer.idToToken(id) ?? 'no token')})`;
+  if (tokenizer.vocabSize !== config.vocabSize) {
+    throw fail('vocab_size', `vocab_size is ${config.vocabSize} but the tokenizer has ${tokenizer.vocabSize} tokens`, { configValue: config.vocabSize, tokenizerValue: tokenizer.vocabSize });
+  }
+  if (config.bosTokenId !== tokenizer.specialIds.bos) {
+    throw fail('bos_token_id', `bos_token_id is ${named(config.bosTokenId)} but the tokenizer's <|begin_of_text|> is ${tokenizer.specialIds.bos}`, {
+      configValue: config.bosTokenId,
+      tokenizerValue: tokenizer.specialIds.bos,
+    });
+  }
+  for (const id of config.eosTokenIds) {
+    if (!tokenizer.isControlToken(id)) {
+      throw fail('eos_token_id', `eos_token_id ${named(id)} is not a control token of the tokenizer (its <|eot_id|> is ${tokenizer.specialIds.eot})`, {
+        configValue: id,
+        tokenizerValue: tokenizer.specialIds.eot,
+      });
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

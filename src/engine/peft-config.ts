@@ -5,7 +5,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { EngineError } from './errors.js';
 import { LLAMA_LINEAR_MODULES, linearShape, type LlamaConfig, type LlamaLinearModule } from './model-folder.js';
-import { writeFileAtomic } from './safetensors.js';
+import { writeFileAtomic } from './atomic-file.js';
 
 export type LoraTarget = LlamaLinearModule;
 

@@ -3,12 +3,11 @@
 //
 // The writer knows every tensor's name, dtype and shape up front, writes the header first and then
 // each tensor's bytes as the caller produces them (in chunks, so a 16 GB model never sits in memory),
-// into a temp file that is fsynced and renamed over the target only when complete.
+// into a temp file that is fsynced and renamed over the target only when complete (atomic-file.ts).
 
-import { randomBytes } from 'node:crypto';
-import { open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import { endianness } from 'node:os';
-import { basename, dirname, join } from 'node:path';
+import { AtomicFile } from './atomic-file.js';
 import { EngineError } from './errors.js';
 
 /** dtypes this writer produces. */
@@ -186,22 +185,21 @@ function buildHeader(specs: readonly TensorSpec[], metadata: Record<string, stri
 /**
  * Streams one safetensors file. Tensors are written in the order of `specs` (which is also their
  * order in the file); `commit()` makes the file appear at `path` atomically, `abort()` removes it.
+ * The temp file, fsync and rename are atomic-file.ts's AtomicFile.
  */
 export class SafetensorsWriter {
   readonly path: string;
   readonly specs: readonly TensorSpec[];
   /** Bytes of the whole file once complete. */
   readonly fileSize: number;
-  private readonly tempPath: string;
+  private readonly file: AtomicFile;
   private readonly sizes: number[];
-  private handle: FileHandle | null;
   private nextTensor = 0;
-  private finished = false;
+  private closed = false;
 
-  private constructor(path: string, tempPath: string, handle: FileHandle, specs: readonly TensorSpec[], sizes: number[], fileSize: number) {
+  private constructor(path: string, file: AtomicFile, specs: readonly TensorSpec[], sizes: number[], fileSize: number) {
     this.path = path;
-    this.tempPath = tempPath;
-    this.handle = handle;
+    this.file = file;
     this.specs = specs;
     this.sizes = sizes;
     this.fileSize = fileSize;
@@ -209,14 +207,7 @@ export class SafetensorsWriter {
 
   static async create(path: string, specs: readonly TensorSpec[], options: { metadata?: Record<string, string> } = {}): Promise<SafetensorsWriter> {
     const { bytes, dataBytes, sizes } = buildHeader(specs, options.metadata);
-    const tempPath = join(dirname(path), `.${basename(path)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
-    let handle: FileHandle;
-    try {
-      handle = await open(tempPath, 'wx');
-    } catch (error) {
-      throw new EngineError('IO_ERROR', `cannot create ${tempPath}: ${(error as Error).message}`, undefined, { cause: error });
-    }
-    const writer = new SafetensorsWriter(path, tempPath, handle, specs, sizes, bytes.length + dataBytes);
+    const writer = new SafetensorsWriter(path, await AtomicFile.create(path), specs, sizes, bytes.length + dataBytes);
     await writer.writeBytes(bytes);
     return writer;
   }
@@ -259,94 +250,47 @@ export class SafetensorsWriter {
 
   /** Flushes to disk and renames the temp file onto `path`; the directory entry is synced too. */
   async commit(): Promise<void> {
+    this.checkOpen();
     if (this.nextTensor !== this.specs.length) {
       const missing = this.specs[this.nextTensor]!.name;
       await this.abort();
       throw new EngineError('INVALID_ARGUMENT', `safetensors ${this.path}: tensor "${missing}" and later ones were never written`);
     }
-    const handle = this.openHandle();
-    try {
-      await handle.sync();
-      await handle.close();
-      this.handle = null;
-      await rename(this.tempPath, this.path);
-    } catch (error) {
-      await this.abort();
-      throw new EngineError('IO_ERROR', `cannot finish ${this.path}: ${(error as Error).message}`, undefined, { cause: error });
-    }
-    this.finished = true;
-    await syncDirectory(dirname(this.path));
+    this.closed = true;
+    await this.file.commit();
   }
 
   /** Drops the partial file; safe to call more than once and after a failure. */
   async abort(): Promise<void> {
-    if (this.finished) return;
-    this.finished = true;
-    const handle = this.handle;
-    this.handle = null;
-    await handle?.close().catch(() => undefined);
-    await rm(this.tempPath, { force: true });
+    this.closed = true;
+    await this.file.abort();
   }
 
   private expectTensor(name: string): TensorSpec {
-    this.openHandle();
+    this.checkOpen();
     const spec = this.specs[this.nextTensor];
     if (spec === undefined) throw new EngineError('INVALID_ARGUMENT', `tensor "${name}": all ${this.specs.length} tensors are already written`);
     if (spec.name !== name) throw new EngineError('INVALID_ARGUMENT', `tensor "${name}" written out of order: expected "${spec.name}"`);
     return spec;
   }
 
-  private openHandle(): FileHandle {
-    if (this.handle === null) throw new EngineError('INVALID_ARGUMENT', `safetensors writer for ${this.path} is already closed`);
-    return this.handle;
+  private checkOpen(): void {
+    if (this.closed) throw new EngineError('INVALID_ARGUMENT', `safetensors writer for ${this.path} is already closed`);
   }
 
   private async writeBytes(bytes: Uint8Array): Promise<void> {
-    const handle = this.openHandle();
+    this.checkOpen();
     try {
-      let done = 0;
-      while (done < bytes.byteLength) {
-        const { bytesWritten } = await handle.write(bytes, done, bytes.byteLength - done);
-        done += bytesWritten;
-      }
+      await this.file.write(bytes);
     } catch (error) {
-      await this.abort();
-      throw new EngineError('IO_ERROR', `cannot write ${this.path}: ${(error as Error).message}`, undefined, { cause: error });
+      this.closed = true;
+      throw error;
     }
   }
 }
 
-/** fsync a directory so a rename inside it survives a crash (a no-op where directories cannot be opened). */
-export async function syncDirectory(path: string): Promise<void> {
-  let handle: FileHandle | undefined;
-  try {
-    handle = await open(path, 'r');
-    await handle.sync();
-  } catch {
-    // Some platforms refuse fsync on directories; the rename itself is still atomic there.
-  } finally {
-    await handle?.close().catch(() => undefined);
-  }
-}
-
-/** Writes a small file atomically (temp file in the same folder, fsync, rename, folder fsync). */
-export async function writeFileAtomic(path: string, data: string | Uint8Array): Promise<void> {
-  const tempPath = join(dirname(path), `.${basename(path)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
-  let handle: FileHandle | undefined;
-  try {
-    handle = await open(tempPath, 'wx');
-    await handle.writeFile(data);
-    await handle.sync();
-    await handle.close();
-    handle = undefined;
-    await rename(tempPath, path);
-  } catch (error) {
-    await handle?.close().catch(() => undefined);
-    await rm(tempPath, { force: true });
-    throw new EngineError('IO_ERROR', `cannot write ${path}: ${(error as Error).message}`, { path }, { cause: error });
-  }
-  await syncDirectory(dirname(path));
-}
+/** Kept for engine.ts, which imports it from here; everything else imports atomic-file.ts. */
+export { syncFolder as syncDirectory } from './atomic-file.js';
 
 /** Writes a whole small file in one call (tests, adapters): every tensor given as float32 values. */
 export async function writeSafetensors(

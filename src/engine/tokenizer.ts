@@ -1,21 +1,24 @@
 // The Llama 3 tokenizer: @huggingface/tokenizers on the model's own tokenizer.json and
-// tokenizer_config.json, plus what the engine needs on top: exactly-one-BOS encoding, user content
-// that can never become a control token, an exact token-level chat encoder with assistant masks,
-// the Jinja chat template, and a streaming detokenizer that never splits a UTF-8 character.
+// tokenizer_config.json, plus what the engine needs on top: exactly-one-BOS encoding, text that can
+// never become a control token, the model's chat template with assistant masks (chat-template.ts),
+// and a streaming detokenizer that never splits a UTF-8 character.
+//
+// Train and serve tokenize alike: encodeUserContent is the one function that turns text from a
+// client or a dataset into ids. Generate's text prompts, every text field of every training row
+// format and every chat message content go through it, so "<|eot_id|>" typed by a user is always
+// the characters, never the control token 128009. Only template text and ids given as ids carry
+// control tokens.
 
-import { Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { CHAT_ROLES, ChatTemplate, LLAMA3_CHAT_TEMPLATE, type ChatEncoding, type ChatMessage } from './chat-template.js';
 import { EngineError } from './errors.js';
+import { checkTokenizerMatchesConfig, readLlamaConfig } from './model-folder.js';
 
-export interface ChatMessage {
-  role: string;
-  content: string;
-}
+export type { ChatEncoding, ChatMessage } from './chat-template.js';
 
-/** Roles the Llama 3 chat format knows (ipython: Llama 3.1 tool output). */
-export const CHAT_ROLES = ['system', 'user', 'assistant', 'ipython', 'tool'] as const;
+export { CHAT_ROLES } from './chat-template.js';
 
 export interface SpecialTokenIds {
   /** <|begin_of_text|> */
@@ -32,12 +35,6 @@ export interface SpecialTokenIds {
   endHeader: number;
 }
 
-export interface ChatEncoding {
-  ids: number[];
-  /** Per token: true for the tokens an assistant turn produces (its content and its <|eot_id|>). */
-  assistantMask: boolean[];
-}
-
 const SPECIAL = {
   bos: '<|begin_of_text|>',
   endOfText: '<|end_of_text|>',
@@ -47,19 +44,18 @@ const SPECIAL = {
   endHeader: '<|end_header_id|>',
 } as const;
 
-/** What separates a turn's header from its content in the Llama 3 format. */
-const HEADER_SEPARATOR = '\n\n';
-
 export class LlamaTokenizer {
   readonly specialIds: SpecialTokenIds;
-  /** The chat template of tokenizer_config.json, or null when it has none. */
+  /** The chat template of tokenizer_config.json, or null when it has none (then LLAMA3_CHAT_TEMPLATE is used). */
   readonly chatTemplate: string | null;
   /** Number of ids that have a token (base vocabulary plus added tokens). */
   readonly vocabSize: number;
   private readonly tokenizer: Tokenizer;
   private readonly config: Record<string, unknown>;
-  private compiledTemplate: Template | null = null;
-  private readonly separatorIds: number[];
+  /** Added tokens (all control tokens in Llama 3) by their text. */
+  private readonly controlTokens: Map<string, number>;
+  private readonly controlIds: Set<number>;
+  private chat: ChatTemplate | null = null;
 
   constructor(tokenizerJson: object, tokenizerConfig: Record<string, unknown>) {
     try {
@@ -85,10 +81,19 @@ export class LlamaTokenizer {
     };
     this.chatTemplate = pickChatTemplate(tokenizerConfig.chat_template);
     this.vocabSize = this.tokenizer.get_vocab(true).size;
-    this.separatorIds = this.encodeUserContent(HEADER_SEPARATOR);
+    this.controlTokens = new Map();
+    const added = (tokenizerJson as { added_tokens?: unknown }).added_tokens;
+    for (const token of Array.isArray(added) ? added : []) {
+      const { content, id } = (token ?? {}) as { content?: unknown; id?: unknown };
+      if (typeof content === 'string' && content !== '' && typeof id === 'number') this.controlTokens.set(content, id);
+    }
+    this.controlIds = new Set(this.controlTokens.values());
   }
 
-  /** Loads tokenizer.json and tokenizer_config.json from a model folder. */
+  /**
+   * Loads tokenizer.json and tokenizer_config.json from a folder; when the folder is a model folder
+   * (it has config.json), a tokenizer that does not match the model is refused (INVALID_CONFIG).
+   */
   static async fromFolder(dir: string): Promise<LlamaTokenizer> {
     const read = async (name: string): Promise<Record<string, unknown>> => {
       const file = join(dir, name);
@@ -106,7 +111,11 @@ export class LlamaTokenizer {
         throw new EngineError('INVALID_CONFIG', `${file}: ${(error as Error).message}`, { file }, { cause: error });
       }
     };
-    return new LlamaTokenizer(await read('tokenizer.json'), await read('tokenizer_config.json'));
+    const tokenizer = new LlamaTokenizer(await read('tokenizer.json'), await read('tokenizer_config.json'));
+    // In a model folder the tokenizer must belong to the model (a tokenizer-only folder has no config.json).
+    const configFile = join(dir, 'config.json');
+    if (await fileExists(configFile)) checkTokenizerMatchesConfig(tokenizer, await readLlamaConfig(dir), configFile);
+    return tokenizer;
   }
 
   /** Ids the generation loop stops on: eos, <|end_of_text|>, <|eot_id|> and <|eom_id|> when present. */
@@ -128,6 +137,15 @@ export class LlamaTokenizer {
     let start = 0;
     while (ids[start] === bos) start++;
     return [bos, ...ids.slice(start)];
+  }
+
+  /**
+   * Encodes text from a client or a dataset: plain text (encodeUserContent), after exactly one
+   * <|begin_of_text|> when addBos. The one entry point for text prompts and training row text.
+   */
+  encodeText(text: string, options: { addBos: boolean }): number[] {
+    const ids = this.encodeUserContent(text);
+    return options.addBos ? [this.specialIds.bos, ...ids] : ids;
   }
 
   /**
@@ -160,6 +178,11 @@ export class LlamaTokenizer {
     return this.tokenizer.decode(known, { skip_special_tokens: options.skipSpecialTokens ?? false, clean_up_tokenization_spaces: false });
   }
 
+  /** Whether the id is an added (control) token, such as <|eot_id|> or a reserved special token. */
+  isControlToken(id: number): boolean {
+    return this.controlIds.has(id);
+  }
+
   tokenToId(token: string): number | undefined {
     return this.tokenizer.token_to_id(token);
   }
@@ -168,56 +191,37 @@ export class LlamaTokenizer {
     return this.tokenizer.id_to_token(id);
   }
 
-  /** Renders tokenizer_config.json's chat_template with @huggingface/jinja. */
+  /** Renders the chat template (tokenizer_config.json's, or LLAMA3_CHAT_TEMPLATE) to text. */
   applyChatTemplate(messages: readonly ChatMessage[], options: { addGenerationPrompt: boolean }): string {
-    if (this.chatTemplate === null) throw new EngineError('INVALID_CONFIG', 'tokenizer_config.json has no chat_template');
     validateMessages(messages);
-    this.compiledTemplate ??= new Template(this.chatTemplate);
-    const token = (field: string) => (typeof this.config[field] === 'string' ? this.config[field] : undefined);
-    return this.compiledTemplate.render({
-      messages: messages.map(({ role, content }) => ({ role, content })),
-      bos_token: token('bos_token') ?? SPECIAL.bos,
-      eos_token: token('eos_token') ?? SPECIAL.endOfText,
-      add_generation_prompt: options.addGenerationPrompt,
-    });
+    return this.chatTemplateEncoder().render(messages, options.addGenerationPrompt);
   }
 
   /**
-   * Builds the Llama 3 chat format from token pieces (REFERENCE.md):
-   * <|begin_of_text|> then per message <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>,
-   * then <|start_header_id|>assistant<|end_header_id|>\n\n when addGenerationPrompt. Headers are
-   * control tokens; contents are plain text (encodeUserContent), trimmed as the Llama 3 templates
-   * trim them, and encoded together with the "\n\n" before them exactly as the template text would
-   * be. For ordinary content ids === encode(applyChatTemplate(...), {addBos: true}).
+   * Encodes a conversation with the model's chat template (chat-template.ts): contents are plain
+   * text, the template's control tokens are control tokens, and assistantMask marks each assistant
+   * turn (content and end-of-turn token). Generate's chat prompt is this with addGenerationPrompt;
+   * training's chat rows are this without, and the first is a prefix of the second.
    */
   encodeChat(messages: readonly ChatMessage[], options: { addGenerationPrompt: boolean }): ChatEncoding {
     validateMessages(messages);
-    const { bos, startHeader, endHeader, eot } = this.specialIds;
-    const ids: number[] = [bos];
-    const assistantMask: boolean[] = [false];
-    const push = (pieceIds: readonly number[], trainable: boolean) => {
-      for (const id of pieceIds) {
-        ids.push(id);
-        assistantMask.push(trainable);
-      }
+    return this.chatTemplateEncoder().encode(messages, options);
+  }
+
+  private chatTemplateEncoder(): ChatTemplate {
+    // tokenizer_config.json gives a token as a string or as an AddedToken object {content, ...}.
+    const token = (field: string, fallback: string): string => {
+      const value = this.config[field];
+      if (typeof value === 'string') return value;
+      const content = (value as { content?: unknown } | null | undefined)?.content;
+      return typeof content === 'string' ? content : fallback;
     };
-    const pushHeader = (role: string) => push([startHeader, ...this.encodeUserContent(role), endHeader], false);
-    for (const { role, content } of messages) {
-      pushHeader(role);
-      const body = this.encodeUserContent(HEADER_SEPARATOR + content.trim());
-      // "\n\n" is its own pre-token when the (trimmed) content starts with a non-space, so the
-      // separator's ids are a prefix of the body's; the rest is what the assistant wrote.
-      const separatorLength = startsWith(body, this.separatorIds) ? this.separatorIds.length : 0;
-      const trainable = role === 'assistant';
-      push(body.slice(0, separatorLength), false);
-      push(body.slice(separatorLength), trainable);
-      push([eot], trainable);
-    }
-    if (options.addGenerationPrompt) {
-      pushHeader('assistant');
-      push(this.separatorIds, false);
-    }
-    return { ids, assistantMask };
+    this.chat ??= new ChatTemplate(
+      this.chatTemplate ?? LLAMA3_CHAT_TEMPLATE,
+      { bos_token: token('bos_token', SPECIAL.bos), eos_token: token('eos_token', SPECIAL.endOfText) },
+      { encodeLiteral: (text) => this.encodeUserContent(text), controlTokens: this.controlTokens, bos: this.specialIds.bos },
+    );
+    return this.chat;
   }
 
   /** A streaming detokenizer for this tokenizer. */
@@ -226,8 +230,12 @@ export class LlamaTokenizer {
   }
 }
 
-function startsWith(ids: readonly number[], prefix: readonly number[]): boolean {
-  return prefix.length <= ids.length && prefix.every((id, i) => ids[i] === id);
+async function fileExists(path: string): Promise<boolean> {
+  try {
+    return (await stat(path)).isFile();
+  } catch {
+    return false;
+  }
 }
 
 function pickChatTemplate(raw: unknown): string | null {

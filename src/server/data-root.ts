@@ -9,9 +9,10 @@
 //   <root>/jobs/<job-id>/             inline.jsonl, checkpoints/
 //   <root>/tmp/                       work in progress; emptied at start
 //   <export root>/<name>/             merged models (default <root>/exports)
+//
+// Files and folders are written and published with src/engine/atomic-file.ts.
 
 import { randomBytes } from 'node:crypto';
-import { constants as fsConstants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { isValidId } from './ids.js';
@@ -150,54 +151,4 @@ export class DataRoot {
       await fs.rm(path.join(folder, entry), { recursive: true, force: true });
     }
   }
-}
-
-/** Writes a file atomically: temp file in the same folder, fsync, rename, fsync the folder. */
-export async function writeFileAtomic(filePath: string, data: string | Uint8Array): Promise<void> {
-  const temp = `${filePath}.tmp-${randomBytes(6).toString('hex')}`;
-  const handle = await fs.open(temp, 'wx', 0o644);
-  try {
-    await handle.writeFile(data);
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  try {
-    await fs.rename(temp, filePath);
-  } catch (error) {
-    await fs.rm(temp, { force: true });
-    throw error;
-  }
-  await syncFolder(path.dirname(filePath));
-}
-
-/** fsyncs a folder so a rename inside it survives a crash. */
-export async function syncFolder(folder: string): Promise<void> {
-  const handle = await fs.open(folder, fsConstants.O_RDONLY);
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}
-
-/**
- * Moves a finished folder into place atomically. Fails with code EEXIST when the destination
- * exists (rename of a folder onto a non-empty folder fails; an empty one is refused too).
- */
-export async function publishFolder(from: string, to: string): Promise<void> {
-  try {
-    await fs.access(to);
-    throw Object.assign(new Error(`${to} exists`), { code: 'EEXIST' });
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
-  }
-  try {
-    await fs.rename(from, to);
-  } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    if (code === 'ENOTEMPTY' || code === 'EEXIST') throw Object.assign(new Error(`${to} exists`), { code: 'EEXIST' });
-    throw error;
-  }
-  await syncFolder(path.dirname(to));
 }

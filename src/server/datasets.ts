@@ -4,7 +4,8 @@
 
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
-import { DataRoot, publishFolder, writeFileAtomic } from './data-root.js';
+import { publishFolder, writeFileAtomic } from '../engine/atomic-file.js';
+import { DataRoot } from './data-root.js';
 import { alreadyExists, failedPrecondition, invalidArgument, notFound } from './errors.js';
 import { IncomingFile, isSha256Hex } from './incoming-file.js';
 import { JsonlChecker } from './jsonl-check.js';

@@ -160,7 +160,7 @@ export interface AdapterConfig {
 
 /** Hyperparameters and files of one training run (the flags of `tuneserve train`). */
 export interface TrainSpec {
-  /** JSONL dataset file (rows: text, prompt/completion, messages, input_ids/labels). */
+  /** JSONL dataset file (rows: text, prompt/completion, messages, alpaca, sharegpt, input_ids/labels). */
   datasetPath: string;
   /** Folder to create and write the final PEFT adapter into; it does not exist yet. */
   outDir: string;
@@ -195,8 +195,38 @@ export interface TrainSpec {
   checkpointEvery: number;
 }
 
-/** Progress of a training run, reported in this order: started, then steps/evals/checkpoints. */
+/** Row formats of a training file (see the upload's row rules). */
+export type RowFormat = 'text' | 'promptCompletion' | 'messages' | 'alpaca' | 'sharegpt' | 'tokenIds';
+
+/**
+ * What the training rows hold after tokenization and truncation (src/engine/dataset.ts's
+ * DatasetReport has this shape). The engine refuses a row with nothing scored, so every row counts.
+ */
+export interface DatasetReport {
+  /** Rows (non-blank lines). */
+  rows: number;
+  blankLines: number;
+  rowsByKind: Record<RowFormat, number>;
+  /** The truncation length applied. */
+  maxSeqLen: number;
+  /** Tokens of all rows after truncation. */
+  tokens: number;
+  /** Targets that take loss (label not -100, position 0 excluded). */
+  scoredTokens: number;
+  truncatedRows: number;
+  truncatedTokens: number;
+  /** The longest row before truncation and its 1-based line. */
+  longestRow: { tokens: number; line: number };
+  /** Per row scored / (tokens − 1): the lowest (and its line) and the mean. */
+  scoredFraction: { min: number; minLine: number; mean: number };
+}
+
+/**
+ * Progress of a training run, reported in this order: dataset (once the rows are tokenized), started,
+ * then steps/evals/checkpoints.
+ */
 export type TrainEvent =
+  | { kind: 'dataset'; report: DatasetReport }
   | { kind: 'started'; totalSteps: number; trainExamples: number; evalExamples: number }
   | {
       kind: 'step';

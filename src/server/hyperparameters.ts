@@ -1,7 +1,9 @@
 // Resolves a TrainRequest's TrainingConfig into the hyperparameters a job runs with: defaults for
 // absent fields (the seed recipe of QLoRA practice: r 16, alpha 2r, dropout 0.05, q/k/v/o,
 // lr 2e-4, batch 4 × accumulation 4), the init adapter's LoRA shape when continuing one, and
-// every limit checked with an INVALID_ARGUMENT that names the field.
+// every limit checked before the job is queued with an INVALID_ARGUMENT that names the field:
+// max_seq_len against the model's max_position_embeddings (and the server's own limit), target
+// modules against the linear modules the model's layers have.
 
 import type { TrainingConfig } from '../gen/tuneserve/v1/training.js';
 import { targetModuleNames, type AdapterConfig, type TargetModule } from './engine-port.js';
@@ -24,15 +26,27 @@ function checkNumber(field: string, value: number, check: (v: number) => boolean
   return value;
 }
 
-/** Parses target_modules: names from targetModuleNames or the single value "all-linear". */
+/** The model limits a job is checked against (GetModelInfo's). */
+export interface ModelLimits {
+  /** config.json's max_position_embeddings. */
+  maxPositionEmbeddings: number;
+  /** The longest sequence this server accepts (at most maxPositionEmbeddings). */
+  maxSeqLen: number;
+}
+
+/**
+ * Parses target_modules: names from targetModuleNames (every Llama decoder layer has each of these
+ * linear modules, and no other) or the single value "all-linear".
+ */
 export function resolveTargets(values: readonly string[]): TargetModule[] {
   if (values.length === 1 && values[0] === 'all-linear') return [...targetModuleNames];
   const targets: TargetModule[] = [];
   values.forEach((value, index) => {
+    if (value === 'all-linear') throw invalidArgument(`config.target_modules[${index}]`, 'is "all-linear", which must be the only value');
     if (!(targetModuleNames as readonly string[]).includes(value)) {
       throw invalidArgument(
         `config.target_modules[${index}]`,
-        `${JSON.stringify(value)} is not one of ${targetModuleNames.join(', ')} (or the single value "all-linear")`,
+        `${JSON.stringify(value)} is not a linear module of this model's layers; they are ${targetModuleNames.join(', ')} (or give the single value "all-linear")`,
       );
     }
     if (targets.includes(value as TargetModule)) throw invalidArgument(`config.target_modules[${index}]`, `repeats ${value}`);
@@ -41,15 +55,30 @@ export function resolveTargets(values: readonly string[]): TargetModule[] {
   return targets;
 }
 
+/** max_seq_len: 0 for the default, else from 2 (a row needs a target after position 0) to the limits. */
+function checkMaxSeqLen(value: number, limits: ModelLimits): number {
+  const field = 'config.max_seq_len';
+  if (!Number.isInteger(value) || value < 0) throw invalidArgument(field, `must be a whole number of tokens, got ${value}`);
+  if (value === 0) return Math.min(2048, limits.maxSeqLen);
+  if (value < 2) throw invalidArgument(field, `is ${value}; a training sequence needs at least 2 tokens (position 0 is never a target)`);
+  if (value > limits.maxPositionEmbeddings) {
+    throw invalidArgument(field, `is ${value}, above the model's max_position_embeddings (${limits.maxPositionEmbeddings})`);
+  }
+  if (value > limits.maxSeqLen) {
+    throw invalidArgument(field, `is ${value}, above this server's max_seq_len (${limits.maxSeqLen}; the model's max_position_embeddings is ${limits.maxPositionEmbeddings})`);
+  }
+  return value;
+}
+
 /**
  * The hyperparameters a job runs with. `init` is the LoRA shape of the adapter being continued
- * (its rank, alpha and targets apply; a different explicit value is refused); `maxSeqLen` is
- * the model's limit.
+ * (its rank, alpha and targets apply; a different explicit value is refused); `limits` are the
+ * model's and the server's.
  */
 export function resolveHyperparameters(
   config: TrainingConfig | undefined,
   init: AdapterConfig | null,
-  modelMaxSeqLen: number,
+  limits: ModelLimits,
 ): Hyperparameters {
   const c = config ?? ({} as Partial<TrainingConfig>);
   const rankRequested = checkInteger('rank', c.rank ?? 0, 0, 256);
@@ -84,7 +113,7 @@ export function resolveHyperparameters(
   if (scheduler === null) throw invalidArgument('config.scheduler', `is not a known LrScheduler value (${c.scheduler})`);
   const maxSteps = checkInteger('max_steps', c.maxSteps ?? 0, 0, MAX_STEPS);
   const epochsRequested = checkInteger('epochs', c.epochs ?? 0, 0, 1000);
-  const maxSeqLen = checkInteger('max_seq_len', c.maxSeqLen ?? 0, 0, modelMaxSeqLen);
+  const maxSeqLen = checkMaxSeqLen(c.maxSeqLen ?? 0, limits);
 
   return {
     rank,
@@ -96,7 +125,7 @@ export function resolveHyperparameters(
     epochs: epochsRequested === 0 ? 1 : epochsRequested,
     batchSize: checkInteger('batch_size', c.batchSize || 4, 1, 1024),
     gradAccum: checkInteger('grad_accum', c.gradAccum || 4, 1, 1024),
-    maxSeqLen: maxSeqLen === 0 ? Math.min(2048, modelMaxSeqLen) : maxSeqLen,
+    maxSeqLen,
     scheduler,
     warmupSteps: checkInteger('warmup_steps', c.warmupSteps ?? 0, 0, MAX_STEPS),
     weightDecay: checkNumber('weight_decay', c.weightDecay ?? 0, (v) => v >= 0 && v <= 1, 'from 0 to 1'),

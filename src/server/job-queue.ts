@@ -7,7 +7,8 @@
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import type { AdapterRegistry } from './adapter-registry.js';
-import { DataRoot, writeFileAtomic } from './data-root.js';
+import { writeFileAtomic } from '../engine/atomic-file.js';
+import { DataRoot } from './data-root.js';
 import type { DatasetStore } from './datasets.js';
 import type { EnginePort, TrainEvent } from './engine-port.js';
 import {
@@ -384,6 +385,8 @@ export function isFinal(data: JobEventData): boolean {
 /** The stored form of an engine progress event. */
 function fromTrainEvent(event: TrainEvent): JobEventData {
   switch (event.kind) {
+    case 'dataset':
+      return { kind: 'dataset', report: event.report };
     case 'started':
       return event;
     case 'step':

@@ -1,9 +1,9 @@
 // Persistent job history in SQLite (better-sqlite3, WAL) under the data root: one row per job and
-// every event of every job (queued, started, each step, evals, checkpoints, the end), so a
+// every event of every job (queued, dataset report, started, each step, evals, checkpoints, the end), so a
 // restart keeps each loss curve. Opening the store marks jobs that were running as interrupted.
 
 import Database from 'better-sqlite3';
-import type { TrainSpec } from './engine-port.js';
+import type { DatasetReport, TrainSpec } from './engine-port.js';
 
 /** Hyperparameters of a job, defaults filled in (TrainSpec without its paths). */
 export type Hyperparameters = Omit<TrainSpec, 'datasetPath' | 'outDir' | 'checkpointDir' | 'initAdapterDir'>;
@@ -39,6 +39,7 @@ export interface StepRecord {
 /** The content of a job event (the wire's JobEvent.kind, in storage form). */
 export type JobEventData =
   | { kind: 'queued'; queuePosition: number }
+  | { kind: 'dataset'; report: DatasetReport }
   | { kind: 'started'; totalSteps: number; trainExamples: number; evalExamples: number }
   | ({ kind: 'step' } & StepRecord)
   | { kind: 'eval'; step: number; loss: number }
@@ -297,6 +298,7 @@ export class JobStore {
     const update: Record<string, string | number | null> = { last_sequence: sequence };
     switch (data.kind) {
       case 'queued':
+      case 'dataset':
       case 'eval':
         break;
       case 'started':

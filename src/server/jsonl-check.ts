@@ -1,13 +1,13 @@
-// Streaming check of a JSONL training file as it arrives: UTF-8, one JSON object per line, each in
-// one of the row shapes the engine trains on. Catches a bad row at upload time, with its line
-// number, instead of when the job runs.
+// Streaming check of a JSONL training file as it arrives: UTF-8, one JSON object per line, each a
+// training row by src/engine/rows.ts (the validator training itself runs, so a row that passes here
+// fails at training only for reasons that need the tokenizer or max_seq_len). Catches a bad row at
+// upload time, with its line number and field, instead of when the job runs.
 
+import { parseRowLine, RowError } from '../engine/rows.js';
 import { invalidArgument } from './errors.js';
 
 /** Longest line accepted, in bytes (a row is one example; 16 MiB is far beyond any context). */
 export const MAX_LINE_BYTES = 16 * 1024 * 1024;
-
-const ROW_SHAPES = '{"text"}, {"prompt","completion"}, {"messages":[{"role","content"}]} or {"input_ids"[,"labels"]}';
 
 /** Checks rows as bytes arrive; throws INVALID_ARGUMENT (reason INVALID_DATASET) naming `field`. */
 export class JsonlChecker {
@@ -62,60 +62,22 @@ export class JsonlChecker {
     this.line += 1;
     const text = raw.endsWith('\r') ? raw.slice(0, -1) : raw;
     if (text.trim() === '') return;
-    let value: unknown;
     try {
-      value = JSON.parse(text);
+      parseRowLine(text, this.vocabSize);
     } catch (error) {
-      throw this.fail(this.line, `is not JSON (${(error as Error).message})`);
+      if (error instanceof RowError) throw this.fail(this.line, error.message, error.field);
+      throw error;
     }
-    const problem = rowProblem(value, this.vocabSize);
-    if (problem !== null) throw this.fail(this.line, problem);
     this.rows += 1;
   }
 
-  private fail(line: number, problem: string): Error {
-    return invalidArgument(this.field, `line ${line} ${problem}`, 'INVALID_DATASET');
+  /**
+   * INVALID_DATASET naming the request field; the description reads "line N: <what rows.ts said>",
+   * and ErrorInfo metadata carries the line and the row's own field (row_field, e.g. "completion").
+   */
+  private fail(line: number, problem: string, rowField: string | null = null): Error {
+    const error = invalidArgument(this.field, `line ${line}: ${problem}`, 'INVALID_DATASET');
+    Object.assign(error.details.metadata!, { line: String(line), ...(rowField === null ? {} : { row_field: rowField }) });
+    return error;
   }
-}
-
-const isString = (value: unknown): value is string => typeof value === 'string';
-const isTokenId = (value: unknown, vocabSize: number): boolean =>
-  Number.isInteger(value) && (value as number) >= 0 && (value as number) < vocabSize;
-
-/** Why a parsed row is not a training row, or null when it is one. */
-export function rowProblem(value: unknown, vocabSize: number): string | null {
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) return `is not a JSON object; rows are ${ROW_SHAPES}`;
-  const row = value as Record<string, unknown>;
-  if ('input_ids' in row) {
-    const ids = row.input_ids;
-    if (!Array.isArray(ids) || ids.length === 0) return 'has "input_ids" that is not a non-empty array';
-    const bad = ids.findIndex((id) => !isTokenId(id, vocabSize));
-    if (bad !== -1) return `has input_ids[${bad}] that is not a token id below ${vocabSize}`;
-    if ('labels' in row) {
-      const labels = row.labels;
-      if (!Array.isArray(labels) || labels.length !== ids.length) return 'has "labels" that is not an array as long as "input_ids"';
-      const badLabel = labels.findIndex((label) => label !== -100 && !isTokenId(label, vocabSize));
-      if (badLabel !== -1) return `has labels[${badLabel}] that is neither -100 nor a token id below ${vocabSize}`;
-    }
-    return null;
-  }
-  if ('messages' in row) {
-    const messages = row.messages;
-    if (!Array.isArray(messages) || messages.length === 0) return 'has "messages" that is not a non-empty array';
-    const bad = messages.findIndex(
-      (m) => typeof m !== 'object' || m === null || !isString((m as Record<string, unknown>).role) || !isString((m as Record<string, unknown>).content),
-    );
-    if (bad !== -1) return `has messages[${bad}] without string "role" and "content"`;
-    if (!messages.some((m) => (m as { role: string }).role === 'assistant')) return 'has no assistant message to learn from';
-    return null;
-  }
-  if ('prompt' in row || 'completion' in row) {
-    if (!isString(row.prompt) || !isString(row.completion)) return 'needs both "prompt" and "completion" as strings';
-    return null;
-  }
-  if ('text' in row) {
-    if (!isString(row.text) || row.text === '') return 'has "text" that is not a non-empty string';
-    return null;
-  }
-  return `has none of the row fields; rows are ${ROW_SHAPES}`;
 }

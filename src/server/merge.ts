@@ -9,8 +9,8 @@ import {
   type MergeAndUnloadRequest,
   type MergeAndUnloadResponse,
 } from '../gen/tuneserve/v1/adapters.js';
+import { publishFolder } from '../engine/atomic-file.js';
 import type { ServiceContext } from './context.js';
-import { publishFolder } from './data-root.js';
 import type { MergeSpec } from './engine-port.js';
 import { alreadyExists, invalidArgument, resourceExhausted, ServiceError } from './errors.js';
 import { requireId } from './ids.js';

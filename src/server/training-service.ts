@@ -64,7 +64,7 @@ async function submissionOf(request: TrainRequest, context: ServiceContext): Pro
     adapterId,
     dataset,
     initAdapterId,
-    config: resolveHyperparameters(request.config, init?.config ?? null, info.maxSeqLen),
+    config: resolveHyperparameters(request.config, init?.config ?? null, { maxSeqLen: info.maxSeqLen, maxPositionEmbeddings: info.config.maxPositionEmbeddings }),
   };
 }
 

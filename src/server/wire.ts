@@ -4,9 +4,18 @@
 import { AdapterSource, type Adapter } from '../gen/tuneserve/v1/adapters.js';
 import type { TrainingMetrics } from '../gen/tuneserve/v1/common.js';
 import type { Dataset } from '../gen/tuneserve/v1/datasets.js';
-import { JobState, LrScheduler, type Job, type JobEvent, type TrainingConfig, type TrainingStep } from '../gen/tuneserve/v1/training.js';
+import {
+  JobState,
+  LrScheduler,
+  type DatasetReport as DatasetReportMessage,
+  type Job,
+  type JobEvent,
+  type TrainingConfig,
+  type TrainingStep,
+} from '../gen/tuneserve/v1/training.js';
 import type { AdapterView } from './adapter-registry.js';
 import type { DatasetRecord } from './datasets.js';
+import type { DatasetReport } from './engine-port.js';
 import type {
   Hyperparameters,
   JobEventRecord,
@@ -126,6 +135,9 @@ export function toJobEvent(event: JobEventRecord): JobEvent {
     case 'queued':
       wire.queued = { queuePosition: data.queuePosition };
       break;
+    case 'dataset':
+      wire.datasetReport = toDatasetReport(data.report);
+      break;
     case 'started':
       wire.started = { totalSteps: data.totalSteps, trainExamples: data.trainExamples, evalExamples: data.evalExamples };
       break;
@@ -152,6 +164,33 @@ export function toJobEvent(event: JobEventRecord): JobEvent {
       break;
   }
   return wire;
+}
+
+/** A dataset report as a message. */
+export function toDatasetReport(report: DatasetReport): DatasetReportMessage {
+  const kinds = report.rowsByKind;
+  return {
+    rows: report.rows,
+    rowsByFormat: {
+      text: kinds.text,
+      promptCompletion: kinds.promptCompletion,
+      messages: kinds.messages,
+      alpaca: kinds.alpaca,
+      sharegpt: kinds.sharegpt,
+      tokenIds: kinds.tokenIds,
+    },
+    tokens: report.tokens,
+    scoredTokens: report.scoredTokens,
+    maxSeqLen: report.maxSeqLen,
+    truncatedRows: report.truncatedRows,
+    truncatedTokens: report.truncatedTokens,
+    longestRowTokens: report.longestRow.tokens,
+    longestRowLine: report.longestRow.line,
+    minScoredFraction: report.scoredFraction.min,
+    minScoredFractionLine: report.scoredFraction.minLine,
+    meanScoredFraction: report.scoredFraction.mean,
+    blankLines: report.blankLines,
+  };
 }
 
 /** A stored dataset as a message. */

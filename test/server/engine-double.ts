@@ -1,14 +1,16 @@
 // TEST DOUBLE of EnginePort, for the server's own tests only (ids, errors, queue, persistence,
 // backpressure, cancellation). It is deterministic and does no machine learning: a byte-level
 // tokenizer, generations that spell out a scripted text one token per step, training that counts
-// rows and reports a falling loss, merges that write placeholder files. End-to-end tests against
+// rows (through the real row validator) and reports a falling loss, merges that write placeholder files. End-to-end tests against
 // the real engine live elsewhere.
 
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
+import { parseRowLine } from '../../src/engine/rows.js';
 import type {
   AdapterConfig,
   ChatMessage,
+  DatasetReport,
   Detokenizer,
   EngineErrorCode,
   EnginePort,
@@ -260,6 +262,26 @@ export class EngineDouble implements EnginePort {
     const lines = (await fs.readFile(spec.datasetPath, 'utf8')).split('\n').filter((line) => line.trim() !== '');
     const bad = lines.findIndex((line) => line.includes('"FAIL"'));
     if (bad !== -1) throw engineError('INVALID_DATASET', `${spec.datasetPath}:${bad + 1}: the row asks to fail`);
+    // The report as the real engine computes it, with one token per byte (+ BOS) and no truncation.
+    const rowsByKind: DatasetReport['rowsByKind'] = { text: 0, promptCompletion: 0, messages: 0, alpaca: 0, sharegpt: 0, tokenIds: 0 };
+    for (const line of lines) rowsByKind[parseRowLine(line, VOCAB_SIZE).kind] += 1;
+    const lengths = lines.map((line) => Buffer.byteLength(line) + 1);
+    const longest = Math.max(...lengths);
+    options.onEvent({
+      kind: 'dataset',
+      report: {
+        rows: lines.length,
+        blankLines: 0,
+        rowsByKind,
+        maxSeqLen: spec.maxSeqLen,
+        tokens: lengths.reduce((a, b) => a + b, 0),
+        scoredTokens: lengths.reduce((a, b) => a + b - 1, 0),
+        truncatedRows: 0,
+        truncatedTokens: 0,
+        longestRow: { tokens: longest, line: lengths.indexOf(longest) + 1 },
+        scoredFraction: { min: 1, minLine: 1, mean: 1 },
+      },
+    });
     const evalExamples = Math.floor(lines.length * spec.evalFraction);
     const perStep = spec.batchSize * spec.gradAccum;
     const totalSteps = spec.maxSteps > 0 ? spec.maxSteps : Math.max(1, Math.ceil(((lines.length - evalExamples) * spec.epochs) / perStep));

@@ -30,7 +30,7 @@ describe('training', () => {
     harness = null;
   });
 
-  it('streams queued, started, every step, evals, checkpoints and completed; the adapter appears', async () => {
+  it('streams queued, the dataset report, started, every step, evals, checkpoints and completed; the adapter appears', async () => {
     harness = await startHarness();
     const { clients } = harness;
     await upload(clients, 'qa', rows(16));
@@ -41,9 +41,26 @@ describe('training', () => {
     );
     expect(error).toBeNull();
     const events = messages.map((m) => m.event as JobEvent);
-    expect(kinds(events)).toEqual(['queued', 'started', 'step', 'step', 'evaluation', 'checkpoint', 'step', 'step', 'evaluation', 'checkpoint', 'completed']);
+    expect(kinds(events)).toEqual(['queued', 'datasetReport', 'started', 'step', 'step', 'evaluation', 'checkpoint', 'step', 'step', 'evaluation', 'checkpoint', 'completed']);
     expect(events.map((e) => e.sequence)).toEqual(events.map((_, i) => i + 1));
-    expect(events[1]?.started).toEqual({ totalSteps: 4, trainExamples: 12, evalExamples: 4 });
+    // The double counts one token per byte plus BOS: rows are {"prompt":"qN","completion":"aN"}.
+    const lengths = rows(16).split('\n').map((line) => line.length + 1);
+    expect(events[1]?.datasetReport).toEqual({
+      rows: 16,
+      rowsByFormat: { text: 0, promptCompletion: 16, messages: 0, alpaca: 0, sharegpt: 0, tokenIds: 0 },
+      tokens: lengths.reduce((a, b) => a + b, 0),
+      scoredTokens: lengths.reduce((a, b) => a + b - 1, 0),
+      maxSeqLen: 2048,
+      truncatedRows: 0,
+      truncatedTokens: 0,
+      longestRowTokens: 36,
+      longestRowLine: 11,
+      minScoredFraction: 1,
+      minScoredFractionLine: 1,
+      meanScoredFraction: 1,
+      blankLines: 0,
+    });
+    expect(events[2]?.started).toEqual({ totalSteps: 4, trainExamples: 12, evalExamples: 4 });
     expect(events.at(-1)?.completed?.adapterId).toBe('bot');
 
     const { adapter } = await call(clients.adapters.getAdapter, clients.adapters, { adapterId: 'bot' });

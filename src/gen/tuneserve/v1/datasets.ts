@@ -66,8 +66,15 @@ export interface UploadDatasetRequest {
     | undefined;
   /**
    * The next bytes of the file, at most 2 MiB each. The file is UTF-8 JSONL: one JSON object
-   * per line, each one of {"text"}, {"prompt","completion"}, {"messages":[{"role","content"}]}
-   * or {"input_ids":[...],"labels":[...]} (labels optional). Empty lines are ignored.
+   * per line, each in exactly one of these formats (its keys pick it; other keys are refused):
+   * {"text"}, {"prompt","completion"}, {"messages":[{"role","content"}]}, Alpaca
+   * {"instruction","input"?,"output"}, ShareGPT {"conversations":[{"from","value"}]} (from:
+   * human, gpt or system) or {"input_ids":[...],"labels":[...]} (labels optional, -100 ignored).
+   * Text the model learns to write (text, completion, assistant content, output, gpt value)
+   * must not be empty. All text is literal: "<|eot_id|>" in it is characters, not a control
+   * token. Empty lines are ignored. A bad row fails the upload with INVALID_ARGUMENT (reason
+   * INVALID_DATASET) naming its line (ErrorInfo metadata line, and row_field when one field is
+   * at fault).
    */
   chunk?: Buffer | undefined;
 }

@@ -317,7 +317,14 @@ export interface JobEvent {
     | JobCancelled
     | undefined;
   /** The server stopped while the job ran (last event). */
-  interrupted?: JobInterrupted | undefined;
+  interrupted?:
+    | JobInterrupted
+    | undefined;
+  /**
+   * The training rows were read and tokenized; sent once, before started. Servers before this
+   * field existed do not send it; clients that do not know it skip it.
+   */
+  datasetReport?: DatasetReport | undefined;
 }
 
 /** The job entered the queue. */
@@ -334,6 +341,61 @@ export interface JobStarted {
   trainExamples: number;
   /** Rows held out for evaluation. */
   evalExamples: number;
+}
+
+/**
+ * What the training rows hold after tokenization and truncation, computed before the first step
+ * (the whole dataset, held-out rows included). Every row has at least one scored token: a row
+ * without one fails the job (INVALID_DATASET naming its line) instead of training on nothing.
+ */
+export interface DatasetReport {
+  /** Rows read (non-blank lines); each is one training sequence. */
+  rows: number;
+  /** Rows per format. */
+  rowsByFormat?:
+    | RowCounts
+    | undefined;
+  /** Tokens of all rows after truncation. */
+  tokens: number;
+  /** Tokens that take loss (targets whose label is not -100; a row's first token never is one). */
+  scoredTokens: number;
+  /** The truncation length applied (TrainingConfig.max_seq_len in force). */
+  maxSeqLen: number;
+  /** Rows longer than max_seq_len, cut to their first max_seq_len tokens. */
+  truncatedRows: number;
+  /** Tokens removed by truncation, over all rows. */
+  truncatedTokens: number;
+  /** Length in tokens of the longest row, before truncation. */
+  longestRowTokens: number;
+  /** 1-based line of that row in the JSONL file. */
+  longestRowLine: number;
+  /**
+   * Loss-mask coverage: per row, scored tokens / (tokens - 1), the share of its positions that
+   * take loss. The lowest row's value, above 0 and at most 1.
+   */
+  minScoredFraction: number;
+  /** 1-based line of the row with the lowest coverage. */
+  minScoredFractionLine: number;
+  /** Mean of the per-row coverage over all rows. */
+  meanScoredFraction: number;
+  /** Blank lines skipped (not rows). */
+  blankLines: number;
+}
+
+/** Rows of a dataset per row format (see UploadDatasetRequest.chunk for the formats). */
+export interface RowCounts {
+  /** {"text"} rows. */
+  text: number;
+  /** {"prompt", "completion"} rows. */
+  promptCompletion: number;
+  /** {"messages": [{"role", "content"}]} rows. */
+  messages: number;
+  /** Alpaca rows: {"instruction", "input"?, "output"}. */
+  alpaca: number;
+  /** ShareGPT rows: {"conversations": [{"from", "value"}]}. */
+  sharegpt: number;
+  /** Pre-tokenized rows: {"input_ids", "labels"?}. */
+  tokenIds: number;
 }
 
 /** Progress after one optimizer step. */
@@ -1370,6 +1432,7 @@ function createBaseJobEvent(): JobEvent {
     failed: undefined,
     cancelled: undefined,
     interrupted: undefined,
+    datasetReport: undefined,
   };
 }
 
@@ -1410,6 +1473,9 @@ export const JobEvent: MessageFns<JobEvent> = {
     }
     if (message.interrupted !== undefined) {
       JobInterrupted.encode(message.interrupted, writer.uint32(98).fork()).join();
+    }
+    if (message.datasetReport !== undefined) {
+      DatasetReport.encode(message.datasetReport, writer.uint32(106).fork()).join();
     }
     return writer;
   },
@@ -1523,6 +1589,14 @@ export const JobEvent: MessageFns<JobEvent> = {
             message.interrupted = JobInterrupted.decode(reader, reader.uint32());
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.datasetReport = DatasetReport.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1553,6 +1627,11 @@ export const JobEvent: MessageFns<JobEvent> = {
       failed: isSet(object.failed) ? JobFailed.fromJSON(object.failed) : undefined,
       cancelled: isSet(object.cancelled) ? JobCancelled.fromJSON(object.cancelled) : undefined,
       interrupted: isSet(object.interrupted) ? JobInterrupted.fromJSON(object.interrupted) : undefined,
+      datasetReport: isSet(object.datasetReport)
+        ? DatasetReport.fromJSON(object.datasetReport)
+        : isSet(object.dataset_report)
+        ? DatasetReport.fromJSON(object.dataset_report)
+        : undefined,
     };
   },
 
@@ -1594,6 +1673,9 @@ export const JobEvent: MessageFns<JobEvent> = {
     if (message.interrupted !== undefined) {
       obj.interrupted = JobInterrupted.toJSON(message.interrupted);
     }
+    if (message.datasetReport !== undefined) {
+      obj.datasetReport = DatasetReport.toJSON(message.datasetReport);
+    }
     return obj;
   },
 
@@ -1631,6 +1713,9 @@ export const JobEvent: MessageFns<JobEvent> = {
       : undefined;
     message.interrupted = (object.interrupted !== undefined && object.interrupted !== null)
       ? JobInterrupted.fromPartial(object.interrupted)
+      : undefined;
+    message.datasetReport = (object.datasetReport !== undefined && object.datasetReport !== null)
+      ? DatasetReport.fromPartial(object.datasetReport)
       : undefined;
     return message;
   },
@@ -1818,6 +1903,484 @@ export const JobStarted: MessageFns<JobStarted> = {
     message.totalSteps = object.totalSteps ?? 0;
     message.trainExamples = object.trainExamples ?? 0;
     message.evalExamples = object.evalExamples ?? 0;
+    return message;
+  },
+};
+
+function createBaseDatasetReport(): DatasetReport {
+  return {
+    rows: 0,
+    rowsByFormat: undefined,
+    tokens: 0,
+    scoredTokens: 0,
+    maxSeqLen: 0,
+    truncatedRows: 0,
+    truncatedTokens: 0,
+    longestRowTokens: 0,
+    longestRowLine: 0,
+    minScoredFraction: 0,
+    minScoredFractionLine: 0,
+    meanScoredFraction: 0,
+    blankLines: 0,
+  };
+}
+
+export const DatasetReport: MessageFns<DatasetReport> = {
+  encode(message: DatasetReport, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.rows !== 0) {
+      writer.uint32(8).uint32(message.rows);
+    }
+    if (message.rowsByFormat !== undefined) {
+      RowCounts.encode(message.rowsByFormat, writer.uint32(18).fork()).join();
+    }
+    if (message.tokens !== 0) {
+      writer.uint32(24).uint64(message.tokens);
+    }
+    if (message.scoredTokens !== 0) {
+      writer.uint32(32).uint64(message.scoredTokens);
+    }
+    if (message.maxSeqLen !== 0) {
+      writer.uint32(40).uint32(message.maxSeqLen);
+    }
+    if (message.truncatedRows !== 0) {
+      writer.uint32(48).uint32(message.truncatedRows);
+    }
+    if (message.truncatedTokens !== 0) {
+      writer.uint32(56).uint64(message.truncatedTokens);
+    }
+    if (message.longestRowTokens !== 0) {
+      writer.uint32(64).uint32(message.longestRowTokens);
+    }
+    if (message.longestRowLine !== 0) {
+      writer.uint32(72).uint32(message.longestRowLine);
+    }
+    if (message.minScoredFraction !== 0) {
+      writer.uint32(81).double(message.minScoredFraction);
+    }
+    if (message.minScoredFractionLine !== 0) {
+      writer.uint32(88).uint32(message.minScoredFractionLine);
+    }
+    if (message.meanScoredFraction !== 0) {
+      writer.uint32(97).double(message.meanScoredFraction);
+    }
+    if (message.blankLines !== 0) {
+      writer.uint32(104).uint32(message.blankLines);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DatasetReport {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDatasetReport();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.rows = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.rowsByFormat = RowCounts.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.tokens = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.scoredTokens = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.maxSeqLen = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.truncatedRows = reader.uint32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.truncatedTokens = longToNumber(reader.uint64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.longestRowTokens = reader.uint32();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.longestRowLine = reader.uint32();
+            continue;
+          }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.minScoredFraction = reader.double();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.minScoredFractionLine = reader.uint32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 97) {
+              break;
+            }
+
+            message.meanScoredFraction = reader.double();
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.blankLines = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DatasetReport {
+    return {
+      rows: isSet(object.rows) ? globalThis.Number(object.rows) : 0,
+      rowsByFormat: isSet(object.rowsByFormat)
+        ? RowCounts.fromJSON(object.rowsByFormat)
+        : isSet(object.rows_by_format)
+        ? RowCounts.fromJSON(object.rows_by_format)
+        : undefined,
+      tokens: isSet(object.tokens) ? globalThis.Number(object.tokens) : 0,
+      scoredTokens: isSet(object.scoredTokens)
+        ? globalThis.Number(object.scoredTokens)
+        : isSet(object.scored_tokens)
+        ? globalThis.Number(object.scored_tokens)
+        : 0,
+      maxSeqLen: isSet(object.maxSeqLen)
+        ? globalThis.Number(object.maxSeqLen)
+        : isSet(object.max_seq_len)
+        ? globalThis.Number(object.max_seq_len)
+        : 0,
+      truncatedRows: isSet(object.truncatedRows)
+        ? globalThis.Number(object.truncatedRows)
+        : isSet(object.truncated_rows)
+        ? globalThis.Number(object.truncated_rows)
+        : 0,
+      truncatedTokens: isSet(object.truncatedTokens)
+        ? globalThis.Number(object.truncatedTokens)
+        : isSet(object.truncated_tokens)
+        ? globalThis.Number(object.truncated_tokens)
+        : 0,
+      longestRowTokens: isSet(object.longestRowTokens)
+        ? globalThis.Number(object.longestRowTokens)
+        : isSet(object.longest_row_tokens)
+        ? globalThis.Number(object.longest_row_tokens)
+        : 0,
+      longestRowLine: isSet(object.longestRowLine)
+        ? globalThis.Number(object.longestRowLine)
+        : isSet(object.longest_row_line)
+        ? globalThis.Number(object.longest_row_line)
+        : 0,
+      minScoredFraction: isSet(object.minScoredFraction)
+        ? globalThis.Number(object.minScoredFraction)
+        : isSet(object.min_scored_fraction)
+        ? globalThis.Number(object.min_scored_fraction)
+        : 0,
+      minScoredFractionLine: isSet(object.minScoredFractionLine)
+        ? globalThis.Number(object.minScoredFractionLine)
+        : isSet(object.min_scored_fraction_line)
+        ? globalThis.Number(object.min_scored_fraction_line)
+        : 0,
+      meanScoredFraction: isSet(object.meanScoredFraction)
+        ? globalThis.Number(object.meanScoredFraction)
+        : isSet(object.mean_scored_fraction)
+        ? globalThis.Number(object.mean_scored_fraction)
+        : 0,
+      blankLines: isSet(object.blankLines)
+        ? globalThis.Number(object.blankLines)
+        : isSet(object.blank_lines)
+        ? globalThis.Number(object.blank_lines)
+        : 0,
+    };
+  },
+
+  toJSON(message: DatasetReport): unknown {
+    const obj: any = {};
+    if (message.rows !== 0) {
+      obj.rows = Math.round(message.rows);
+    }
+    if (message.rowsByFormat !== undefined) {
+      obj.rowsByFormat = RowCounts.toJSON(message.rowsByFormat);
+    }
+    if (message.tokens !== 0) {
+      obj.tokens = Math.round(message.tokens);
+    }
+    if (message.scoredTokens !== 0) {
+      obj.scoredTokens = Math.round(message.scoredTokens);
+    }
+    if (message.maxSeqLen !== 0) {
+      obj.maxSeqLen = Math.round(message.maxSeqLen);
+    }
+    if (message.truncatedRows !== 0) {
+      obj.truncatedRows = Math.round(message.truncatedRows);
+    }
+    if (message.truncatedTokens !== 0) {
+      obj.truncatedTokens = Math.round(message.truncatedTokens);
+    }
+    if (message.longestRowTokens !== 0) {
+      obj.longestRowTokens = Math.round(message.longestRowTokens);
+    }
+    if (message.longestRowLine !== 0) {
+      obj.longestRowLine = Math.round(message.longestRowLine);
+    }
+    if (message.minScoredFraction !== 0) {
+      obj.minScoredFraction = floatToJson(message.minScoredFraction);
+    }
+    if (message.minScoredFractionLine !== 0) {
+      obj.minScoredFractionLine = Math.round(message.minScoredFractionLine);
+    }
+    if (message.meanScoredFraction !== 0) {
+      obj.meanScoredFraction = floatToJson(message.meanScoredFraction);
+    }
+    if (message.blankLines !== 0) {
+      obj.blankLines = Math.round(message.blankLines);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DatasetReport>): DatasetReport {
+    return DatasetReport.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DatasetReport>): DatasetReport {
+    const message = createBaseDatasetReport();
+    message.rows = object.rows ?? 0;
+    message.rowsByFormat = (object.rowsByFormat !== undefined && object.rowsByFormat !== null)
+      ? RowCounts.fromPartial(object.rowsByFormat)
+      : undefined;
+    message.tokens = object.tokens ?? 0;
+    message.scoredTokens = object.scoredTokens ?? 0;
+    message.maxSeqLen = object.maxSeqLen ?? 0;
+    message.truncatedRows = object.truncatedRows ?? 0;
+    message.truncatedTokens = object.truncatedTokens ?? 0;
+    message.longestRowTokens = object.longestRowTokens ?? 0;
+    message.longestRowLine = object.longestRowLine ?? 0;
+    message.minScoredFraction = object.minScoredFraction ?? 0;
+    message.minScoredFractionLine = object.minScoredFractionLine ?? 0;
+    message.meanScoredFraction = object.meanScoredFraction ?? 0;
+    message.blankLines = object.blankLines ?? 0;
+    return message;
+  },
+};
+
+function createBaseRowCounts(): RowCounts {
+  return { text: 0, promptCompletion: 0, messages: 0, alpaca: 0, sharegpt: 0, tokenIds: 0 };
+}
+
+export const RowCounts: MessageFns<RowCounts> = {
+  encode(message: RowCounts, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.text !== 0) {
+      writer.uint32(8).uint32(message.text);
+    }
+    if (message.promptCompletion !== 0) {
+      writer.uint32(16).uint32(message.promptCompletion);
+    }
+    if (message.messages !== 0) {
+      writer.uint32(24).uint32(message.messages);
+    }
+    if (message.alpaca !== 0) {
+      writer.uint32(32).uint32(message.alpaca);
+    }
+    if (message.sharegpt !== 0) {
+      writer.uint32(40).uint32(message.sharegpt);
+    }
+    if (message.tokenIds !== 0) {
+      writer.uint32(48).uint32(message.tokenIds);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RowCounts {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRowCounts();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.text = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.promptCompletion = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.messages = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.alpaca = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.sharegpt = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.tokenIds = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RowCounts {
+    return {
+      text: isSet(object.text) ? globalThis.Number(object.text) : 0,
+      promptCompletion: isSet(object.promptCompletion)
+        ? globalThis.Number(object.promptCompletion)
+        : isSet(object.prompt_completion)
+        ? globalThis.Number(object.prompt_completion)
+        : 0,
+      messages: isSet(object.messages) ? globalThis.Number(object.messages) : 0,
+      alpaca: isSet(object.alpaca) ? globalThis.Number(object.alpaca) : 0,
+      sharegpt: isSet(object.sharegpt) ? globalThis.Number(object.sharegpt) : 0,
+      tokenIds: isSet(object.tokenIds)
+        ? globalThis.Number(object.tokenIds)
+        : isSet(object.token_ids)
+        ? globalThis.Number(object.token_ids)
+        : 0,
+    };
+  },
+
+  toJSON(message: RowCounts): unknown {
+    const obj: any = {};
+    if (message.text !== 0) {
+      obj.text = Math.round(message.text);
+    }
+    if (message.promptCompletion !== 0) {
+      obj.promptCompletion = Math.round(message.promptCompletion);
+    }
+    if (message.messages !== 0) {
+      obj.messages = Math.round(message.messages);
+    }
+    if (message.alpaca !== 0) {
+      obj.alpaca = Math.round(message.alpaca);
+    }
+    if (message.sharegpt !== 0) {
+      obj.sharegpt = Math.round(message.sharegpt);
+    }
+    if (message.tokenIds !== 0) {
+      obj.tokenIds = Math.round(message.tokenIds);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RowCounts>): RowCounts {
+    return RowCounts.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RowCounts>): RowCounts {
+    const message = createBaseRowCounts();
+    message.text = object.text ?? 0;
+    message.promptCompletion = object.promptCompletion ?? 0;
+    message.messages = object.messages ?? 0;
+    message.alpaca = object.alpaca ?? 0;
+    message.sharegpt = object.sharegpt ?? 0;
+    message.tokenIds = object.tokenIds ?? 0;
     return message;
   },
 };
@@ -3504,8 +4067,8 @@ export const CancelJobResponse: MessageFns<CancelJobResponse> = {
 export type TrainingServiceService = typeof TrainingServiceService;
 export const TrainingServiceService = {
   /**
-   * Queues a training job and streams its events (queued, started, one per optimizer step,
-   * evaluations, checkpoints, then completed, failed or cancelled). The job belongs to the
+   * Queues a training job and streams its events (queued, dataset_report, started, one per
+   * optimizer step, evaluations, checkpoints, then completed, failed or cancelled). The job belongs to the
    * server, not to the stream: closing the stream does not stop it (use CancelJob).
    * Errors: INVALID_ARGUMENT, NOT_FOUND (dataset or init adapter), ALREADY_EXISTS (job id, or an
    * adapter with that id exists or is being trained), FAILED_PRECONDITION (init adapter built for
@@ -3570,8 +4133,8 @@ export const TrainingServiceService = {
 
 export interface TrainingServiceServer extends UntypedServiceImplementation {
   /**
-   * Queues a training job and streams its events (queued, started, one per optimizer step,
-   * evaluations, checkpoints, then completed, failed or cancelled). The job belongs to the
+   * Queues a training job and streams its events (queued, dataset_report, started, one per
+   * optimizer step, evaluations, checkpoints, then completed, failed or cancelled). The job belongs to the
    * server, not to the stream: closing the stream does not stop it (use CancelJob).
    * Errors: INVALID_ARGUMENT, NOT_FOUND (dataset or init adapter), ALREADY_EXISTS (job id, or an
    * adapter with that id exists or is being trained), FAILED_PRECONDITION (init adapter built for
@@ -3596,8 +4159,8 @@ export interface TrainingServiceServer extends UntypedServiceImplementation {
 
 export interface TrainingServiceClient extends Client {
   /**
-   * Queues a training job and streams its events (queued, started, one per optimizer step,
-   * evaluations, checkpoints, then completed, failed or cancelled). The job belongs to the
+   * Queues a training job and streams its events (queued, dataset_report, started, one per
+   * optimizer step, evaluations, checkpoints, then completed, failed or cancelled). The job belongs to the
    * server, not to the stream: closing the stream does not stop it (use CancelJob).
    * Errors: INVALID_ARGUMENT, NOT_FOUND (dataset or init adapter), ALREADY_EXISTS (job id, or an
    * adapter with that id exists or is being trained), FAILED_PRECONDITION (init adapter built for
@@ -3721,6 +4284,17 @@ function fromJsonTimestamp(o: any): Date {
   } else {
     return fromTimestamp(Timestamp.fromJSON(o));
   }
+}
+
+function longToNumber(int64: { toString(): string }): number {
+  const num = globalThis.Number(int64.toString());
+  if (num > globalThis.Number.MAX_SAFE_INTEGER) {
+    throw new globalThis.Error("Value is larger than Number.MAX_SAFE_INTEGER");
+  }
+  if (num < globalThis.Number.MIN_SAFE_INTEGER) {
+    throw new globalThis.Error("Value is smaller than Number.MIN_SAFE_INTEGER");
+  }
+  return num;
 }
 
 function isSet(value: any): boolean {
