@@ -2,9 +2,8 @@
 // adapters in slots (PEFT folders in and out), training, generation and logits. Every long operation
 // runs on the native executor thread; this class validates inputs and translates to/from it.
 
-import { mkdir, rename, rm, stat } from 'node:fs/promises';
-import { basename, dirname, join, resolve } from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { rm, stat } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
 
 import { EngineError, toEngineError } from './errors.js';
 import { loadModelFolder, type LlamaConfig, type ModelFolder } from './model-folder.js';
@@ -13,7 +12,7 @@ import { ADAPTER_WEIGHTS_FILE, readAdapterConfig, writeAdapterConfig, type LoraC
 import { LlamaTokenizer } from './tokenizer.js';
 import { awaitCancellable } from './cancel.js';
 import { resolveDevice, type Device, type DeviceChoice } from './device.js';
-import { syncDirectory } from './safetensors.js';
+import { replaceFolder, tempFolderBeside } from './atomic-file.js';
 
 export type Quantization = 'none' | 'nf4';
 
@@ -179,14 +178,11 @@ export class Engine {
    */
   async saveAdapter(adapter: Adapter, dir: string, options: { baseModelNameOrPath?: string | null } = {}): Promise<void> {
     const target = resolve(dir);
-    await mkdir(dirname(target), { recursive: true });
-    const tmp = join(dirname(target), `.${basename(target)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
-    await mkdir(tmp);
+    const tmp = await tempFolderBeside(target);
     try {
       await writeAdapterConfig(tmp, adapter.config, { baseModelNameOrPath: options.baseModelNameOrPath ?? this.folder.dir });
       await this.native.saveAdapter(adapter.slot, join(tmp, ADAPTER_WEIGHTS_FILE)).catch((e: unknown) => { throw toEngineError(e); });
-      await syncDirectory(tmp);
-      await replaceDirectory(tmp, target);
+      await replaceFolder(tmp, target);
     } catch (e) {
       await rm(tmp, { recursive: true, force: true });
       throw e;
@@ -309,19 +305,4 @@ export class Engine {
       throw toEngineError(e);
     }
   }
-}
-
-/** Moves the finished folder `tmp` to `target`, replacing an existing folder without a gap in which neither exists longer than a rename. */
-export async function replaceDirectory(tmp: string, target: string): Promise<void> {
-  const old = `${target}.old-${process.pid}-${randomBytes(4).toString('hex')}`;
-  let hadOld = false;
-  try {
-    await rename(target, old);
-    hadOld = true;
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
-  }
-  await rename(tmp, target);
-  await syncDirectory(dirname(target));
-  if (hadOld) await rm(old, { recursive: true, force: true });
 }

@@ -5,7 +5,8 @@
 // template refusing a conversation) is dataset.ts's.
 //
 // Row formats (each row is one JSON object on one line; its keys pick the format, and a key that
-// belongs to no format, or keys of two formats, are refused):
+// belongs to no format (other than the bookkeeping "id" / "metadata"), or keys of two formats, are
+// refused):
 //   text               {"text"}                              loss on every token
 //   promptCompletion   {"prompt", "completion"}              loss on the completion
 //   messages           {"messages": [{"role", "content"}]}   loss on the assistant turns
@@ -48,6 +49,13 @@ const FORMATS: ReadonlyArray<{ kind: RowKind; required: readonly string[]; optio
   { kind: 'tokenIds', required: ['input_ids'], optional: ['labels'] },
 ];
 
+/**
+ * Bookkeeping keys accepted (and ignored) beside any format: public ShareGPT and Alpaca exports carry
+ * an "id" on every row. Any other unknown key is refused, since it may carry meaning (Alpaca's
+ * "history", a misspelled "labels") that training would otherwise drop without a word.
+ */
+const METADATA_KEYS = ['id', 'metadata'];
+
 /** The row formats in one line, for messages. */
 export const ROW_FORMATS_SUMMARY =
   '{"text"}, {"prompt","completion"}, {"messages":[{"role","content"}]}, {"instruction","input"?,"output"}, ' +
@@ -89,7 +97,7 @@ export function parseRow(value: unknown, vocabSize: number): TrainingRow {
     throw new RowError(null, `mixes the fields of two row formats (${fields.join(' and ')}); a row is one format`);
   }
   const format = claimed[0]!;
-  const allowed = [...format.required, ...format.optional];
+  const allowed = [...format.required, ...format.optional, ...METADATA_KEYS];
   const unknown = keys.find((key) => !allowed.includes(key));
   if (unknown !== undefined) throw new RowError(unknown, `${JSON.stringify(unknown)} is not a field of a ${quoted(format.required)} row (its fields are ${quoted(allowed)})`);
   const missing = format.required.find((key) => !(key in row));

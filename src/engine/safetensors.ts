@@ -290,7 +290,6 @@ export class SafetensorsWriter {
 }
 
 /** Kept for engine.ts, which imports it from here; everything else imports atomic-file.ts. */
-export { syncFolder as syncDirectory } from './atomic-file.js';
 
 /** Writes a whole small file in one call (tests, adapters): every tensor given as float32 values. */
 export async function writeSafetensors(

@@ -65,7 +65,7 @@ export class NativeEnginePort implements EnginePort {
     this.maxSeqLen = Math.min(options.maxSeqLen ?? 8192, engine.config.maxPositionEmbeddings);
     const tok = engine.tokenizer;
     this.tokenizer = {
-      encode: (text, { addBos }) => [...(addBos ? [tok.specialIds.bos] : []), ...tok.encodeUserContent(text)],
+      encode: (text, { addBos }) => tok.encodeText(text, { addBos }),
       encodeChat: (messages: readonly ChatMessage[], { addGenerationPrompt }) => {
         try {
           return tok.encodeChat(messages, { addGenerationPrompt }).ids;
@@ -78,7 +78,7 @@ export class NativeEnginePort implements EnginePort {
         const d = tok.detokenizer({ skipSpecialTokens: true });
         return { push: (ids) => d.pushAll(ids), flush: () => d.flush() };
       },
-      hasChatTemplate: true, // encodeChat builds the Llama 3 format from tokens; it needs no template
+      hasChatTemplate: true, // the model's chat_template, or the built-in Llama 3 one when it has none
       eosIds: tok.stopTokenIds,
     };
   }
@@ -191,6 +191,7 @@ export class NativeEnginePort implements EnginePort {
     } catch (e) {
       throw portError(e, 'dataset');
     }
+    options.onEvent({ kind: 'dataset', report: dataset.report });
     // Hold out a seeded random evalFraction of the rows (at least one train row stays).
     const order = dataset.examples.map((_, i) => i);
     let state = (spec.seed >>> 0) || 1;

@@ -79,9 +79,8 @@ describe('tuneserve remote', () => {
       '--steps', '3', '--batch-size', '4', '--grad-accum', '1', '--lr', '2e-3', '--targets', 'all-linear', '--dropout', '0', '--json');
     expect(error).toBeNull();
     const events = stdout.trim().split('\n').map((line) => JSON.parse(line) as Record<string, { step?: number } | string | number>);
-    // The dataset report event is left out: the real engine port does not emit it yet (issue 9).
-    const kinds = events.map((event) => ['queued', 'datasetReport', 'started', 'step', 'completed'].find((kind) => kind in event)).filter((kind) => kind !== 'datasetReport');
-    expect(kinds).toEqual(['queued', 'started', 'step', 'step', 'step', 'completed']);
+    const kinds = events.map((event) => ['queued', 'datasetReport', 'started', 'step', 'completed'].find((kind) => kind in event));
+    expect(kinds).toEqual(['queued', 'datasetReport', 'started', 'step', 'step', 'step', 'completed']);
     expect(events.every((event) => event.jobId === 'cli-job-1')).toBe(true);
     expect(events.filter((event) => 'step' in event).map((event) => (event.step as { step: number }).step)).toEqual([1, 2, 3]);
 

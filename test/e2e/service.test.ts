@@ -52,6 +52,9 @@ describe('gRPC service over the real engine', () => {
     expect(error).toBeNull();
     const events = messages.map((m) => m.event as JobEvent);
     expect(events[0]?.queued).toBeDefined();
+    // The dataset report comes before the job starts: every row of the memorization set is scored.
+    expect(events[1]?.datasetReport?.rows).toBe(rows.length);
+    expect(events[1]?.datasetReport?.scoredTokens).toBeGreaterThan(0);
     expect(events.find((e) => e.started)?.started?.totalSteps).toBe(200);
     const steps = events.filter((e) => e.step).map((e) => e.step!);
     expect(steps.map((s) => s.step)).toEqual(Array.from({ length: 200 }, (_, i) => i + 1));

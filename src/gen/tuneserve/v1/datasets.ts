@@ -66,7 +66,8 @@ export interface UploadDatasetRequest {
     | undefined;
   /**
    * The next bytes of the file, at most 2 MiB each. The file is UTF-8 JSONL: one JSON object
-   * per line, each in exactly one of these formats (its keys pick it; other keys are refused):
+   * per line, each in exactly one of these formats (its keys pick it; other keys are refused
+   * except a bookkeeping "id" or "metadata", which are ignored):
    * {"text"}, {"prompt","completion"}, {"messages":[{"role","content"}]}, Alpaca
    * {"instruction","input"?,"output"}, ShareGPT {"conversations":[{"from","value"}]} (from:
    * human, gpt or system) or {"input_ids":[...],"labels":[...]} (labels optional, -100 ignored).
