@@ -4,7 +4,7 @@
 // reference, on every kernel set this CPU can run (AVX-512, AVX2, scalar, and OpenBLAS when it loads);
 // then the NF4 products (fused small-M and panel-dequantizing paths) against sgemm and float64 on the
 // dequantized matrix.
-import { createRequire } from "node:module";
+import { native as loadNative } from "../src/engine/native.js";
 import { afterAll, describe, expect, it } from "vitest";
 
 interface Nf4Check {
@@ -24,7 +24,7 @@ interface NativeKernels {
   numThreads(): number;
 }
 
-const native = createRequire(import.meta.url)("../build/Release/tuneserve_native.node") as NativeKernels;
+const native = loadNative() as unknown as NativeKernels;
 
 // Deterministic uniform [-1, 1) floats (mulberry32).
 function random(n: number, seed: number): Float32Array {

@@ -7,7 +7,7 @@
 // §3.1); a bf16 output then rounds to nearest with relative error ≤ 2⁻⁸ (8 significant bits). The checks
 // use exactly these bounds (doubled γ for slack), and each test also checks that the delta s·B·A is far
 // above the tolerance, so a merge that forgot the delta (or applied it twice) cannot pass.
-import { createRequire } from 'node:module';
+import { native as loadNative } from '../src/engine/native.js';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -43,7 +43,7 @@ interface NativeMerge {
   nf4Quantize(w: Float32Array, rows: number, cols: number): { dequantized: Float32Array };
   mergeAdapter(spec: unknown, onProgress?: (e: MergeProgressEvent) => void): { promise: Promise<MergeResult>; cancel(): void };
 }
-const native = createRequire(import.meta.url)('../build/Release/tuneserve_native.node') as NativeMerge;
+const native = loadNative() as unknown as NativeMerge;
 
 // Shape letters as in native/model/config.h.
 const config = {

@@ -4,7 +4,7 @@
 // dequantization and the double-quantization error bound.
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { createRequire } from "node:module";
+import { native as loadNative } from "../src/engine/native.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -25,8 +25,7 @@ interface NativeCore {
   nf4Quantize(w: Float32Array, rows: number, cols: number): Nf4Result;
 }
 
-const require = createRequire(import.meta.url);
-const native = require("../build/Release/tuneserve_native.node") as NativeCore;
+const native = loadNative() as unknown as NativeCore;
 
 // REFERENCE.md levels, as float32.
 const LEVELS = new Float32Array([

@@ -3,7 +3,7 @@
 // and one test per malformed file the reference implementation rejects (REFERENCE.md).
 // (The TypeScript reader/writer in src/engine/safetensors.ts has its own suite: safetensors-writer.test.ts.)
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { createRequire } from "node:module";
+import { native as loadNative } from "../src/engine/native.js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
@@ -25,8 +25,7 @@ interface NativeCore {
   ): void;
 }
 
-const require = createRequire(import.meta.url);
-const native = require("../build/Release/tuneserve_native.node") as NativeCore;
+const native = loadNative() as unknown as NativeCore;
 
 const dir = mkdtempSync(join(tmpdir(), "tuneserve-safetensors-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -8,7 +8,7 @@
 // seeded, so a given build passes or fails deterministically; the bound says how unlikely it is that a
 // correct sampler lands on a failing seed, while a wrong distribution (e.g. temperature applied twice,
 // or top-p over the untruncated distribution) overshoots it by orders of magnitude at these sizes.
-import { createRequire } from 'node:module';
+import { native as loadNative } from '../src/engine/native.js';
 import { describe, expect, it } from 'vitest';
 import { rng } from './helpers/random.js';
 
@@ -22,7 +22,7 @@ interface SamplingParams {
 interface NativeSampler {
   sampleToken(logits: Float32Array, params: SamplingParams, context: Int32Array, draws: number): Int32Array;
 }
-const native = createRequire(import.meta.url)('../build/Release/tuneserve_native.node') as NativeSampler;
+const native = loadNative() as unknown as NativeSampler;
 
 const NONE = new Int32Array(0);
 
