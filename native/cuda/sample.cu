@@ -314,12 +314,12 @@ template <typename Weight>
 __device__ u64 weight_totals(const float* x, int V, const Weight& weight, SampleShared& sh) {
   const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, range = warp_range(V);
   const int begin = warp * range, end = min(V, begin + range);
-  u64 sum = 0;
-  for (int i = begin + lane; i < end; i += WARP) sum += weight(x[i], i);
-  sum = warp_sum_u64(sum);
+  u64 part = 0;
+  for (int i = begin + lane; i < end; i += WARP) part += weight(x[i], i);
+  const u64 warp_total = warp_sum_u64(part);
   __syncthreads();  // warp_total may still be read by a previous walk
-  if (lane == 0) sh.warp_total[warp] = sum;
-  return block_sum_u64(sum, sh);
+  if (lane == 0) sh.warp_total[warp] = warp_total;
+  return block_sum_u64(part, sh);
 }
 
 // The first id whose running weight (ids ascending) exceeds target; needs weight_totals' warp_total of

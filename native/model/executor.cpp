@@ -124,9 +124,10 @@ uint64_t Executor::submit_generation(GenerationRequest req, GenerationCallbacks 
           "prompt + max_tokens = " + std::to_string(length) + " tokens exceeds this engine's max_seq_len " +
               std::to_string(plan_.max_seq_len));
   const int64_t blocks = KVPool::blocks_for(length, kv_.block_size());
-  require(blocks <= kv_.usable_blocks(), "INVALID_ARGUMENT",
+  require(blocks <= kv_.usable_blocks(), "CAPACITY_EXCEEDED",
           "prompt + max_tokens = " + std::to_string(length) + " tokens needs " + std::to_string(blocks) +
-              " KV-cache blocks; this engine's whole cache holds " + std::to_string(kv_.usable_blocks()));
+              " KV-cache blocks; this engine's whole cache holds " + std::to_string(kv_.usable_blocks()) +
+              " (a retry will not fit either: ask for fewer tokens)");
   auto s = std::make_shared<Sequence>();
   s->req = std::move(req);
   s->cb = std::move(cb);

@@ -165,7 +165,7 @@ struct Comparison {
 };
 
 constexpr double F32_TOL = 1e-5;
-constexpr double BF16_ROUNDING = 1.0 / 512;  // 2⁻⁹: half a bf16 ulp, relative
+constexpr double BF16_ROUNDING = 1.0 / 256;  // 2⁻⁸: bf16 unit roundoff (8 significant bits), relative
 
 // bf16_output: `got` was rounded to bf16 by the kernel, so each element gets the rounding bound.
 Comparison compare(const F& got, const F& ref, bool bf16_output) {
@@ -244,7 +244,7 @@ void check_paged(const PagedCase& pc, uint64_t seed) {
   for (int h = 0; h < NH; h += 3)                 // sharper rows: the running max moves between chunks
     for (int d = 0; d < D; d++) q[size_t(h) * D + d] *= 4.f;
   q = representable<T>(q);
-  I32 row_seq(static_cast<size_t>(M)), len(size_t(M));
+  I32 row_seq(static_cast<size_t>(M)), len(static_cast<size_t>(M));
   for (int m = 0; m < M; m++) {
     row_seq[size_t(m)] = pc.rows[size_t(m)].first;
     len[size_t(m)] = pc.rows[size_t(m)].second;
@@ -280,6 +280,7 @@ std::vector<PagedCase> paged_cases() {
   cases.push_back({"decode D64 G1 bs16 len 17/250", 4, 4, 64, 16, {17, 250}, {{0, 17}, {1, 250}}});
   cases.push_back({"decode D128 G2 bs32 len 100/517", 4, 2, 128, 32, {100, 517}, {{1, 517}, {0, 100}}});
   cases.push_back({"decode D64 G8 bs16 len 129", 8, 1, 64, 16, {129}, {{0, 129}}});
+  cases.push_back({"decode D128 G4 bs16 len 5001 (8B heads)", 32, 8, 128, 16, {5001}, {{0, 5001}}});
   // Prefill: rows of one sequence at positions 0..47 (len p + 1), then decode rows of another.
   {
     PagedCase pc{"prefill D128 G8 bs16 48 rows + 2 decode", 8, 1, 128, 16, {48, 300}, {}};
@@ -357,7 +358,7 @@ void check_training(const TrainCase& tc, uint64_t seed) {
 
   // The backward gets the same forward results on both sides: the CPU's out as T holds it, its lse.
   const F out_t = representable<T>(out_ref);
-  F dq_ref(static_cast<size_t>(rows * QD)), dk_ref(size_t(rows * KVD)), dv_ref(size_t(rows * KVD));
+  F dq_ref(static_cast<size_t>(rows * QD)), dk_ref(static_cast<size_t>(rows * KVD)), dv_ref(static_cast<size_t>(rows * KVD));
   ts::cpu::attention_backward(dq_ref.data(), dk_ref.data(), dv_ref.data(), dout.data(), out_t.data(), lse_ref.data(),
                               q.data(), k.data(), v.data(), host_shape);
   T* d_dout = upload<T>(dout);
@@ -387,6 +388,7 @@ std::vector<TrainCase> training_cases() {
       {"B1 T130 G4 D128 docs 40/1/60/29", 1, 130, 4, 1, 128, {40, 1, 60, 29}},
       {"B2 T77 G1 D128 docs 33/20", 2, 77, 2, 2, 128, {33, 20}},
       {"B1 T97 G2 D64 docs 70/27", 1, 97, 2, 1, 64, {70, 27}},
+      {"B1 T300 G4 D128 docs 150/7/143", 1, 300, 8, 2, 128, {150, 7, 143}},
       {"generic B1 T50 G2 D96 docs 31/19", 1, 50, 4, 2, 96, {31, 19}},
       {"generic B2 T20 G1 D2 causal", 2, 20, 2, 2, 2, {}},
   };
@@ -474,7 +476,7 @@ bool same_bits_or_both_nan(float a, float b) {
 }
 
 struct SampleStats {
-  int greedy = 0, greedy_wrong = 0, sampled = 0, sampled_wrong = 0, boundary = 0, logits_wrong = 0;
+  int greedy = 0, greedy_wrong = 0, sampled = 0, sampled_wrong = 0, boundary = 0, boundary_equal = 0, logits_wrong = 0;
   std::string first_problem;
 };
 
@@ -543,6 +545,7 @@ void run_sample_cases(const std::vector<SampleCase>& cases, SampleStats& st) {
                                   cpu_sample(c, nullptr, c.u, std::nextafter(c.params.top_p, 1.f)) != want));
     if (boundary) {
       st.boundary++;
+      st.boundary_equal += got == want;
       continue;
     }
     st.sampled++;
@@ -562,9 +565,10 @@ void run_sample_cases(const std::vector<SampleCase>& cases, SampleStats& st) {
 void report_samples(const std::string& name, const SampleStats& st) {
   const bool ok = st.greedy_wrong == 0 && st.sampled_wrong == 0 && st.logits_wrong == 0 && st.greedy + st.sampled > 0;
   report(name, ok,
-         fmt("greedy %d/%d, sampled %d/%d equal, %d boundary rows skipped, %d rows with other logits%s%s",
+         fmt("greedy %d/%d, sampled %d/%d equal; %d boundary rows not compared (%d equal anyway); %d rows with "
+             "other logits%s%s",
              st.greedy - st.greedy_wrong, st.greedy, st.sampled - st.sampled_wrong, st.sampled, st.boundary,
-             st.logits_wrong, st.first_problem.empty() ? "" : "; first: ", st.first_problem.c_str()));
+             st.boundary_equal, st.logits_wrong, st.first_problem.empty() ? "" : "; first: ", st.first_problem.c_str()));
 }
 
 void check_sampling_random(int V, int rows, uint64_t seed, const char* name) {
@@ -785,7 +789,7 @@ int main() {
     }
     check_sampling_random(1000, 140, 11, "sample random rows, V 1000");
     check_sampling_random(5003, 70, 12, "sample random rows, V 5003");
-    check_sampling_random(128256, 7, 13, "sample random rows, V 128256");
+    check_sampling_random(128256, 28, 13, "sample random rows, V 128256");
     check_sampling_edges();
 #ifndef TS_CUDA_EMU
     // Shapes too slow for the emulator: a long packed sequence, a long decode, a batch of full rows.

@@ -22,8 +22,10 @@ export const engineErrorCodes = [
   'ADAPTER_MISMATCH',
   /** generate() named an adapter that is not in the pool. */
   'ADAPTER_NOT_LOADED',
-  /** No free adapter slot, no KV-cache room, or no memory for a training workspace. */
+  /** No free adapter slot, no KV-cache room now, or no memory for a training workspace (transient). */
   'RESOURCE_EXHAUSTED',
+  /** A request larger than the engine could ever hold (prompt + max_tokens beyond the whole KV cache). */
+  'CAPACITY_EXCEEDED',
   /** The operation stopped because its AbortSignal fired (train and merge reject with it). */
   'CANCELLED',
   /** Reading or writing a file failed (disk full, permissions); the message names the file. */

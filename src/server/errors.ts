@@ -113,6 +113,7 @@ const engineCodeStatus: Record<EngineErrorCode, { code: status; retryAfterMs?: n
   ADAPTER_MISMATCH: { code: status.FAILED_PRECONDITION },
   ADAPTER_NOT_LOADED: { code: status.FAILED_PRECONDITION },
   RESOURCE_EXHAUSTED: { code: status.RESOURCE_EXHAUSTED, retryAfterMs: 1000 },
+  CAPACITY_EXCEEDED: { code: status.RESOURCE_EXHAUSTED },  // no RetryInfo: a retry cannot fit either
   CANCELLED: { code: status.CANCELLED },
   IO_ERROR: { code: status.INTERNAL },
 };

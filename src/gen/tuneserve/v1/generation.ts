@@ -997,8 +997,9 @@ export const GenerationServiceService = {
    * each decoded with its own adapter. A cancelled or expired call stops within one decode step.
    * An adapter that is stored but not loaded is loaded on first use when a pool slot is free.
    * Errors: INVALID_ARGUMENT, NOT_FOUND (adapter), FAILED_PRECONDITION (adapter built for another
-   * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or no KV-cache
-   * room; RetryInfo says when to retry), CANCELLED, DEADLINE_EXCEEDED.
+   * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or the KV-cache
+   * queue full, with RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo,
+   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED.
    */
   generate: {
     path: "/tuneserve.v1.GenerationService/Generate" as const,
@@ -1018,8 +1019,9 @@ export interface GenerationServiceServer extends UntypedServiceImplementation {
    * each decoded with its own adapter. A cancelled or expired call stops within one decode step.
    * An adapter that is stored but not loaded is loaded on first use when a pool slot is free.
    * Errors: INVALID_ARGUMENT, NOT_FOUND (adapter), FAILED_PRECONDITION (adapter built for another
-   * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or no KV-cache
-   * room; RetryInfo says when to retry), CANCELLED, DEADLINE_EXCEEDED.
+   * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or the KV-cache
+   * queue full, with RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo,
+   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED.
    */
   generate: handleServerStreamingCall<GenerateRequest, GenerateResponse>;
 }
@@ -1031,8 +1033,9 @@ export interface GenerationServiceClient extends Client {
    * each decoded with its own adapter. A cancelled or expired call stops within one decode step.
    * An adapter that is stored but not loaded is loaded on first use when a pool slot is free.
    * Errors: INVALID_ARGUMENT, NOT_FOUND (adapter), FAILED_PRECONDITION (adapter built for another
-   * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or no KV-cache
-   * room; RetryInfo says when to retry), CANCELLED, DEADLINE_EXCEEDED.
+   * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or the KV-cache
+   * queue full, with RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo,
+   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED.
    */
   generate(request: GenerateRequest, options?: Partial<CallOptions>): ClientReadableStream<GenerateResponse>;
   generate(
