@@ -40,8 +40,9 @@ __device__ __forceinline__ void load8(const float* p, float v[8]) {
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 __device__ __forceinline__ void load8(const bf16* p, float v[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const bf16* h = reinterpret_cast<const bf16*>(&raw);
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);  // one 16-byte load
+  bf16 h[8];
+  memcpy(h, &raw, sizeof h);  // not a pointer cast: reading a uint4 through bf16 lvalues breaks strict aliasing
   for (int i = 0; i < 8; i++) v[i] = __bfloat162float(h[i]);
 }
 

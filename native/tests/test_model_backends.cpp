@@ -12,8 +12,10 @@
 //
 // usage: test-model-backends [--backend cuda|cuda-emu] [--mode f32|bf16|both] [--preset tiny|small]
 //                            [--quant nf4|none] [--seed N]
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <memory>
@@ -171,6 +173,7 @@ Side make_side(std::unique_ptr<Backend> be, std::shared_ptr<const LlamaWeights> 
   o.max_seq_len = 512;
   o.adapter_slots = 8;
   o.kv_cache_bytes = 0;
+  o.step_graphs = std::getenv("TS_NO_GRAPHS") == nullptr;
   Side s;
   s.exec = std::make_unique<Executor>(std::move(be), std::move(w), o);
   // Each side gets its own copy: training updates an adapter in place.
@@ -258,7 +261,7 @@ void run_mode(const std::string& backend, bool f32, const Preset& p, const std::
 
   std::mt19937_64 rng(seed + 100);
   auto prompt = [&](int n) {
-    std::vector<int32_t> ids(size_t(n));
+    std::vector<int32_t> ids(static_cast<size_t>(n));
     for (auto& id : ids) id = int32_t(rng() % uint64_t(c.V));
     return ids;
   };
@@ -293,11 +296,32 @@ void run_mode(const std::string& backend, bool f32, const Preset& p, const std::
       total++;
       same += t < got[i].size() && got[i][t] == want[i][t];
     }
-  // bf16 may drift after the first differing token: only the float32 mode promises equal ids.
-  const double frac = double(same) / double(std::max<size_t>(1, total));
-  report(f32 ? same == total : frac >= 0.5, tag + "greedy ids, 4 sequences (base + 2 adapters)",
-         fmt("%.0f of %.0f ids equal", double(same), double(total)) + ", graph steps " +
+  // float32: the ids equal the CPU's. bf16: the first differing near-tie sends a sequence elsewhere
+  // (it is autoregressive), so equality with the CPU means little; instead every token the device
+  // generated must be the argmax of the device's own teacher-forced logits over prompt + generated,
+  // up to bf16 noise between the decode path (fused NF4 products, graphs, paged attention) and the
+  // prefill path (dequantize + products). 0.1 logit units is ~20 bf16 roundings of O(10) logits; a
+  // wrong cache row or adapter slot picks tokens that are far from the argmax.
+  report(f32 ? same == total : true, tag + "greedy ids, 4 sequences (base + 2 adapters)",
+         fmt("%.0f of %.0f ids equal to the CPU's", double(same), double(total)) + ", graph steps " +
              std::to_string(dev.exec->stats().graph_steps));
+  double worst_gap = 0;
+  for (size_t i = 0; i < got.size(); i++) {
+    std::vector<int32_t> seq = prompts[i];
+    seq.insert(seq.end(), got[i].begin(), got[i].end() - 1);
+    const int id = dev_ids[i];
+    auto logits = on_executor<std::vector<float>>(*dev.exec, [&](Executor& e) {
+      return e.logits(seq, id ? e.adapter(id) : nullptr);
+    });
+    for (size_t t = 0; t < got[i].size(); t++) {
+      const float* row = logits.data() + (prompts[i].size() - 1 + t) * size_t(c.V);
+      const float best = *std::max_element(row, row + c.V);
+      worst_gap = std::max(worst_gap, double(best - row[got[i][t]]));
+    }
+  }
+  const double gap_tol = f32 ? 1e-4 : 0.1;
+  report(worst_gap <= gap_tol, tag + "each generated id is the argmax of teacher-forced logits",
+         fmt("worst gap to the argmax %.2e (tolerance %.0e)", worst_gap, gap_tol));
 
   // 3. one training pass: loss and gradients
   TrainBatch batch;
