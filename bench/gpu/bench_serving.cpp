@@ -245,7 +245,7 @@ int main(int argc, char** argv) {
     // Time to first token when switching adapters: alternate between two resident adapters vs repeat
     // one; the prompt and everything else equal. Median of 9 each.
     std::vector<int32_t> prompt128(128);
-    for (int i = 0; i < 128; i++) prompt128[size_t(i)] = 2000 + 3 * i;
+    for (int i = 0; i < 128; i++) prompt128[size_t(i)] = int32_t((2000 + 3 * i) % c.V);
     auto ttft = [&](bool switching) {
       std::vector<double> t;
       for (int k = 0; k < 9; k++) {
