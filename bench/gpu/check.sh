@@ -1,34 +1,93 @@
 #!/usr/bin/env bash
-# The GPU machine's checks for this milestone, in one call (see ../shared/DEVICE.md). Prepared by
-# bench/gpu/prepare.sh on the CPU machine (packs node, the CUDA-built addon, dist/ and the few
-# node_modules the engine CLI needs into .device/). Prints a short table last; full logs in $OUT.
-#  1. the addon built here with nvcc loads on a GPU node, its CUDA probe sees the device and runs a
-#     kernel, and `--device auto` falls back to the CPU backend with one log line (`cuda` refuses);
-#  2. the engine's CPU benchmark on that node's cores (PyTorch CPU there uses MKL, not OpenBLAS, so
-#     bench:cpu's torch side refuses to report: engine numbers only);
-#  3. the peer for the GPU milestone: Hugging Face transformers + PEFT on the H200, same shapes.
+# Every GPU check of the CUDA backend in one device call, prepared by bench/gpu/prepare.sh. Each step
+# has its own time limit and a failing step does not stop the next; the summary table comes last and
+# full logs go to $OUT (summary.txt and logs.tar.gz: the device tool brings back at most 8 files).
+#
+#   bash bench/gpu/check.sh [serving|training|all]
+# serving (the default) takes about 6 minutes on an H200 and training about 5 (both build first):
+# run them as separate device calls (timeout_s 600 each), "all" only when time allows.
+#
+# serving (issue 6): build the native tests for sm_90a; the op test, every CUDA op against the CPU op
+#   in float32 and bf16 (test-backend-ops); attention and sampling kernels (attention-sample-test);
+#   whole-model parity with the CPU, tiny and small presets, both modes (test-model-backends); the
+#   addon from Node: CUDA probe, `generate --device cuda`; logits with an NF4 base and a PEFT adapter vs
+#   transformers + PEFT on the same dequantized weights (hf_parity.py + logits.mjs); the serving
+#   benchmark on the Llama-3-8B shape (bench-serving).
+# training (issue 7): the training benchmark on the 8B shape (bench-training, when built) and the
+#   HF + PEFT peer measured in the same run (hf_peft_baseline.py).
 set -uo pipefail
+PHASE=${1:-serving}
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" node_modules build/Release
+LOG=/tmp/tuneserve-check
+rm -rf "$LOG" && mkdir -p "$OUT" "$LOG"
+START=$(date +%s)
+SUMMARY="$LOG/summary.txt"
+
+# step NAME SECONDS COMMAND...: runs with a limit, logs to $LOG/NAME.log, records rc and duration.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0 rc
+  t0=$(date +%s)
+  echo "== $name ($(date +%T))"
+  timeout "$limit" "$@" > "$LOG/$name.log" 2>&1
+  rc=$?
+  printf '%-28s rc=%-4s %4ss\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$LOG/steps.txt"
+  tail -n 3 "$LOG/$name.log"
+  return 0
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; cat .device/commit; date -u; } > "$LOG/machine.txt" 2>&1
+
+# Node, the addon built on the CPU machine with nvcc, dist/ and the engine CLI's modules.
 python3 -c "import lzma,shutil;shutil.copyfileobj(lzma.open('.device/node.xz'),open('/tmp/node','wb'))" && chmod +x /tmp/node
-cp -r .device/nm/. node_modules/ && cp .device/tuneserve_native.node build/Release/ && rm -rf dist && cp -r .device/dist dist
-export PATH=/tmp:$PATH
-ln -sf /tmp/node /tmp/node20 2>/dev/null
 NODE=/tmp/node
+mkdir -p node_modules build/Release
+cp -r .device/nm/. node_modules/ && cp .device/tuneserve_native.node build/Release/ && rm -rf dist && cp -r .device/dist dist
+CUBLASLT=$(ls /usr/local/cuda/lib64/libcublasLt.so.1[0-9] 2>/dev/null | head -1)
+[ -n "$CUBLASLT" ] || CUBLASLT=$(python3 -c "import nvidia.cublas, os; d=os.path.join(nvidia.cublas.__path__[0],'lib'); print(os.path.join(d, sorted(f for f in os.listdir(d) if f.startswith('libcublasLt.so'))[0]))" 2>/dev/null)
+export TUNESERVE_CUBLASLT=$CUBLASLT
+echo "cuBLASLt: ${CUBLASLT:-not found}" >> "$LOG/machine.txt"
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; } > "$OUT/machine.txt" 2>&1
-$NODE -e "console.log(JSON.stringify(require('./build/Release/tuneserve_native.node').cudaProbe(), null, 2))" > "$OUT/cuda_probe.json" 2>&1
-$NODE bin/tuneserve.js make-model --preset small --out /tmp/small > "$OUT/make_model.txt" 2>&1
-$NODE bin/tuneserve.js generate --model /tmp/small --prompt "Hello world" --max-tokens 8 --device auto --json > "$OUT/generate_auto.txt" 2>&1
-$NODE bin/tuneserve.js generate --model /tmp/small --prompt "Hello world" --max-tokens 8 --device cuda > "$OUT/generate_cuda.txt" 2>&1
-echo "exit $?" >> "$OUT/generate_cuda.txt"
-timeout 120 $NODE bench/cpu.mjs --model /tmp/small --rounds 1 > "$OUT/bench_cpu.txt" 2>&1
-PYTHONUNBUFFERED=1 timeout 150 python3 .device/hf_peft_baseline.py --preset tiny --seq 512 --batch 4 --rank 16 --steps 6 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj > "$OUT/hf_peft_tiny.jsonl" 2>&1
-PYTHONUNBUFFERED=1 timeout 210 python3 .device/hf_peft_baseline.py --preset llama3-8b --seq 2048 --batch 2 --rank 16 --steps 4 > "$OUT/hf_peft_8b.jsonl" 2>&1
+BUILD=/tmp/native-tests
+step build 300 bash -c "cmake -S native/tests -B $BUILD -DTS_CUDA=real -DTS_CUDA_GENCODE='-gencode=arch=compute_90a,code=sm_90a' > /dev/null && cmake --build $BUILD -j \$(nproc)"
 
-echo "== summary"
-echo "-- cuda probe"; grep -E '"(compiled|deviceCount|name|kernelOk|error)"' "$OUT/cuda_probe.json" | head -8
-echo "-- --device auto"; grep -h "CPU backend" "$OUT/generate_auto.txt"
-echo "-- --device cuda"; tail -2 "$OUT/generate_cuda.txt"
-echo "-- engine CPU bench ($(nproc) cores)"; grep -E "train_tokens|decode_tokens|prefill_tokens" "$OUT/bench_cpu.txt"
-echo "-- HF+PEFT on the GPU"; tail -8 "$OUT/hf_peft_tiny.jsonl"; tail -8 "$OUT/hf_peft_8b.jsonl"
+if [ "$PHASE" = serving ] || [ "$PHASE" = all ]; then
+  step op-test 150 "$BUILD/test-backend-ops" --backend cuda --mode both
+  step attention-sample 120 "$BUILD/attention-sample-test"
+  step model-tiny 120 "$BUILD/test-model-backends" --backend cuda --preset tiny --mode both
+  step model-small 150 "$BUILD/test-model-backends" --backend cuda --preset small --mode both
+  step node-probe 30 $NODE -e "console.log(JSON.stringify(require('./build/Release/tuneserve_native.node').cudaProbe(), null, 1))"
+  step make-small 60 $NODE bin/tuneserve.js make-model --preset small --out /tmp/small --seed 5
+  step generate-cuda 90 $NODE bin/tuneserve.js generate --model /tmp/small --prompt "Hello world" --max-tokens 16 --device cuda --json
+  IDS=128000,9906,1917,0,578,4062,14198,39935,35308,927,279,311,1505,264,1296
+  step hf-parity 180 bash -c "PYTHONUNBUFFERED=1 python3 bench/gpu/hf_parity.py /tmp/small /tmp/small-deq /tmp/peft-adapter $IDS /tmp/parity \
+    && $NODE bench/gpu/logits.mjs /tmp/small /tmp/peft-adapter $IDS /tmp/eng-f32.f32 /tmp/parity.hf_f32.f32 --device cuda --quant nf4 --cuda-compute f32 --label 'engine CUDA f32 (NF4 base) vs HF+PEFT f32 (dequantized)' \
+    && $NODE bench/gpu/logits.mjs /tmp/small /tmp/peft-adapter $IDS /tmp/eng-bf16.f32 /tmp/parity.hf_bf16.f32 --device cuda --quant nf4 --label 'engine CUDA bf16 (NF4 base) vs HF+PEFT bf16 (dequantized)' \
+    && $NODE bench/gpu/logits.mjs /tmp/small /tmp/peft-adapter $IDS /tmp/eng-bf16.f32 /tmp/parity.hf_f32.f32 --device cuda --quant nf4 --label 'engine CUDA bf16 vs HF+PEFT f32'"
+  step bench-serving 240 "$BUILD/bench-serving" --preset llama3-8b
+fi
+
+if [ "$PHASE" = training ] || [ "$PHASE" = all ]; then
+  if [ -x "$BUILD/bench-training" ]; then
+    step bench-training 200 "$BUILD/bench-training" --preset llama3-8b --batch 2 --seq 2048 --rank 16 --targets qkvo
+  fi
+  step hf-peft-8b 200 env PYTHONUNBUFFERED=1 python3 .device/hf_peft_baseline.py --preset llama3-8b --seq 2048 --batch 2 --rank 16 --steps 4
+fi
+
+{
+  echo "# tuneserve GPU check, phase $PHASE"; cat "$LOG/machine.txt"; echo
+  echo "## steps"; cat "$LOG/steps.txt"; echo
+  for f in op-test attention-sample model-tiny model-small; do
+    [ -f "$LOG/$f.log" ] && { echo "## $f"; grep -E "^(PASS|FAIL)|OK:|FAILED" "$LOG/$f.log" | tail -n 60; echo; }
+  done
+  [ -f "$LOG/generate-cuda.log" ] && { echo "## generate --device cuda"; tail -n 3 "$LOG/generate-cuda.log"; echo; }
+  [ -f "$LOG/hf-parity.log" ] && { echo "## HF + PEFT parity"; grep -E '"check"' "$LOG/hf-parity.log"; echo; }
+  [ -f "$LOG/bench-serving.log" ] && { echo "## serving benchmark"; sed -n '/^metric/,$p' "$LOG/bench-serving.log"; echo; }
+  [ -f "$LOG/bench-training.log" ] && { echo "## training benchmark"; tail -n 20 "$LOG/bench-training.log"; echo; }
+  [ -f "$LOG/hf-peft-8b.log" ] && { echo "## HF + PEFT 8B peer"; tail -n 10 "$LOG/hf-peft-8b.log"; echo; }
+  echo "total $(( $(date +%s) - START ))s"
+} > "$SUMMARY"
+cp "$SUMMARY" "$OUT/summary.txt"
+tar -czf "$OUT/logs.tar.gz" -C "$LOG" .
+cat "$SUMMARY"
