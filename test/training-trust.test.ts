@@ -120,8 +120,8 @@ describe('training an enterprise can trust (engine)', () => {
     }, { onStep: (e) => events.push(e) });
     engine.removeAdapter(adapter);
     const rollback = events.find((e) => e.guardAction === 'rollback')!;
-    expect(rollback).toMatchObject({ rolledBackTo: 2 });
-    expect(events.map((e) => e.step)).toEqual([1, 2, 2, 3, 4, 5, 6]);  // step 3 was redone after the rollback
+    expect(rollback).toMatchObject({ step: 3, rolledBackTo: 2, guardReason: 'non-finite gradient norm' });
+    expect(events.map((e) => e.step)).toEqual([1, 2, 3, 3, 4, 5, 6]);  // step 3 failed, rolled back to 2, redone
     const after = events.slice(events.indexOf(rollback) + 1);
     const before = events.slice(0, events.indexOf(rollback));
     // The replayed step 3 uses half the LR the first attempt would have had (linear schedule, same step).

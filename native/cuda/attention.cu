@@ -447,6 +447,12 @@ __device__ __forceinline__ int warp_min_int(int v) {
 }
 
 // ---- forward: one block per (query tile of 64 rows, head h, sequence b), key tiles of 64 -----------
+//
+// Flash-attention 2 in SIMT: for each key tile from the tile's lowest document start to its last row,
+// S = Q·Kᵀ (each thread a 4 × 4 cell block: rows ty + 16i, keys tx + 16j), masked, then the online
+// softmax per row (the row's 16 threads share one half-warp: max by shuffles, the sum kept per thread
+// and added once at the end), P to shared memory, acc = acc·α + P·V. K and V take turns in one buffer
+// so that D = 128 fits in 85 KB of shared memory (sm_89 allows 99 KB per block).
 
 constexpr int FWD_BQ = 64, FWD_BK = 64;
 
@@ -607,6 +613,12 @@ __global__ void __launch_bounds__(TILE_THREADS)
 }
 
 // ---- backward: dk/dv over key tiles, dq over query tiles (each output owned by one block) -----------
+//
+// Two kernels, no scratch and no atomics: one block per (key tile, kv head, b) loops over the group's G
+// heads and the query tiles at or after its keys, accumulating dk and dv in registers; one block per
+// (query tile, head, b) loops over its key tiles for dq. Both recompute S and dP (P from the saved lse)
+// and Δ_t = dout_t·out_t, so nothing of size (T, T) or (B, NH, T) beyond lse is ever stored; the price
+// is computing S and dP twice.
 
 constexpr int BWD_B = 32;  // rows of every backward tile (query and key)
 
@@ -616,23 +628,31 @@ constexpr size_t backward_shared_bytes() {
   return sizeof(float) * (4 * BWD_B * (D + PAD) + 2 * BWD_B * (BWD_B + PAD) + 3 * BWD_B) + 16;
 }
 
-// Per-row data of a query tile for head h: first key (INT_MAX past the sequence), lse·log2(e), and
-// Δ = dout·out (dout from the shared tile, out from memory); returns the tile's lowest first key.
-// Needs the dout tile loaded and synchronized; synchronizes before returning.
+// The first key of each row of a query tile (INT_MAX past the sequence) into row_start and the
+// tile's lowest into *tile_lowest; synchronizes, then returns that lowest first key.
+__device__ __forceinline__ int backward_row_starts(int* row_start, int* tile_lowest, const AttentionShape& s, int b,
+                                                   int q0) {
+  if (threadIdx.x / WARP == 0) {
+    const int lane = threadIdx.x % WARP, t = q0 + lane;
+    const int start = t < s.T ? (s.doc_start ? s.doc_start[int64_t(b) * s.T + t] : 0) : INT_MAX;
+    row_start[lane] = start;
+    const int lowest = warp_min_int(start);
+    if (lane == 0) *tile_lowest = lowest;
+  }
+  __syncthreads();
+  return *tile_lowest;
+}
+
+// lse·log2(e) and Δ = dout·out of each row of a query tile for head h (dout from the shared tile, out
+// from memory). Needs the dout tile loaded and synchronized; synchronizes before returning.
 template <typename T, int D>
-__device__ __forceinline__ int backward_row_data(int* row_start, float* row_lse, float* row_delta, int* tile_lowest,
-                                                 const float* douts, const T* out, const float* lse,
-                                                 const AttentionShape& s, int b, int h, int q0) {
+__device__ __forceinline__ void backward_row_stats(float* row_lse, float* row_delta, const float* douts, const T* out,
+                                                   const float* lse, const AttentionShape& s, int b, int h, int q0) {
   const int seq_len = s.T, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, warps = blockDim.x / WARP;
   const int64_t QD = int64_t(s.NH) * D;
   if (warp == 0) {
     const int t = q0 + lane;
-    const bool valid = t < seq_len;
-    const int start = valid ? (s.doc_start ? s.doc_start[int64_t(b) * seq_len + t] : 0) : INT_MAX;
-    row_start[lane] = start;
-    row_lse[lane] = valid ? lse[(int64_t(b) * s.NH + h) * seq_len + t] * LOG2E : 0.f;
-    const int lowest = warp_min_int(start);
-    if (lane == 0) *tile_lowest = lowest;
+    row_lse[lane] = t < seq_len ? lse[(int64_t(b) * s.NH + h) * seq_len + t] * LOG2E : 0.f;
   }
   for (int r = warp; r < BWD_B; r += warps) {
     const int t = q0 + r;
@@ -645,7 +665,6 @@ __device__ __forceinline__ int backward_row_data(int* row_start, float* row_lse,
     if (lane == 0) row_delta[r] = d;
   }
   __syncthreads();
-  return *tile_lowest;
 }
 
 // S = Q·Kᵀ and dP = dO·Vᵀ for this thread's 2 × 2 cells (rows ty + 16i, keys tx + 16j), then
@@ -740,13 +759,13 @@ __global__ void __launch_bounds__(TILE_THREADS)
     // Query rows before k0 never see these keys (causal); BWD_B divides k0.
     for (int q0 = k0; q0 < seq_len; q0 += BWD_B) {
       __syncthreads();  // the previous tile is no longer read
+      // Every row of the tile starting its document after these keys (packing): nothing to load.
+      if (backward_row_starts(row_start, tile_lowest, s, b, q0) > key_last) continue;
       const int rows_valid = min(BWD_B, seq_len - q0);
       load_tile<T, D>(qs, q_base, QD, q0, rows_valid, BWD_B);
       load_tile<T, D>(douts, dout_base, QD, q0, rows_valid, BWD_B);
       __syncthreads();
-      const int lowest =
-          backward_row_data<T, D>(row_start, row_lse, row_delta, tile_lowest, douts, out, lse, s, b, h, q0);
-      if (lowest > key_last) continue;  // every row of the tile starts its document after these keys
+      backward_row_stats<T, D>(row_lse, row_delta, douts, out, lse, s, b, h, q0);
 
       float p[2][2], ds[2][2];
       backward_scores<D>(p, ds, qs, douts, ks, vs, row_start, row_lse, row_delta, q0, k0, seq_len, scale, scale_log2);
@@ -834,8 +853,8 @@ __global__ void __launch_bounds__(TILE_THREADS)
   const int rows_valid = min(BWD_B, seq_len - q0);
   load_tile<T, D>(qs, q + int64_t(b) * seq_len * QD + int64_t(h) * D, QD, q0, rows_valid, BWD_B);
   load_tile<T, D>(douts, dout + int64_t(b) * seq_len * QD + int64_t(h) * D, QD, q0, rows_valid, BWD_B);
-  __syncthreads();
-  const int lowest = backward_row_data<T, D>(row_start, row_lse, row_delta, tile_lowest, douts, out, lse, s, b, h, q0);
+  const int lowest = backward_row_starts(row_start, tile_lowest, s, b, q0);  // synchronizes: the tiles are loaded
+  backward_row_stats<T, D>(row_lse, row_delta, douts, out, lse, s, b, h, q0);
   const int k_begin = (min(lowest, seq_len) / BWD_B) * BWD_B;
   const int k_end = q0 + rows_valid;
   const T* k_base = k + int64_t(b) * seq_len * KVD + int64_t(kh) * D;

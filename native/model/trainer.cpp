@@ -397,8 +397,9 @@ bool Trainer::micro_step(StepReport* report) {
       throw EngineError("TRAINING_DIVERGED", problem + " at step " + std::to_string(step_ + 1) + ", after " +
                                                  std::to_string(hyper_.max_interventions) + " interventions");
     if (policy == "rollback") {
+      const int64_t failed_step = step_ + 1;
       rollback(report, problem);
-      report->step = step_;
+      report->step = failed_step;  // the step that went wrong; training continues after rolled_back_to
       report->lr = hyper_.lr * lr_scale_;
       report->seconds = now_seconds() - step_started_;
       return true;

@@ -81,7 +81,7 @@ struct StepReport {
   double forgetting_loss = 0;     // its mean token loss with the adapter
   double forgetting_base_loss = 0;  // ... and with the base alone (scored once, at the start)
   std::string checkpoint; // folder of the checkpoint written after this step, if any
-  std::string guard_action;  // "", "skip" or "rollback": the guard intervened on this step
+  std::string guard_action;  // "", "skip" or "rollback": the guard intervened on step `step`
   std::string guard_reason;
   int64_t rolled_back_to = 0;  // after a rollback: the step training continues from
   bool stopped_early = false;  // early stopping ended the job after this step

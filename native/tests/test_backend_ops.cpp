@@ -1166,7 +1166,8 @@ void test_attention_forward(Session& s) {
 void test_attention_backward(Session& s) {
   // As the forward: generic kernels at small D, the tiled ones (32-row tiles) at D = 64 and 128.
   for (AttnShape a : {AttnShape{1, 7, 4, 2, 8, false}, AttnShape{2, 9, 2, 1, 8, true}, AttnShape{1, 20, 4, 2, 16, true},
-                      AttnShape{1, 75, 4, 1, 64, true}, AttnShape{1, 45, 2, 1, 128, false}})
+                      AttnShape{1, 75, 4, 1, 64, true}, AttnShape{1, 45, 2, 1, 128, false},
+                      AttnShape{1, 40, 4, 2, 128, true}})
     s.run("attention_backward", attn_label(a), [&](Report& r) {
       const int64_t M = int64_t(a.B) * a.T, QD = a.NH * a.D, KVD = a.NKV * a.D, NL = int64_t(a.B) * a.NH * a.T;
       const F q = s.act_vec(s.rng.vec(M * QD, -2.f, 2.f));

@@ -1,4 +1,4 @@
-// tuneserve.v1.TrainingService: Train, WatchJob, GetJob, ListJobs, CancelJob.
+// tuneserve.v1.TrainingService: Train, WatchJob, GetJob, ListJobs, CancelJob, ResumeJob.
 
 import { randomBytes } from 'node:crypto';
 import type {
@@ -8,6 +8,8 @@ import type {
   GetJobResponse,
   ListJobsRequest,
   ListJobsResponse,
+  ResumeJobRequest,
+  ResumeJobResponse,
   TrainingServiceServer,
   TrainRequest,
   TrainResponse,
@@ -23,7 +25,7 @@ import type { JobState } from './job-store.js';
 import { JsonlChecker } from './jsonl-check.js';
 import { decodePageToken, encodePageToken, pageSize } from './paging.js';
 import type { RpcRunner } from './rpc.js';
-import { storedJobState, toJob, toJobEvent, toTrainingStep } from './wire.js';
+import { storedJobState, toEvalResult, toJob, toJobEvent, toTrainingStep } from './wire.js';
 
 const SERVICE = 'TrainingService';
 
@@ -102,7 +104,7 @@ export function trainingService(context: ServiceContext, rpc: RpcRunner): Traini
         job: toJob(job, queue.queuePosition(jobId)),
         steps: request.includeHistory ? store.eventsOfKind(jobId, 'step').map((e) => toTrainingStep(e.data)) : [],
         evaluations: request.includeHistory
-          ? store.eventsOfKind(jobId, 'eval').map((e) => ({ step: e.data.step, loss: e.data.loss }))
+          ? store.eventsOfKind(jobId, 'eval').map((e) => toEvalResult(e.data))
           : [],
       };
     }),
@@ -127,6 +129,12 @@ export function trainingService(context: ServiceContext, rpc: RpcRunner): Traini
     cancelJob: rpc.unary<CancelJobRequest, CancelJobResponse>(SERVICE, 'CancelJob', async (request) => {
       const jobId = requireId(request.jobId, 'job_id');
       const job = queue.cancel(jobId);
+      return { job: toJob(job, queue.queuePosition(jobId)) };
+    }),
+
+    resumeJob: rpc.unary<ResumeJobRequest, ResumeJobResponse>(SERVICE, 'ResumeJob', async (request) => {
+      const jobId = requireId(request.jobId, 'job_id');
+      const job = await queue.resume(jobId);
       return { job: toJob(job, queue.queuePosition(jobId)) };
     }),
   };
