@@ -30,12 +30,15 @@ function run(program: string, args: string[], timeoutMs: number): { status: numb
   return { status: r.status, output: `${r.stdout}${r.stderr}` };
 }
 
-/** Configures and builds native/tests into build/<dir> for one TS_CUDA variant; throws with the log on failure. */
-function build(dir: string, tsCuda: 'off' | 'emu'): string {
+/**
+ * Configures native/tests into build/<dir> for one TS_CUDA variant and builds the given targets (not the
+ * benchmarks the GPU check also builds there); throws with the log on failure.
+ */
+function build(dir: string, tsCuda: 'off' | 'emu', targets: string[]): string {
   const out = join(ROOT, 'build', dir);
   for (const args of [
     ['-S', SOURCE, '-B', out, `-DTS_CUDA=${tsCuda}`],
-    ['--build', out, '-j2'],
+    ['--build', out, '-j2', '--target', ...targets],
   ]) {
     const r = run('cmake', args, BUILD_TIMEOUT);
     if (r.status !== 0) throw new Error(`cmake ${args.join(' ')} failed:\n${r.output.slice(-8000)}`);
@@ -60,7 +63,7 @@ function missingOps(output: string, backend: string, mode: string): string[] {
 describe('test-backend-ops: the CPU backend (the oracle)', () => {
   let bin: string;
   beforeAll(() => {
-    bin = join(build('native-tests', 'off'), 'test-backend-ops');
+    bin = join(build('native-tests', 'off', ['test-backend-ops']), 'test-backend-ops');
   }, BUILD_TIMEOUT);
 
   it('reads every op of the Backend interface from core/backend.h', () => {
@@ -95,7 +98,7 @@ describe('test-backend-ops: the CPU backend (the oracle)', () => {
 describe('test-backend-ops: the CUDA backend on the emulator', () => {
   let dir: string;
   beforeAll(() => {
-    dir = build('native-tests-emu', 'emu');
+    dir = build('native-tests-emu', 'emu', ['test-backend-ops', 'emu-selftest', 'test-model-backends', 'attention-sample-test']);
   }, BUILD_TIMEOUT);
 
   it('the emulator passes its self-test', () => {
@@ -109,5 +112,17 @@ describe('test-backend-ops: the CUDA backend on the emulator', () => {
     expect(r.output).toMatch(/^== \d+ cases, 0 failed$/m);
     expect(missingOps(r.output, 'cuda-emu', 'f32')).toEqual([]);
     expect(missingOps(r.output, 'cuda-emu', 'bf16')).toEqual([]);
+  });
+
+  it('runs the attention and sampling kernels against their references', () => {
+    const r = run(join(dir, 'attention-sample-test'), [], 300_000);
+    expect(r.status, r.output.slice(-6000)).toBe(0);
+  });
+
+  it('runs whole models on the CUDA backend with the CPU backend\'s logits and greedy ids', () => {
+    const r = run(join(dir, 'test-model-backends'), ['--backend', 'cuda-emu', '--mode', 'both'], 300_000);
+    expect(r.status, r.output.slice(-6000)).toBe(0);
+    expect(r.output).toMatch(/PASS/);
+    expect(r.output).not.toMatch(/FAIL/);
   });
 });
