@@ -111,13 +111,13 @@ async function send<T>(stream: ClientWritableStream<T>, message: T, call: Promis
 }
 
 /** Uploads a JSONL file as a dataset. */
-export async function uploadDatasetFile(clients: TuneClients, datasetId: string, file: string): Promise<Dataset> {
+export async function uploadDatasetFile(clients: TuneClients, datasetId: string, file: string, options: { shared?: boolean } = {}): Promise<Dataset> {
   const { sizeBytes, sha256 } = await describeFile(file);
   const reply = deferred<Dataset>();
   const stream = clients.datasets.uploadDataset((error, response) =>
     error ? reply.reject(error) : reply.resolve(response.dataset as Dataset),
   );
-  await send(stream, { header: { datasetId, sizeBytes, sha256 } }, reply.promise);
+  await send(stream, { header: { datasetId, sizeBytes, sha256, shared: options.shared === true } }, reply.promise);
   for await (const chunk of createReadStream(file, { highWaterMark: CHUNK_BYTES })) {
     await send(stream, { chunk: chunk as Buffer }, reply.promise);
   }
@@ -129,7 +129,7 @@ export async function uploadDatasetFile(clients: TuneClients, datasetId: string,
 const ADAPTER_FILES = ['adapter_config.json', 'adapter_model.safetensors', 'README.md'];
 
 /** Imports a PEFT adapter folder (adapter_config.json, adapter_model.safetensors, README.md if present). */
-export async function importAdapterFolder(clients: TuneClients, adapterId: string, folder: string): Promise<Adapter> {
+export async function importAdapterFolder(clients: TuneClients, adapterId: string, folder: string, options: { shared?: boolean } = {}): Promise<Adapter> {
   const files: FileEntry[] = [];
   for (const name of ADAPTER_FILES) {
     const file = path.join(folder, name);
@@ -140,7 +140,7 @@ export async function importAdapterFolder(clients: TuneClients, adapterId: strin
   const stream = clients.adapters.importAdapter((error, response) =>
     error ? reply.reject(error) : reply.resolve(response.adapter as Adapter),
   );
-  await send(stream, { header: { adapterId, files } }, reply.promise);
+  await send(stream, { header: { adapterId, files, shared: options.shared === true } }, reply.promise);
   for (const { name } of files) {
     for await (const data of createReadStream(path.join(folder, name), { highWaterMark: CHUNK_BYTES })) {
       await send(stream, { chunk: { name, data: data as Buffer } }, reply.promise);

@@ -5,6 +5,7 @@
 // tryShutdown raced with a grace timer, then forceShutdown.
 
 import { Server, ServerCredentials } from '@grpc/grpc-js';
+import type { TracerProvider } from '@opentelemetry/api';
 import type { IMetricReader } from '@opentelemetry/sdk-metrics';
 import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
 import { readFileSync } from 'node:fs';
@@ -14,6 +15,7 @@ import { GenerationServiceService } from '../gen/tuneserve/v1/generation.js';
 import { ModelServiceService } from '../gen/tuneserve/v1/model.js';
 import { TrainingServiceService } from '../gen/tuneserve/v1/training.js';
 import { AdapterRegistry } from './adapter-registry.js';
+import { KeyStore, type KeySource } from './auth.js';
 import { adapterService } from './adapter-service.js';
 import { defaultLimits, MAX_CHUNK_BYTES, type ServerLimits, type ServiceContext } from './context.js';
 import { DataRoot } from './data-root.js';
@@ -22,9 +24,9 @@ import { DatasetStore } from './datasets.js';
 import type { EnginePort } from './engine-port.js';
 import { unavailable } from './errors.js';
 import { generationService } from './generation-service.js';
-import { JobQueue } from './job-queue.js';
+import { JobQueue, type JobQueueDependencies } from './job-queue.js';
 import { JobStore } from './job-store.js';
-import { jsonLogger, type Logger } from './logger.js';
+import { createLogger, type Logger } from './logger.js';
 import { modelService } from './model-service.js';
 import { addReflection } from './reflection.js';
 import { RpcRunner } from './rpc.js';
@@ -52,16 +54,18 @@ export interface ServerOptions {
   host?: string;
   /** Port; default 50051; 0 picks a free one (see TuneServer.port). */
   port?: number;
-  /** Transport credentials; default insecure (TLS is usually terminated by the mesh). */
-  credentials?: ServerCredentials;
-  /** Accepted bearer tokens ("authorization: Bearer <token>"); empty or absent: no authentication. */
-  authTokens?: string[];
+  /** TLS (mutual TLS with clientCa), or plaintext, which must be asked for. */
+  transport: TransportOptions;
+  /** API keys (a keys file, or the deprecated token list); absent: no authentication. */
+  keys?: KeySource | null;
   /** Serve grpc.reflection (v1 and v1alpha); default false. */
   reflection?: boolean;
   /** Serve Prometheus metrics on this port; default off. */
   metrics?: PrometheusOptions | null;
   /** Extra OpenTelemetry metric readers (e.g. an in-memory reader in tests). */
   metricReaders?: IMetricReader[];
+  /** Where spans go; default the global provider (the SDK's under `tuneserve serve`). */
+  tracerProvider?: TracerProvider;
   /** Overrides of the default limits. */
   limits?: Partial<ServerLimits>;
   logger?: Logger;
@@ -69,6 +73,29 @@ export interface ServerOptions {
   shutdownGraceMs?: number;
   /** How long close() keeps refusing calls (health NOT_SERVING) before closing connections; default 0. */
   drainDelayMs?: number;
+  /**
+   * Called by close() on the running training job before it is stopped (see JobQueueDependencies.
+   * beforeShutdown): where a checkpoint for resume-after-restart goes.
+   */
+  beforeTrainingShutdown?: JobQueueDependencies['beforeShutdown'];
+}
+
+/** PEM files of the gRPC port's TLS: its certificate chain and key, and for mutual TLS the client CA. */
+export interface TlsFiles {
+  cert: Buffer;
+  key: Buffer;
+  /** Clients must present a certificate signed by this CA bundle. */
+  clientCa?: Buffer;
+}
+
+/** How the gRPC port is secured. */
+export type TransportOptions = { tls: TlsFiles } | { plaintext: true };
+
+/** grpc-js credentials for a transport choice. */
+export function serverCredentials(transport: TransportOptions): ServerCredentials {
+  if ('plaintext' in transport) return ServerCredentials.createInsecure();
+  const { cert, key, clientCa } = transport.tls;
+  return ServerCredentials.createSsl(clientCa ?? null, [{ cert_chain: cert, private_key: key }], clientCa !== undefined);
 }
 
 /** A running server. */
@@ -99,11 +126,15 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
   // Observe the engine promise at once: a load failure must not surface as an unhandled rejection.
   const engineLoad = Promise.resolve(options.engine);
   engineLoad.catch(() => {});
-  const logger = options.logger ?? jsonLogger();
+  const logger = options.logger ?? createLogger();
   const limits: ServerLimits = { ...defaultLimits, ...options.limits };
   const dataRoot = await DataRoot.open(options.dataRoot, options.exportRoot);
   const store = new JobStore(dataRoot.databasePath);
-  const telemetry = await Telemetry.create(options.metrics ?? null, options.metricReaders ?? []);
+  const telemetry = await Telemetry.create(options.metrics ?? null, options.metricReaders ?? [], options.tracerProvider ?? null);
+  const keys = options.keys ? KeyStore.open(options.keys, logger) : null;
+  if (options.keys && 'tokens' in options.keys) {
+    logger.warn({ tokens: options.keys.tokens.length }, 'TUNESERVE_AUTH_TOKENS is deprecated: each token is an admin key of tenant "default"; use a keys file');
+  }
 
   let engine: EnginePort | null = null;
   let lifecycle: Lifecycle = 'loading';
@@ -114,7 +145,16 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
 
   const datasets = new DatasetStore(dataRoot, limits.maxDatasetBytes, logger);
   const adapters = new AdapterRegistry(dataRoot, requireEngine, logger);
-  const queue = new JobQueue({ store, dataRoot, datasets, adapters, logger, maxQueuedJobs: limits.maxQueuedJobs });
+  const queue = new JobQueue({
+    store,
+    dataRoot,
+    datasets,
+    adapters,
+    logger,
+    telemetry,
+    maxQueuedJobs: limits.maxQueuedJobs,
+    ...(options.beforeTrainingShutdown ? { beforeShutdown: options.beforeTrainingShutdown } : {}),
+  });
   const context: ServiceContext = {
     engine: requireEngine,
     dataRoot,
@@ -144,7 +184,7 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
           return unavailable('SERVER_DRAINING', 'the server is shutting down; retry on another replica');
       }
     },
-    authTokens: options.authTokens ?? [],
+    keys,
     telemetry,
     logger,
     redact: (message) => dataRoot.redact(message),
@@ -171,11 +211,20 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
   const host = options.host ?? '0.0.0.0';
   const address = host.includes(':') ? `[${host}]:${options.port ?? 50051}` : `${host}:${options.port ?? 50051}`;
   const port = await new Promise<number>((resolve, reject) => {
-    server.bindAsync(address, options.credentials ?? ServerCredentials.createInsecure(), (error, bound) =>
+    server.bindAsync(address, serverCredentials(options.transport), (error, bound) =>
       error ? reject(error) : resolve(bound),
     );
   });
-  logger.info('listening', { address: host, port, reflection: options.reflection === true });
+  logger.info(
+    {
+      address: host,
+      port,
+      transport: 'plaintext' in options.transport ? 'plaintext' : options.transport.tls.clientCa ? 'mutual-tls' : 'tls',
+      keys: keys?.size ?? null,
+      reflection: options.reflection === true,
+    },
+    'listening',
+  );
 
   const ready = engineLoad.then(
     (loaded) => {
@@ -186,16 +235,18 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
         queuedJobs: () => queue.queuedCount,
         runningJobs: () => queue.runningCount,
         loadedAdapters: () => loaded.loadedAdapters().length,
+        adapterSlots: () => loaded.modelInfo().adapterSlots,
         activeGenerations: () => context.generations.active,
+        memory: () => loaded.modelInfo().memory,
       });
       lifecycle = 'serving';
       setHealth('SERVING');
       const info = loaded.modelInfo();
-      logger.info('serving', { model: info.name, device: info.device, quantization: info.quantization });
+      logger.info({ model: info.name, device: info.device, quantization: info.quantization }, 'serving');
     },
     (error: unknown) => {
       if (lifecycle === 'loading') lifecycle = 'failed';
-      logger.error('model failed to load', { error: error instanceof Error ? (error.stack ?? error.message) : String(error) });
+      logger.error({ error: error instanceof Error ? (error.stack ?? error.message) : String(error) }, 'model failed to load');
       throw error;
     },
   );
@@ -208,7 +259,7 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
       const drainDelayMs = closeOptions.drainDelayMs ?? options.drainDelayMs ?? 0;
       lifecycle = 'draining';
       setHealth('NOT_SERVING');
-      logger.info('draining', { graceMs, drainDelayMs });
+      logger.info({ graceMs, drainDelayMs }, 'draining');
       if (drainDelayMs > 0) await sleep(drainDelayMs);
       await Promise.race([queue.shutdown(), sleep(graceMs)]);
       await new Promise<void>((resolve) => {
@@ -225,6 +276,7 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
       lifecycle = 'closed';
       await sleep(0);
       store.close();
+      keys?.close();
       await telemetry.shutdown();
       logger.info('stopped');
     })();

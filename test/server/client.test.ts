@@ -28,7 +28,7 @@ describe('client helpers', () => {
   });
 
   it('upload, import and export through one authenticated channel', async () => {
-    harness = await startHarness({ server: { authTokens: ['t0ken'] } });
+    harness = await startHarness({ server: { keys: { tokens: ['t0ken'] } } });
     clients = createClients(`127.0.0.1:${harness.server.port}`, { token: 't0ken' });
     const file = path.join(harness.sandbox, 'rows.jsonl');
     await fs.writeFile(file, '{"text":"one"}\n{"text":"two"}\n'.repeat(50_000));
