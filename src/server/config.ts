@@ -252,14 +252,15 @@ export function settingsHelp(): string {
     const s = setting(name);
     const flag = s.envOnly ? '(env only)' : flagOf(name);
     const fallback = 'default' in s ? ` [default ${JSON.stringify(s.default)}]` : '';
-    return `  ${flag.padEnd(30)} ${envOf(name).padEnd(38)} ${s.doc}${fallback}`;
+    return `  ${name.padEnd(26)} ${flag.padEnd(28)} ${envOf(name).padEnd(36)} ${s.doc}${fallback}`;
   });
   return [
     'usage: tuneserve serve [--config FILE.json] [--print-config] [flags]',
     '',
-    'Every setting is a flag, a TUNESERVE_* variable and a key of the JSON config file (its name below without',
-    'the dashes, in camelCase). Precedence: flag > variable > file > default.',
+    'Every setting is a key of the JSON config file, a flag and a TUNESERVE_* variable. Precedence: flag >',
+    'variable > file > default. Boolean flags also have a --no- form. OpenTelemetry reads the standard OTEL_* variables.',
     '',
+    `  ${'key'.padEnd(26)} ${'flag'.padEnd(28)} ${'variable'.padEnd(36)} meaning`,
     ...lines,
     '',
   ].join('\n');
