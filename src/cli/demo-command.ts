@@ -15,7 +15,7 @@ import { EngineError } from '../engine/errors.js';
 import { LrScheduler, TrainingConfig, TrainRequest, type JobEvent, type TrainingStep, type TrainResponse } from '../gen/tuneserve/v1/training.js';
 import { MergeDtype } from '../gen/tuneserve/v1/adapters.js';
 import type { GenerateRequest } from '../gen/tuneserve/v1/generation.js';
-import { createClients, type TuneClients } from '../server/client.js';
+import { createClients, type TuneClients } from '../client/index.js';
 import { createLogger, type Logger } from '../server/logger.js';
 import { NativeEnginePort } from '../server/native-engine-port.js';
 import { createServer, type TuneServer } from '../server/server.js';
@@ -183,7 +183,7 @@ export async function demoCommand(argv: string[], io: CommandIo = { stdout: proc
       await running.server.ready;
       // From here on the demo is an ordinary gRPC client.
       const address = `127.0.0.1:${running.server.port}`;
-      running.clients = createClients(address);
+      running.clients = createClients(address, { plaintext: true });
       return { info: await unary(running.clients.model, running.clients.model.getModelInfo, {}), address, client: running.clients };
     }, (r) => `${r.info.modelName}, ${r.info.architecture?.numLayers} layers, NF4 on ${r.info.device.split(':')[0]}`);
     const arch = info.architecture;

@@ -49,7 +49,7 @@ describe('tuneserve remote', () => {
     stderr.on('data', (chunk: Buffer) => chunks.stderr.push(chunk));
     let error: Ran['error'] = null;
     try {
-      await remoteCommand([...args, '--addr', address], { stdout, stderr });
+      await remoteCommand([...args, '--addr', address, '--plaintext'], { stdout, stderr });
     } catch (caught) {
       error = caught as Ran['error'];
     }
@@ -136,7 +136,7 @@ describe('tuneserve remote', () => {
 
   it('exits 1 with one error line from bin/tuneserve.js', async () => {
     await ensureDistFresh();
-    const failed = await run(process.execPath, [join(ROOT, 'bin', 'tuneserve.js'), 'remote', 'adapters', 'get', 'nope', '--addr', address], { cwd: ROOT })
+    const failed = await run(process.execPath, [join(ROOT, 'bin', 'tuneserve.js'), 'remote', 'adapters', 'get', 'nope', '--addr', address, '--plaintext'], { cwd: ROOT })
       .then(() => null, (error: unknown) => error as { code: number; stdout: string; stderr: string });
     expect(failed?.code).toBe(1);
     expect(failed?.stderr).toBe('tuneserve remote: [NOT_FOUND] ADAPTER_NOT_FOUND: adapter "nope" not found\n');

@@ -21,7 +21,7 @@ import { makeModel } from '../../src/engine/make-model.js';
 import { FinishReason, GenerateRequest, type GenerateResponse } from '../../src/gen/tuneserve/v1/generation.js';
 import { TrainingConfig } from '../../src/gen/tuneserve/v1/training.js';
 import { hashKey, newKey } from '../../src/server/auth.js';
-import { createClients, type TuneClients } from '../../src/server/client.js';
+import { createClients, type TuneClients } from '../../src/client/index.js';
 import { ROOT } from '../helpers/dist.js';
 import { startOtlpReceiver, type OtlpReceiver, type ReceivedSpan } from '../helpers/otlp-receiver.js';
 import { startServe, type ServeProcess } from '../helpers/serve-process.js';
@@ -73,7 +73,7 @@ describe('operations of a real tuneserve serve process', () => {
         OTEL_METRIC_EXPORT_INTERVAL: '500',
       },
     );
-    clients = createClients(`127.0.0.1:${serve.port}`, { token: key });
+    clients = createClients(`127.0.0.1:${serve.port}`, { apiKey: key, plaintext: true });
 
     // The calls the checks below look at.
     await call(clients.model.getModelInfo, clients.model, {}, {}, withRequestId('req-info'));
@@ -96,7 +96,7 @@ describe('operations of a real tuneserve serve process', () => {
     anonymous.on('metadata', (metadata: Metadata) => (echoedRequestId = String(metadata.get('x-request-id')[0] ?? '')));
     expect((await collect(anonymous)).error).toBeNull();
     // A call without a key, refused.
-    const keyless = createClients(`127.0.0.1:${serve.port}`);
+    const keyless = createClients(`127.0.0.1:${serve.port}`, { plaintext: true });
     const refused = await call(keyless.model.getModelInfo, keyless.model, {}, {}, withRequestId('req-nokey')).then(() => null, (e: ServiceError) => e);
     expect(refused?.code).toBe(status.UNAUTHENTICATED);
     keyless.close();

@@ -20,7 +20,7 @@ import { ModelServiceService } from '../../src/gen/tuneserve/v1/model.js';
 import { GenerationServiceService } from '../../src/gen/tuneserve/v1/generation.js';
 import { TrainingConfig, TrainingServiceService } from '../../src/gen/tuneserve/v1/training.js';
 import { hashKey, newKey, RPC_SCOPES, type Scope } from '../../src/server/auth.js';
-import { createClients, statusDetailsOf, type TuneClients } from '../../src/server/client.js';
+import { createClients, statusDetailsOf, type TuneClients } from '../../src/client/index.js';
 import { call, collect, eventually, expectStatus, importAdapter, makeSandbox, sha256, startHarness, upload, type Harness } from './harness.js';
 
 const SERVICES = {
@@ -89,7 +89,7 @@ describe('API keys, scopes and tenants', () => {
     await writeKeys(keysFile, KEYS, secrets);
     harness = await startHarness({ sandbox, server: { keys: { file: keysFile, reloadMs: 100 } }, ...options });
     const as = (id: string): TuneClients => {
-      const clients = createClients(`127.0.0.1:${harness!.server.port}`, { token: secrets.get(id)! });
+      const clients = createClients(`127.0.0.1:${harness!.server.port}`, { apiKey: secrets.get(id)!, plaintext: true });
       opened.push(clients);
       return clients;
     };

@@ -11,7 +11,7 @@ import { expect } from 'vitest';
 import type { ImportAdapterResponse } from '../../src/gen/tuneserve/v1/adapters.js';
 import type { UploadDatasetResponse } from '../../src/gen/tuneserve/v1/datasets.js';
 import { createLogger, type Logger } from '../../src/server/logger.js';
-import { createClients, type TuneClients } from '../../src/server/client.js';
+import { createClients, type TuneClients } from '../../src/client/index.js';
 import { createServer, type ServerOptions, type TuneServer } from '../../src/server/server.js';
 import { statusDetailsOf, type StatusDetails } from '../../src/server/status-details.js';
 import { doubleAdapterFiles, EngineDouble } from './engine-double.js';
@@ -23,7 +23,7 @@ export const hostileIds = ['../x', '/etc/passwd', 'a/b', '', 'x'.repeat(300), '.
 export type Clients = TuneClients;
 
 export function connect(port: number): Clients {
-  return createClients(`127.0.0.1:${port}`);
+  return createClients(`127.0.0.1:${port}`, { plaintext: true });
 }
 
 /** One line the server logged: level name, message, and the other fields. */

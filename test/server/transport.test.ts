@@ -6,7 +6,7 @@
 import { credentials, status, type ServiceError } from '@grpc/grpc-js';
 import { rmSync } from 'node:fs';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
-import { createClients, type TuneClients } from '../../src/server/client.js';
+import { createClients, type TuneClients } from '../../src/client/index.js';
 import { makeTestPki, opensslMissing, type TestPki } from '../helpers/certificates.js';
 import { call, startHarness, type Harness } from './harness.js';
 
