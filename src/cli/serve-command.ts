@@ -47,9 +47,10 @@ export async function serveCommand(argv: string[], io: { stdout: NodeJS.Writable
 /** Starts the engine and the server from a validated configuration, and serves until a signal. */
 async function runServer(config: ServeConfig, otel: ReturnType<typeof startOpenTelemetry>): Promise<void> {
   // Loaded only now: OpenTelemetry is running before @grpc/grpc-js is imported.
-  const [{ createServer }, { NativeEnginePort }] = await Promise.all([
+  const [{ createServer }, { NativeEnginePort }, { startStatusPage }] = await Promise.all([
     import('../server/server.js'),
     import('../server/native-engine-port.js'),
+    import('../server/status-page.js'),
   ]);
   const logger = createLogger({ level: config.logLevel });
   const dataRoot = resolve(config.dataRoot);
@@ -83,7 +84,7 @@ async function runServer(config: ServeConfig, otel: ReturnType<typeof startOpenT
     limits: { maxConcurrentGenerations: config.maxConcurrentGenerations, maxQueuedJobs: config.maxQueuedJobs },
     shutdownGraceMs: config.graceMs, drainDelayMs: config.drainDelayMs,
   });
-  const statusPage = null as { port: number; close(): Promise<void> } | null;
+  const statusPage = config.statusPort > 0 ? await startStatusPage(server.status, { host: config.statusHost, port: config.statusPort }) : null;
   logger.info(
     { port: server.port, dataRoot, traces: otel.traces, metrics: otel.metrics, statusPort: statusPage?.port ?? null },
     'tuneserve listening',

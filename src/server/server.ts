@@ -30,7 +30,9 @@ import { createLogger, type Logger } from './logger.js';
 import { modelService } from './model-service.js';
 import { addReflection } from './reflection.js';
 import { RpcRunner } from './rpc.js';
+import type { StatusSnapshot, StatusSource } from './status-page.js';
 import { Telemetry, type PrometheusOptions } from './telemetry.js';
+import { tenantOf } from './auth.js';
 import { trainingService } from './training-service.js';
 
 /** Fully qualified names of the tuneserve services (health checks may name each). */
@@ -106,6 +108,8 @@ export interface TuneServer {
   readonly ready: Promise<void>;
   /** Drains and stops the server (idempotent); the engine is left to its owner. */
   close(options?: { graceMs?: number; drainDelayMs?: number }): Promise<void>;
+  /** What the status page shows (startStatusPage). */
+  readonly status: StatusSource;
 }
 
 type Lifecycle = 'loading' | 'serving' | 'failed' | 'draining' | 'closed';
@@ -283,5 +287,36 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
     return closing;
   };
 
-  return { port, ready, close };
+  const status: StatusSource = {
+    snapshot: async (): Promise<StatusSnapshot> => {
+      const info = engine?.modelInfo() ?? null;
+      const m = info?.memory;
+      const adapterViews = engine === null ? [] : await adapters.list();
+      return {
+        state: lifecycle,
+        model: info === null ? null : { name: info.name, device: info.device, quantization: info.quantization },
+        memory: m === undefined ? null : {
+          deviceTotalBytes: m.deviceTotalBytes,
+          deviceFreeBytes: m.deviceFreeBytes,
+          uses: {
+            weights: m.weightsBytes, adapter_pool: m.adapterPoolBytes, kv_cache: m.kvCacheBytes, training_workspace: m.trainingWorkspaceBytes,
+            step_workspace: m.stepWorkspaceBytes, backend_scratch: m.backendScratchBytes,
+          },
+          kvCacheBlocks: m.kvCacheBlocks,
+          kvCacheBlocksUsed: m.kvCacheBlocksUsed,
+        },
+        pool: engine === null || info === null ? null : { slots: info.adapterSlots, loaded: engine.loadedAdapters() },
+        adapters: adapterViews.map((a) => ({ adapterId: a.adapterId, tenant: tenantOf(a), shared: a.shared === true, loaded: a.loaded, finalLoss: a.metrics?.finalLoss ?? null })),
+        jobs: store.list({ states: [], limit: 50, beforeOrdinal: null }).map((j) => ({
+          jobId: j.jobId, state: j.state, adapterId: j.adapterId, tenant: j.tenant, step: j.lastStep?.step ?? 0, totalSteps: j.totalSteps,
+          loss: j.lastStep?.loss ?? null, evalLoss: j.metrics?.evalLoss ?? null, createTime: j.createTime,
+        })),
+        queue: { queued: queue.queuedCount, running: queue.runningCount },
+      };
+    },
+    jobExists: (jobId) => store.get(jobId) !== null,
+    follow: (jobId, afterSequence, signal) => queue.follow(jobId, afterSequence, signal),
+  };
+
+  return { port, ready, close, status };
 }
