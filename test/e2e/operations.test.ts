@@ -7,7 +7,8 @@
 //   in anything exported;
 // - metrics: the Prometheus endpoint (--metrics-port) and the OTLP metrics both carry the metric names
 //   and labels the dashboard uses (generation latency per adapter and tenant, training loss per job,
-//   queue depth, KV blocks, device memory);
+//   queue depth, KV blocks, device memory); every metric and label that a query of the Grafana
+//   dashboard (deploy/grafana/tuneserve.json) names is in the scrape;
 // - logs: pino JSON on stderr, each call's lines carrying its request id; no key or prompt text;
 // - SIGTERM during a generation: the generation finishes whole (every token it was asked for), new
 //   calls are refused while draining, the process exits 0, and the spans are flushed before it does.
@@ -117,7 +118,10 @@ describe('operations of a real tuneserve serve process', () => {
   const spansNamed = (name: string): ReceivedSpan[] => receiver.spans.filter((s) => s.name === name);
 
   it('exports a span per RPC with request id, tenant and adapter, and child spans for generation phases and the job', async () => {
-    await eventually(() => spansNamed('training.run').length > 0 && receiver.spans.some((s) => s.attributes['tuneserve.request_id'] === 'req-gen-1'), 30_000);
+    // Spans arrive in batches (every 100 ms here): wait until each one looked at below is in.
+    const arrived = (id: string) => receiver.spans.some((s) => s.attributes['tuneserve.request_id'] === id);
+    await eventually(() => spansNamed('training.run').length > 0 && ['req-gen-1', 'req-train', 'req-nokey', echoedRequestId].every(arrived), 30_000);
+    await eventually(() => spansNamed('generate.decode').length >= 2, 10_000);
     const generate = receiver.spans.find((s) => s.attributes['tuneserve.request_id'] === 'req-gen-1')!;
     expect(generate).toMatchObject({
       name: 'tuneserve.v1.GenerationService/Generate',
@@ -179,8 +183,41 @@ describe('operations of a real tuneserve serve process', () => {
     expect(text).toMatch(/tuneserve_device_memory_usage\{[^}]*tuneserve_memory_use="weights"[^}]*\} [1-9]/);
     expect(text).not.toContain(key);
 
+    // OTLP metrics are exported every 500 ms; a later export holds what was recorded after an earlier one.
     await eventually(() => receiver.metrics.some((m) => m.name === 'tuneserve.training.loss' && m.points.some((p) => p['tuneserve.job'] === 'ops-job')), 10_000);
-    expect(receiver.metrics.some((m) => m.name === 'gen_ai.server.request.duration' && m.points.some((p) => p['tuneserve.adapter'] === 'ops-bot'))).toBe(true);
+    await eventually(() => receiver.metrics.some((m) => m.name === 'gen_ai.server.request.duration' && m.points.some((p) => p['tuneserve.adapter'] === 'ops-bot')), 10_000);
+  });
+
+  it('exports every metric and label the Grafana dashboard (deploy/grafana/tuneserve.json) queries', async () => {
+    const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    const dashboard = JSON.parse(await fs.readFile(join(ROOT, 'deploy', 'grafana', 'tuneserve.json'), 'utf8')) as {
+      panels: { targets?: { expr: string }[] }[];
+      templating: { list: { definition?: string }[] };
+    };
+    const expressions = [
+      ...dashboard.panels.flatMap((panel) => (panel.targets ?? []).map((target) => target.expr)),
+      ...dashboard.templating.list.flatMap((variable) => (variable.definition ? [variable.definition] : [])),
+    ];
+    expect(expressions.length).toBeGreaterThan(15);
+    for (const expr of expressions) {
+      const names = new Set(expr.match(/\b(?:gen_ai|rpc|tuneserve)_[a-z0-9_]+\b/g) ?? []);
+      // Labels: inside by (...), left of a matcher in {...}, and label_values' second argument.
+      const labels = new Set<string>([
+        ...[...expr.matchAll(/by \(([^)]*)\)/g)].flatMap((m) => m[1]!.split(',').map((l) => l.trim())),
+        ...[...expr.matchAll(/([a-z_]+)\s*(?:=~|!=|=)\s*"/g)].map((m) => m[1]!),
+        ...[...expr.matchAll(/label_values\([^,]+,\s*([a-z_]+)\)/g)].map((m) => m[1]!),
+      ]);
+      const metrics = [...names].filter((name) => !labels.has(name));
+      expect(metrics.length, expr).toBeGreaterThan(0);
+      for (const metric of metrics) {
+        const lines = text.split('\n').filter((line) => line.startsWith(`${metric}{`) || line.startsWith(`${metric} `));
+        expect(lines.length, `${metric} (in ${expr}) is not exported`).toBeGreaterThan(0);
+        for (const label of labels) {
+          if (label === '') continue;
+          expect(lines.some((line) => line.includes(`${label}="`)), `${metric} has no label ${label} (in ${expr})`).toBe(true);
+        }
+      }
+    }
   });
 
   it('logs JSON lines with each call\'s request id, and no key or prompt text', () => {
