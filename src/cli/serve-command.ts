@@ -80,7 +80,7 @@ async function runServer(config: ServeConfig, otel: ReturnType<typeof startOpenT
   if (keys === null) logger.warn('no API keys configured (authKeysFile): every caller is an admin of tenant "default"');
   const server = await createServer({
     engine: enginePromise, dataRoot, ...(config.exportRoot ? { exportRoot: resolve(config.exportRoot) } : {}),
-    host: config.host, port: config.port, transport, keys, reflection: config.reflection, logger,
+    host: config.host, port: config.port, ...(config.healthPort > 0 ? { healthPort: config.healthPort } : {}), transport, keys, reflection: config.reflection, logger,
     limits: { maxConcurrentGenerations: config.maxConcurrentGenerations, maxQueuedJobs: config.maxQueuedJobs },
     shutdownGraceMs: config.graceMs, drainDelayMs: config.drainDelayMs,
   });

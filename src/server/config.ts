@@ -36,6 +36,7 @@ export const SETTINGS = {
   exportRoot: { kind: 'string', schema: path, doc: 'folder for merged models; default <dataRoot>/exports' },
   host: { kind: 'string', schema: z.string().min(1), default: '0.0.0.0', doc: 'interface of the gRPC port' },
   port: { kind: 'integer', schema: port, default: 50051, doc: 'gRPC port (0: any free port)' },
+  healthPort: { kind: 'integer', schema: port, default: 0, doc: 'plaintext port serving only grpc.health.v1, for probes when the gRPC port has TLS (0: off)' },
   plaintext: { kind: 'boolean', schema: z.boolean(), default: false, doc: 'serve gRPC without TLS (needed when no tlsCert is set)' },
   tlsCert: { kind: 'string', schema: path, doc: 'PEM certificate chain of the gRPC port' },
   tlsKey: { kind: 'string', schema: path, doc: 'PEM private key of tlsCert' },
@@ -228,7 +229,7 @@ export function loadConfig({ flags, env }: ConfigInputs): { config: ServeConfig;
   if (c.authKeysFile !== undefined && c.authTokens.length > 0) {
     problems.push(`${from('authTokens')}: cannot be combined with ${from('authKeysFile')}; move the tokens into the keys file`);
   }
-  for (const [a, b] of [['port', 'metricsPort'], ['port', 'statusPort'], ['metricsPort', 'statusPort']] as const) {
+  for (const [a, b] of [['port', 'metricsPort'], ['port', 'statusPort'], ['metricsPort', 'statusPort'], ['port', 'healthPort'], ['metricsPort', 'healthPort'], ['statusPort', 'healthPort']] as const) {
     if (c[a] !== 0 && c[a] === c[b]) problems.push(`${from(b)}: is the same port as ${from(a)}`);
   }
   if (problems.length > 0) throw new ConfigError(problems);

@@ -60,6 +60,11 @@ export interface ServerOptions {
   transport: TransportOptions;
   /** API keys (a keys file, or the deprecated token list); absent: no authentication. */
   keys?: KeySource | null;
+  /**
+   * Also serve grpc.health.v1 (only) on this plaintext port, for Kubernetes gRPC probes, which cannot
+   * use TLS; 0 picks a free one (see TuneServer.healthPort). Absent: none.
+   */
+  healthPort?: number | null;
   /** Serve grpc.reflection (v1 and v1alpha); default false. */
   reflection?: boolean;
   /** Serve Prometheus metrics on this port; default off. */
@@ -104,6 +109,8 @@ export function serverCredentials(transport: TransportOptions): ServerCredential
 export interface TuneServer {
   /** The bound port. */
   readonly port: number;
+  /** The bound health-only port, or null. */
+  readonly healthPort: number | null;
   /** Resolves once the engine is ready and every service is SERVING; rejects if loading failed. */
   readonly ready: Promise<void>;
   /** Drains and stops the server (idempotent); the engine is left to its owner. */
@@ -219,10 +226,22 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
       error ? reject(error) : resolve(bound),
     );
   });
+  // grpc.health.v1 alone on a plaintext port, for kubelet gRPC probes (they cannot speak TLS).
+  let healthServer: Server | null = null;
+  let healthPort: number | null = null;
+  if (options.healthPort !== undefined && options.healthPort !== null) {
+    healthServer = new Server();
+    health.addToServer(healthServer);
+    const healthAddress = host.includes(':') ? `[${host}]:${options.healthPort}` : `${host}:${options.healthPort}`;
+    healthPort = await new Promise<number>((resolve, reject) => {
+      healthServer!.bindAsync(healthAddress, ServerCredentials.createInsecure(), (error, bound) => (error ? reject(error) : resolve(bound)));
+    });
+  }
   logger.info(
     {
       address: host,
       port,
+      healthPort,
       transport: 'plaintext' in options.transport ? 'plaintext' : options.transport.tls.clientCa ? 'mutual-tls' : 'tls',
       keys: keys?.size ?? null,
       reflection: options.reflection === true,
@@ -277,6 +296,7 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
           resolve();
         });
       });
+      healthServer?.forceShutdown();
       lifecycle = 'closed';
       await sleep(0);
       store.close();
@@ -318,5 +338,5 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
     follow: (jobId, afterSequence, signal) => queue.follow(jobId, afterSequence, signal),
   };
 
-  return { port, ready, close, status };
+  return { port, healthPort, ready, close, status };
 }

@@ -3,7 +3,8 @@
 // mutual TLS) a client with no certificate or one signed by another CA are all refused. grpc-js
 // reports a failed handshake as UNAVAILABLE; the deadline only keeps a broken case from hanging.
 
-import { credentials, status, type ServiceError } from '@grpc/grpc-js';
+import { credentials, makeClientConstructor, status, type ServiceError } from '@grpc/grpc-js';
+import { service as healthService } from 'grpc-health-check';
 import { rmSync } from 'node:fs';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { createClients, type TuneClients } from '../../src/client/index.js';
@@ -47,6 +48,23 @@ describe.skipIf(missing !== null)('TLS and mutual TLS', () => {
     expect((await info(client(port, credentials.createSsl(pki.ca.cert)))).modelName).toBe('double');
     expect((await refused(client(port, credentials.createInsecure()))).code).toBe(status.UNAVAILABLE);
     expect((await refused(client(port, credentials.createSsl(pki.rogueCa.cert)))).code).toBe(status.UNAVAILABLE);
+  });
+
+  it('with TLS, a plaintext health-only port answers the probes (kubelet gRPC probes cannot use TLS) and nothing else', async () => {
+    harness = await startHarness({ server: { transport: { tls: { cert: pki.server.cert, key: pki.server.key } }, healthPort: 0 } });
+    await harness.server.ready;
+    const healthPort = harness.server.healthPort!;
+    expect(healthPort).toBeGreaterThan(0);
+    const Health = makeClientConstructor(healthService, 'grpc.health.v1.Health');
+    const probe = new Health(`127.0.0.1:${healthPort}`, credentials.createInsecure()) as unknown as {
+      check(request: { service: string }, callback: (error: ServiceError | null, response: { status: string | number }) => void): void;
+      close(): void;
+    };
+    const reply = await new Promise<{ status: string | number }>((resolve, reject) => probe.check({ service: 'tuneserve.v1.GenerationService' }, (e, r) => (e ? reject(e) : resolve(r))));
+    expect(String(reply.status)).toBe('SERVING');
+    probe.close();
+    // The tuneserve services are not on that port.
+    expect((await refused(client(healthPort, credentials.createInsecure()))).code).toBe(status.UNIMPLEMENTED);
   });
 
   it('mutual TLS: only a client certificate signed by the client CA gets through', async () => {
