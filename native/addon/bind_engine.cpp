@@ -59,6 +59,11 @@ Napi::Object adapter_tensors(Napi::Env env, const LoraAdapter& a, bool grads) {
   return out;
 }
 
+std::string text(const Napi::Object& o, const char* key, const std::string& fallback) {
+  Napi::Value v = o.Get(key);
+  return v.IsString() ? v.As<Napi::String>().Utf8Value() : fallback;
+}
+
 TrainHyper hyper_from_js(const Napi::Object& h) {
   TrainHyper p;
   p.lr = num(h, "lr", p.lr);
@@ -67,7 +72,7 @@ TrainHyper hyper_from_js(const Napi::Object& h) {
   p.eps = (float)num(h, "eps", p.eps);
   p.weight_decay = (float)num(h, "weightDecay", p.weight_decay);
   p.max_grad_norm = (float)num(h, "maxGradNorm", p.max_grad_norm);
-  if (h.Get("scheduler").IsString()) p.scheduler = h.Get("scheduler").As<Napi::String>().Utf8Value();
+  p.scheduler = text(h, "scheduler", p.scheduler);
   p.warmup_steps = (int)num(h, "warmupSteps", p.warmup_steps);
   p.batch_size = (int)num(h, "batchSize", p.batch_size);
   p.grad_accum = (int)num(h, "gradAccum", p.grad_accum);
@@ -78,8 +83,21 @@ TrainHyper hyper_from_js(const Napi::Object& h) {
   p.recompute = flag(h, "recompute", p.recompute);
   p.pad_id = (int32_t)num(h, "padId", p.pad_id);
   p.eval_every = (int)num(h, "evalEvery", p.eval_every);
+  p.early_stopping_patience = (int)num(h, "earlyStoppingPatience", p.early_stopping_patience);
+  p.early_stopping_min_delta = num(h, "earlyStoppingMinDelta", p.early_stopping_min_delta);
+  p.keep_best = flag(h, "keepBest", p.keep_best);
   p.checkpoint_every = (int)num(h, "checkpointEvery", p.checkpoint_every);
-  if (h.Get("checkpointDir").IsString()) p.checkpoint_dir = h.Get("checkpointDir").As<Napi::String>().Utf8Value();
+  p.checkpoint_dir = text(h, "checkpointDir", p.checkpoint_dir);
+  p.adapter_config_json = text(h, "adapterConfigJson", p.adapter_config_json);
+  p.config_hash = text(h, "configHash", p.config_hash);
+  p.data_hash = text(h, "dataHash", p.data_hash);
+  p.resume_from = text(h, "resumeFrom", p.resume_from);
+  p.nonfinite_policy = text(h, "nonfinitePolicy", p.nonfinite_policy);
+  p.spike_factor = num(h, "spikeFactor", p.spike_factor);
+  p.spike_policy = text(h, "spikePolicy", p.spike_policy);
+  p.rollback_lr_factor = num(h, "rollbackLrFactor", p.rollback_lr_factor);
+  p.max_interventions = (int)num(h, "maxInterventions", p.max_interventions);
+  p.inject_nonfinite_step = (int64_t)num(h, "injectNonfiniteStep", 0);
   return p;
 }
 
@@ -95,7 +113,21 @@ Napi::Object step_to_js(Napi::Env env, const StepReport& r) {
   o.Set("targets", (double)r.targets);
   o.Set("seconds", r.seconds);
   if (r.has_eval) o.Set("evalLoss", r.eval_loss);
+  if (r.has_forgetting) {
+    o.Set("forgettingLoss", r.forgetting_loss);
+    o.Set("forgettingBaseLoss", r.forgetting_base_loss);
+  }
   if (!r.checkpoint.empty()) o.Set("checkpoint", r.checkpoint);
+  if (!r.guard_action.empty()) {
+    o.Set("guardAction", r.guard_action);
+    o.Set("guardReason", r.guard_reason);
+    if (r.guard_action == "rollback") o.Set("rolledBackTo", (double)r.rolled_back_to);
+  }
+  if (r.stopped_early) o.Set("stoppedEarly", true);
+  if (r.best_step > 0) {
+    o.Set("bestStep", (double)r.best_step);
+    o.Set("bestEvalLoss", r.best_eval_loss);
+  }
   return o;
 }
 
@@ -332,7 +364,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     });
   }
 
-  // train({slot, examples: [{ids, labels}], evalExamples?, hyper}, onStep) -> {id, promise}
+  // train({slot, examples: [{ids, labels}], evalExamples?, forgettingExamples?, hyper}, onStep) -> {id, promise}
   Napi::Value train(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
@@ -352,6 +384,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       };
       std::vector<TrainExample> examples = read_examples("examples");
       std::vector<TrainExample> eval_examples = read_examples("evalExamples");
+      std::vector<TrainExample> forgetting_examples = read_examples("forgettingExamples");
       TrainHyper hyper = hyper_from_js(spec.Get("hyper").As<Napi::Object>());
       auto ch = JsChannel::create(env, info[1], "tuneserve.train");
       TrainingCallbacks cb;
@@ -364,7 +397,8 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
         });
       };
       cb.on_error = [ch](const std::string& code, const std::string& msg) { ch->reject(code, msg); };
-      uint64_t id = engine(env).submit_training(adapter, std::move(examples), hyper, std::move(cb), std::move(eval_examples));
+      uint64_t id = engine(env).submit_training(adapter, std::move(examples), hyper, std::move(cb), std::move(eval_examples),
+                                                std::move(forgetting_examples));
       Napi::Object r = Napi::Object::New(env);
       r.Set("id", (double)id);
       r.Set("promise", ch->promise());

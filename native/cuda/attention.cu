@@ -13,8 +13,8 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
-#include <initializer_list>
 #include <cmath>
+#include <initializer_list>
 #include <string>
 #include <type_traits>
 
@@ -77,7 +77,8 @@ DeviceLimits device_limits() {
 // Lets `kernel` use more than the default 48 KiB of dynamic shared memory (per device, so per call).
 template <typename Kernel>
 void allow_shared(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  if (bytes > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
 template <typename T>
@@ -408,7 +409,8 @@ void check_attention_args(int NH, int NKV, int D, const char* what) {
 // doc_start is null). With S_tj = q_t·k_j / √D and P = softmax_j(S):
 //   forward    out_t = Σ_j P_tj v_j ;  lse_t = log Σ_j exp(S_tj)                (lse saved, (B, NH, T))
 //   backward   P_tj = exp(S_tj − lse_t) ; dP_tj = dout_t·v_j ; Δ_t = dout_t·out_t ; dS_tj = P_tj (dP_tj − Δ_t)
-//              dq_t = Σ_j dS_tj k_j / √D ;  dk_j = Σ_{h in group, t} dS_tj q_t / √D ;  dv_j = Σ_{h, t} P_tj dout_t
+//              dq_t = Σ_j dS_tj k_j / √D
+//              dk_j = Σ_{h in group, t} dS_tj q_t / √D ;  dv_j = Σ_{h in group, t} P_tj dout_t
 //
 // Tiles live in shared memory as float, rows padded by 4 floats so that 16 lanes reading 16 rows at
 // the same column hit different banks while float4 reads stay aligned.
@@ -445,6 +447,12 @@ __device__ __forceinline__ int warp_min_int(int v) {
 }
 
 // ---- forward: one block per (query tile of 64 rows, head h, sequence b), key tiles of 64 -----------
+//
+// Flash-attention 2 in SIMT: for each key tile from the tile's lowest document start to its last row,
+// S = Q·Kᵀ (each thread a 4 × 4 cell block: rows ty + 16i, keys tx + 16j), masked, then the online
+// softmax per row (the row's 16 threads share one half-warp: max by shuffles, the sum kept per thread
+// and added once at the end), P to shared memory, acc = acc·α + P·V. K and V take turns in one buffer
+// so that D = 128 fits in 85 KB of shared memory (sm_89 allows 99 KB per block).
 
 constexpr int FWD_BQ = 64, FWD_BK = 64;
 
@@ -605,6 +613,12 @@ __global__ void __launch_bounds__(TILE_THREADS)
 }
 
 // ---- backward: dk/dv over key tiles, dq over query tiles (each output owned by one block) -----------
+//
+// Two kernels, no scratch and no atomics: one block per (key tile, kv head, b) loops over the group's G
+// heads and the query tiles at or after its keys, accumulating dk and dv in registers; one block per
+// (query tile, head, b) loops over its key tiles for dq. Both recompute S and dP (P from the saved lse)
+// and Δ_t = dout_t·out_t, so nothing of size (T, T) or (B, NH, T) beyond lse is ever stored; the price
+// is computing S and dP twice.
 
 constexpr int BWD_B = 32;  // rows of every backward tile (query and key)
 
@@ -614,23 +628,31 @@ constexpr size_t backward_shared_bytes() {
   return sizeof(float) * (4 * BWD_B * (D + PAD) + 2 * BWD_B * (BWD_B + PAD) + 3 * BWD_B) + 16;
 }
 
-// Per-row data of a query tile for head h: first key (INT_MAX past the sequence), lse·log2(e), and
-// Δ = dout·out (dout from the shared tile, out from memory); returns the tile's lowest first key.
-// Needs the dout tile loaded and synchronized; synchronizes before returning.
+// The first key of each row of a query tile (INT_MAX past the sequence) into row_start and the
+// tile's lowest into *tile_lowest; synchronizes, then returns that lowest first key.
+__device__ __forceinline__ int backward_row_starts(int* row_start, int* tile_lowest, const AttentionShape& s, int b,
+                                                   int q0) {
+  if (threadIdx.x / WARP == 0) {
+    const int lane = threadIdx.x % WARP, t = q0 + lane;
+    const int start = t < s.T ? (s.doc_start ? s.doc_start[int64_t(b) * s.T + t] : 0) : INT_MAX;
+    row_start[lane] = start;
+    const int lowest = warp_min_int(start);
+    if (lane == 0) *tile_lowest = lowest;
+  }
+  __syncthreads();
+  return *tile_lowest;
+}
+
+// lse·log2(e) and Δ = dout·out of each row of a query tile for head h (dout from the shared tile, out
+// from memory). Needs the dout tile loaded and synchronized; synchronizes before returning.
 template <typename T, int D>
-__device__ __forceinline__ int backward_row_data(int* row_start, float* row_lse, float* row_delta, int* tile_lowest,
-                                                 const float* douts, const T* out, const float* lse,
-                                                 const AttentionShape& s, int b, int h, int q0) {
+__device__ __forceinline__ void backward_row_stats(float* row_lse, float* row_delta, const float* douts, const T* out,
+                                                   const float* lse, const AttentionShape& s, int b, int h, int q0) {
   const int seq_len = s.T, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, warps = blockDim.x / WARP;
   const int64_t QD = int64_t(s.NH) * D;
   if (warp == 0) {
     const int t = q0 + lane;
-    const bool valid = t < seq_len;
-    const int start = valid ? (s.doc_start ? s.doc_start[int64_t(b) * seq_len + t] : 0) : INT_MAX;
-    row_start[lane] = start;
-    row_lse[lane] = valid ? lse[(int64_t(b) * s.NH + h) * seq_len + t] * LOG2E : 0.f;
-    const int lowest = warp_min_int(start);
-    if (lane == 0) *tile_lowest = lowest;
+    row_lse[lane] = t < seq_len ? lse[(int64_t(b) * s.NH + h) * seq_len + t] * LOG2E : 0.f;
   }
   for (int r = warp; r < BWD_B; r += warps) {
     const int t = q0 + r;
@@ -643,16 +665,15 @@ __device__ __forceinline__ int backward_row_data(int* row_start, float* row_lse,
     if (lane == 0) row_delta[r] = d;
   }
   __syncthreads();
-  return *tile_lowest;
 }
 
 // S = Q·Kᵀ and dP = dO·Vᵀ for this thread's 2 × 2 cells (rows ty + 16i, keys tx + 16j), then
 // P = exp(S − lse) and dS = P (dP − Δ) / √D under the causal / document mask.
 template <int D>
-__device__ __forceinline__ void backward_scores(float (&p)[2][2], float (&ds)[2][2], const float* qs, const float* douts,
-                                                const float* ks, const float* vs, const int* row_start,
-                                                const float* row_lse, const float* row_delta, int q0, int k0,
-                                                int seq_len, float scale, float scale_log2) {
+__device__ __forceinline__ void backward_scores(float (&p)[2][2], float (&ds)[2][2], const float* qs,
+                                                const float* douts, const float* ks, const float* vs,
+                                                const int* row_start, const float* row_lse, const float* row_delta,
+                                                int q0, int k0, int seq_len, float scale, float scale_log2) {
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   float sc[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, dp[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 #pragma unroll 4
@@ -738,12 +759,13 @@ __global__ void __launch_bounds__(TILE_THREADS)
     // Query rows before k0 never see these keys (causal); BWD_B divides k0.
     for (int q0 = k0; q0 < seq_len; q0 += BWD_B) {
       __syncthreads();  // the previous tile is no longer read
+      // Every row of the tile starting its document after these keys (packing): nothing to load.
+      if (backward_row_starts(row_start, tile_lowest, s, b, q0) > key_last) continue;
       const int rows_valid = min(BWD_B, seq_len - q0);
       load_tile<T, D>(qs, q_base, QD, q0, rows_valid, BWD_B);
       load_tile<T, D>(douts, dout_base, QD, q0, rows_valid, BWD_B);
       __syncthreads();
-      const int lowest = backward_row_data<T, D>(row_start, row_lse, row_delta, tile_lowest, douts, out, lse, s, b, h, q0);
-      if (lowest > key_last) continue;  // every row of the tile starts its document after these keys
+      backward_row_stats<T, D>(row_lse, row_delta, douts, out, lse, s, b, h, q0);
 
       float p[2][2], ds[2][2];
       backward_scores<D>(p, ds, qs, douts, ks, vs, row_start, row_lse, row_delta, q0, k0, seq_len, scale, scale_log2);
@@ -831,8 +853,8 @@ __global__ void __launch_bounds__(TILE_THREADS)
   const int rows_valid = min(BWD_B, seq_len - q0);
   load_tile<T, D>(qs, q + int64_t(b) * seq_len * QD + int64_t(h) * D, QD, q0, rows_valid, BWD_B);
   load_tile<T, D>(douts, dout + int64_t(b) * seq_len * QD + int64_t(h) * D, QD, q0, rows_valid, BWD_B);
-  __syncthreads();
-  const int lowest = backward_row_data<T, D>(row_start, row_lse, row_delta, tile_lowest, douts, out, lse, s, b, h, q0);
+  const int lowest = backward_row_starts(row_start, tile_lowest, s, b, q0);  // synchronizes: the tiles are loaded
+  backward_row_stats<T, D>(row_lse, row_delta, douts, out, lse, s, b, h, q0);
   const int k_begin = (min(lowest, seq_len) / BWD_B) * BWD_B;
   const int k_end = q0 + rows_valid;
   const T* k_base = k + int64_t(b) * seq_len * KVD + int64_t(kh) * D;
@@ -920,7 +942,11 @@ constexpr int GENERIC_WARPS = 4;
 
 // One warp per (b, t, h).
 template <typename T>
-__global__ void attention_forward_generic_kernel(T* out, float* lse, const T* q, const T* k, const T* v,
+__global__ void attention_forward_generic_kernel(T* out,        // (B·T, NH·D)
+                                                 float* lse,    // (B, NH, T)
+                                                 const T* q,    // (B·T, NH·D)
+                                                 const T* k,    // (B·T, NKV·D)
+                                                 const T* v,    // (B·T, NKV·D)
                                                  AttentionShape s, int D, float scale_log2) {
   const int64_t item = int64_t(blockIdx.x) * GENERIC_WARPS + threadIdx.x / WARP;
   const int seq_len = s.T, NH = s.NH, G = s.NH / s.NKV;
@@ -948,14 +974,20 @@ __global__ void attention_forward_generic_kernel(T* out, float* lse, const T* q,
 #pragma unroll
   for (int i = 0; i < GENERIC_DIMS; i++) acc[i] *= inv;
   store_row(out + row * QD + int64_t(h) * D, acc, D);
-  if (threadIdx.x % WARP == 0) lse[(int64_t(b) * NH + h) * seq_len + t] = l > 0.f ? (m_run + log2f(l)) * LN2 : -INFINITY;
+  if (threadIdx.x % WARP == 0)
+    lse[(int64_t(b) * NH + h) * seq_len + t] = l > 0.f ? (m_run + log2f(l)) * LN2 : -INFINITY;
 }
 
 // One warp per (b, t, h): dq_t.
 template <typename T>
-__global__ void attention_backward_dq_generic_kernel(T* dq, const T* dout, const T* out, const float* lse, const T* q,
-                                                     const T* k, const T* v, AttentionShape s, int D, float scale,
-                                                     float scale_log2) {
+__global__ void attention_backward_dq_generic_kernel(T* dq,             // (B·T, NH·D)
+                                                     const T* dout,     // (B·T, NH·D)
+                                                     const T* out,      // (B·T, NH·D)
+                                                     const float* lse,  // (B, NH, T)
+                                                     const T* q,        // (B·T, NH·D)
+                                                     const T* k,        // (B·T, NKV·D)
+                                                     const T* v,        // (B·T, NKV·D)
+                                                     AttentionShape s, int D, float scale, float scale_log2) {
   const int64_t item = int64_t(blockIdx.x) * GENERIC_WARPS + threadIdx.x / WARP;
   const int seq_len = s.T, NH = s.NH, G = s.NH / s.NKV;
   if (item >= int64_t(s.B) * seq_len * NH) return;
@@ -982,9 +1014,15 @@ __global__ void attention_backward_dq_generic_kernel(T* dq, const T* dout, const
 
 // One warp per (b, key j, kv head): dk_j and dv_j over the group's heads and the rows that see j.
 template <typename T>
-__global__ void attention_backward_dkdv_generic_kernel(T* dk, T* dv, const T* dout, const T* out, const float* lse,
-                                                       const T* q, const T* k, const T* v, AttentionShape s, int D,
-                                                       float scale, float scale_log2) {
+__global__ void attention_backward_dkdv_generic_kernel(T* dk,             // (B·T, NKV·D)
+                                                       T* dv,             // (B·T, NKV·D)
+                                                       const T* dout,     // (B·T, NH·D)
+                                                       const T* out,      // (B·T, NH·D)
+                                                       const float* lse,  // (B, NH, T)
+                                                       const T* q,        // (B·T, NH·D)
+                                                       const T* k,        // (B·T, NKV·D)
+                                                       const T* v,        // (B·T, NKV·D)
+                                                       AttentionShape s, int D, float scale, float scale_log2) {
   const int64_t item = int64_t(blockIdx.x) * GENERIC_WARPS + threadIdx.x / WARP;
   const int seq_len = s.T, NH = s.NH, NKV = s.NKV, G = s.NH / s.NKV;
   if (item >= int64_t(s.B) * seq_len * NKV) return;
@@ -1057,11 +1095,13 @@ bool tiled_training_ok(const AttentionShape& s, size_t shared, std::initializer_
 // ==== launchers =======================================================================================
 
 template <typename T>
-void attention_paged(T* out, const T* q, const KVLayerView& kv, const PagedRows& rows, int64_t M, int NH, int NKV, int D,
-                     cudaStream_t stream) {
+void attention_paged(T* out, const T* q, const KVLayerView& kv, const PagedRows& rows, int64_t M, int NH, int NKV,
+                     int D, cudaStream_t stream) {
   check_attention_args(NH, NKV, D, "attention_paged");
-  require(kv.dtype == dtype_of<T>(), "INVALID_ARGUMENT", "attention_paged: KV cache dtype does not match the activations");
-  require(kv.KVD == NKV * D && kv.block_size > 0, "INVALID_ARGUMENT", "attention_paged: KV layer view does not match NKV·D");
+  require(kv.dtype == dtype_of<T>(), "INVALID_ARGUMENT",
+          "attention_paged: KV cache dtype does not match the activations");
+  require(kv.KVD == NKV * D && kv.block_size > 0, "INVALID_ARGUMENT",
+          "attention_paged: KV layer view does not match NKV·D");
   if (M <= 0) return;
   const float scale_log2 = (1.f / std::sqrt(float(D))) * LOG2E;
   const bool aligned = aligned16(q) && aligned16(kv.k) && aligned16(kv.v);
@@ -1071,8 +1111,8 @@ void attention_paged(T* out, const T* q, const KVLayerView& kv, const PagedRows&
   if (!launched) {
     const int64_t items = M * NH;
     TS_LAUNCH(attention_paged_generic_kernel<T>, unsigned((items + GENERIC_WARPS - 1) / GENERIC_WARPS),
-              GENERIC_WARPS * WARP, 0, stream)(out, q, static_cast<const T*>(kv.k), static_cast<const T*>(kv.v), rows, M,
-                                               kv.block_size, kv.KVD, NH, NH / NKV, D, scale_log2);
+              GENERIC_WARPS * WARP, 0, stream)(out, q, static_cast<const T*>(kv.k), static_cast<const T*>(kv.v),
+                                               rows, M, kv.block_size, kv.KVD, NH, NH / NKV, D, scale_log2);
     CUDA_CHECK_LAUNCH();
   }
 }

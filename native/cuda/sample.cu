@@ -126,7 +126,7 @@ __device__ __forceinline__ u64 warp_sum_u64(u64 v) {
 struct SampleShared {
   u64 mass[RADIX][COPIES];       // radix level histograms: weight per digit
   unsigned count[RADIX][COPIES]; // candidates per digit
-  int any_token[RADIX];          // some candidate of each digit (the only one when its count is 1)
+  int first_token[RADIX][COPIES]; // the candidate that found its count slot empty (the only one if the count is 1)
   u64 warp_total[SAMPLE_WARPS];  // weight of each warp's contiguous id range (id-order walks)
   float f_scratch[WARP];
   u64 u_scratch[WARP];
@@ -134,6 +134,7 @@ struct SampleShared {
   // Broadcast results of the one thread or warp that decides.
   int sel_digit;
   unsigned sel_count;
+  int sel_token;  // the digit's only candidate when sel_count is 1
   u64 sel_before;
   int walk_warp;
   u64 walk_before;
@@ -183,9 +184,9 @@ struct CoarseDigit {
 };
 
 // After a histogram pass, warp 0 finds the first digit in descending order at which before + the
-// running weight exceeds `target` and publishes it (sel_digit, sel_count, sel_before). When none does
-// (no candidate left, or target beyond the total), the last non-empty digit is taken; count 0 then says
-// there was no candidate at all.
+// running weight exceeds `target` and publishes it (sel_digit, sel_count, sel_token, sel_before). When
+// none does (no candidate left, or target beyond the total), the last non-empty digit is taken; count 0
+// then says there was no candidate at all.
 __device__ void choose_digit(SampleShared& sh, u64 before, u64 target) {
   const int lane = threadIdx.x % WARP;
   if (threadIdx.x / WARP == 0) {
@@ -239,8 +240,13 @@ __device__ void choose_digit(SampleShared& sh, u64 before, u64 target) {
         acc = acc_at_pick;
         if (pick < 0) pick = 0;
       }
-      sh.sel_digit = RADIX - 1 - (lane * DIGIT_LANES + pick);
+      const int digit = RADIX - 1 - (lane * DIGIT_LANES + pick);
+      int token = NO_TOKEN;
+      for (int k = 0; k < COPIES; k++)
+        if (sh.count[digit][k] == 1) token = sh.first_token[digit][k];
+      sh.sel_digit = digit;
       sh.sel_count = count[pick];
+      sh.sel_token = token;
       sh.sel_before = acc;
     }
   }
@@ -283,16 +289,15 @@ __device__ Selection rank_select(const float* x, int V, const Weight& weight, u6
         digit = int((key >> shift) & (RADIX - 1));
       }
       atomicAdd(&sh.mass[digit][copy], w);
-      atomicAdd(&sh.count[digit][copy], 1u);
-      sh.any_token[digit] = i;  // racing stores: any one of them will do, and a lone candidate is the only writer
+      if (atomicAdd(&sh.count[digit][copy], 1u) == 0u) sh.first_token[digit][copy] = i;  // one writer per slot
     }
     __syncthreads();
     choose_digit(sh, before, target);
     const int digit = sh.sel_digit;
     const unsigned count = sh.sel_count;
     before = sh.sel_before;
-    const int token = sh.any_token[digit];
-    __syncthreads();  // everyone has read sel_* and any_token before the next level overwrites them
+    const int token = sh.sel_token;
+    __syncthreads();  // everyone has read sel_* before the next level overwrites them
     if (count == 0) return {NO_TOKEN, 0u, before};
     if (shift == 64) {
       coarse_digit = digit;
@@ -307,7 +312,9 @@ __device__ Selection rank_select(const float* x, int V, const Weight& weight, u6
 }
 
 // Id-order walks split the vocabulary into one contiguous range per warp (a multiple of 32 ids).
-__device__ __forceinline__ int warp_range(int V) { return (V + SAMPLE_WARPS * WARP - 1) / (SAMPLE_WARPS * WARP) * WARP; }
+__device__ __forceinline__ int warp_range(int V) {
+  return (V + SAMPLE_WARPS * WARP - 1) / (SAMPLE_WARPS * WARP) * WARP;
+}
 
 // Σ weight over the row, and each warp's share in warp_total (what walk_id_order starts from).
 template <typename Weight>
@@ -497,6 +504,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     const u64 budget = mul_hi_u64(p_bits, total) + (p_bits * total != 0ull ? 1ull : 0ull);  // ⌈top_p·Z⌉
     const u64 reach = budget > 0 ? budget - 1 : 0;
     const Selection last = rank_select(x, V, mass, reach, false, coarse, sh);
+    if (last.token < 0) {  // unreachable while total > 0: some token carries weight
+      if (threadIdx.x == 0) ids[row] = 0;
+      return;
+    }
     const u64 kept_total = last.before + mass(x[last.token], last.token);
     const int cut = mass.bins(x[last.token]);
     MassWeight head = mass;

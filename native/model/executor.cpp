@@ -59,7 +59,7 @@ struct Executor::TrainingJob {
   uint64_t id = 0;
   AdapterPool::Handle adapter;
   std::unique_ptr<Trainer> trainer;
-  std::vector<TrainExample> examples, eval_examples;
+  std::vector<TrainExample> examples, eval_examples, forgetting_examples;
   TrainHyper hyper;
   TrainingCallbacks cb;
   std::shared_ptr<std::atomic<bool>> cancelled;
@@ -147,11 +147,13 @@ uint64_t Executor::submit_generation(GenerationRequest req, GenerationCallbacks 
 }
 
 uint64_t Executor::submit_training(AdapterPool::Handle adapter, std::vector<TrainExample> examples, TrainHyper hyper,
-                                   TrainingCallbacks cb, std::vector<TrainExample> eval_examples) {
+                                   TrainingCallbacks cb, std::vector<TrainExample> eval_examples,
+                                   std::vector<TrainExample> forgetting_examples) {
   auto j = std::make_shared<TrainingJob>();
   j->adapter = std::move(adapter);
   j->examples = std::move(examples);
   j->eval_examples = std::move(eval_examples);
+  j->forgetting_examples = std::move(forgetting_examples);
   j->hyper = std::move(hyper);
   j->cb = std::move(cb);
   j->cancelled = std::make_shared<std::atomic<bool>>(false);
@@ -428,7 +430,7 @@ void Executor::training_step() {
     if (!cancelled) {
       if (!j->trainer) {
         j->trainer = std::make_unique<Trainer>(model_, pool_, j->adapter, std::move(j->examples), j->hyper,
-                                               std::move(j->eval_examples));
+                                               std::move(j->eval_examples), std::move(j->forgetting_examples));
         training_bytes_ = j->trainer->workspace_bytes();
       }
       StepReport report;
@@ -437,8 +439,12 @@ void Executor::training_step() {
         if (j->cb.on_step) j->cb.on_step(report);
       }
       finished = j->trainer->done();
+      if (finished) j->trainer->finish();
     }
     if (finished || cancelled) {
+      // A cancelled job (or one stopped by a shutdown) keeps its place: a checkpoint of the last
+      // completed step, which a resume continues from.
+      if (cancelled && j->trainer) j->last.checkpoint = j->trainer->checkpoint_now();
       j->trainer.reset();  // ends the adapter's training state, frees the workspace
       pool_.sync_to_host(*j->adapter);
       if (j->cb.on_done) j->cb.on_done(j->last, cancelled);

@@ -80,8 +80,12 @@ class Executor {
   void post(std::function<void(Executor&)> fn);
 
   uint64_t submit_generation(GenerationRequest req, GenerationCallbacks cb);
+  // Queues a training job on `adapter` (trained in place). A job cancelled while it runs writes a
+  // checkpoint of its last completed step first (when it has a checkpoint folder): on_done's report
+  // names it.
   uint64_t submit_training(AdapterPool::Handle adapter, std::vector<TrainExample> examples, TrainHyper hyper,
-                           TrainingCallbacks cb, std::vector<TrainExample> eval_examples = {});
+                           TrainingCallbacks cb, std::vector<TrainExample> eval_examples = {},
+                           std::vector<TrainExample> forgetting_examples = {});
   void cancel(uint64_t id);  // generation or training; takes effect at the next step boundary
 
   // ---- executor thread only (from a posted task) ----

@@ -1,23 +1,17 @@
-// Trainer (trainer.h): data order, accumulation, clipping, AdamW and schedules.
+// Trainer (trainer.h): data order, accumulation, clipping, AdamW and schedules; checkpoints and resume,
+// the guard, evaluation, early stopping and the forgetting check.
 #include "model/trainer.h"
 
 #include <algorithm>
 #include <chrono>
-#include <cerrno>
 #include <cmath>
 #include <cstring>
 
+#include "core/durable_fs.h"
 #include "core/error.h"
 #include "core/sampling.h"
 
-#include <sys/stat.h>
-
 namespace ts {
-
-static void make_directory(const std::string& dir) {
-  if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST)
-    throw EngineError("IO_ERROR", "cannot create checkpoint folder " + dir + ": " + std::strerror(errno));
-}
 
 static double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -32,19 +26,49 @@ double lr_multiplier(const std::string& scheduler, int64_t step, int64_t warmup,
   throw EngineError("INVALID_ARGUMENT", "unknown scheduler '" + scheduler + "' (constant, linear or cosine)");
 }
 
+namespace {
+
+constexpr size_t SPIKE_WINDOW = 8;  // steps whose mean loss a spike is measured against
+
+// Stacks examples into one batch, right-padded with pad_id and label -100 (causal attention never
+// looks at the padding, so no mask is needed).
+TrainBatch pad_batch(const std::vector<const TrainExample*>& rows, int32_t pad_id) {
+  TrainBatch b;
+  b.B = (int)rows.size();
+  for (const TrainExample* e : rows) b.T = std::max<int>(b.T, (int)e->ids.size());
+  b.ids.assign((size_t)b.B * b.T, pad_id);
+  b.labels.assign((size_t)b.B * b.T, -100);
+  for (int i = 0; i < b.B; i++) {
+    std::copy(rows[i]->ids.begin(), rows[i]->ids.end(), b.ids.begin() + (size_t)i * b.T);
+    std::copy(rows[i]->labels.begin(), rows[i]->labels.end(), b.labels.begin() + (size_t)i * b.T);
+  }
+  return b;
+}
+
+void check_policy(const std::string& p, const char* field) {
+  require(p == "fail" || p == "skip" || p == "rollback", "INVALID_ARGUMENT",
+          std::string(field) + " must be fail, skip or rollback, got '" + p + "'");
+}
+
+}  // namespace
+
 Trainer::Trainer(LlamaModel& model, AdapterPool& pool, AdapterPool::Handle adapter, std::vector<TrainExample> examples,
-                 TrainHyper hyper, std::vector<TrainExample> eval_examples)
+                 TrainHyper hyper, std::vector<TrainExample> eval_examples,
+                 std::vector<TrainExample> forgetting_examples)
     : model_(model),
       pool_(pool),
       adapter_(std::move(adapter)),
       examples_(std::move(examples)),
       eval_examples_(std::move(eval_examples)),
+      forgetting_examples_(std::move(forgetting_examples)),
       hyper_(std::move(hyper)) {
   require(!examples_.empty(), "INVALID_DATASET", "the training set has no examples");
   require(hyper_.batch_size > 0 && hyper_.grad_accum > 0, "INVALID_ARGUMENT", "batch size and accumulation must be > 0");
   lr_multiplier(hyper_.scheduler, 0, 0, 1);  // validates the name
+  check_policy(hyper_.nonfinite_policy, "nonfinite_policy");
+  check_policy(hyper_.spike_policy, "spike_policy");
   int longest = 0;
-  for (const auto* set : {&examples_, &eval_examples_})
+  for (const auto* set : {&examples_, &eval_examples_, &forgetting_examples_})
     for (const auto& e : *set) {
       require(e.ids.size() == e.labels.size() && !e.ids.empty(), "INVALID_DATASET", "an example has mismatched ids/labels");
       longest = std::max(longest, int(e.ids.size()));
@@ -58,7 +82,8 @@ Trainer::Trainer(LlamaModel& model, AdapterPool& pool, AdapterPool::Handle adapt
   TrainPassOptions opt;
   opt.recompute = hyper_.recompute;
   opt.dropout.p = adapter_->host->spec.dropout;
-  const int B = std::min<int64_t>(hyper_.batch_size, std::max(examples_.size(), eval_examples_.size()));
+  const size_t widest = std::max({examples_.size(), eval_examples_.size(), forgetting_examples_.size()});
+  const int B = int(std::min<int64_t>(hyper_.batch_size, int64_t(widest)));
   const size_t need = plan_train_workspace(model_, B, longest, adapter_->host->spec.r, opt);
   const MemoryInfo mem = model_.be->memory_info();
   if (need > mem.free)
@@ -74,11 +99,51 @@ Trainer::Trainer(LlamaModel& model, AdapterPool& pool, AdapterPool::Handle adapt
   order_.resize(examples_.size());
   cursor_ = micro_batches_per_epoch_;  // forces a new epoch order on the first plan
   epoch_ = -1;
+  if (!hyper_.resume_from.empty()) {
+    const TrainerState st = read_trainer_state(hyper_.resume_from);
+    require(st.config_hash == hyper_.config_hash, "CHECKPOINT_MISMATCH",
+            "the checkpoint " + hyper_.resume_from + " was made with another training configuration");
+    require(st.data_hash == hyper_.data_hash, "CHECKPOINT_MISMATCH",
+            "the checkpoint " + hyper_.resume_from + " was made on another dataset");
+    require(st.examples == int64_t(examples_.size()) && st.total_steps == total_steps_, "CHECKPOINT_MISMATCH",
+            "the checkpoint " + hyper_.resume_from + " was made for " + std::to_string(st.examples) + " examples and " +
+                std::to_string(st.total_steps) + " steps; this job has " + std::to_string(examples_.size()) + " and " +
+                std::to_string(total_steps_));
+    read_moments(hyper_.resume_from, *adapter_->host);
+    restore(*adapter_->host);
+    step_ = st.position.step;
+    epoch_ = st.position.epoch;
+    cursor_ = st.position.cursor;
+    micro_counter_ = st.position.micro_counter;
+    if (epoch_ >= 0 && cursor_ < micro_batches_per_epoch_) reorder(epoch_);
+    lr_scale_ = st.lr_scale;
+    interventions_ = st.interventions;
+    recent_losses_ = st.recent_losses;
+    best_eval_ = st.best_eval_loss;
+    best_step_ = st.best_step;
+    evals_since_best_ = st.evals_since_best;
+  }
+  if (!forgetting_examples_.empty()) forgetting_base_ = evaluate(forgetting_examples_, false);
+  take_snapshot();
 }
 
 Trainer::~Trainer() { pool_.end_training(*adapter_); }
 
+void Trainer::reorder(int64_t epoch) {
+  for (size_t i = 0; i < order_.size(); i++) order_[i] = (int64_t)i;
+  if (!hyper_.shuffle) return;
+  // Fisher-Yates with a stream seeded by (seed, epoch): the order of an epoch is a function of both.
+  SamplerRng rng(hyper_.seed * 7919 + (uint64_t)epoch);
+  for (size_t i = order_.size() - 1; i > 0; i--) std::swap(order_[i], order_[rng.next() % (i + 1)]);
+}
+
+TrainerPosition Trainer::position() const {
+  const bool mid_step = planned_next_ > 0 && planned_next_ < planned_.size();
+  return mid_step ? step_start_ : TrainerPosition{step_, epoch_, cursor_, micro_counter_};
+}
+
 void Trainer::plan_step() {
+  step_start_ = TrainerPosition{step_, epoch_, cursor_, micro_counter_};
   planned_.clear();
   planned_next_ = 0;
   planned_targets_ = 0;
@@ -87,11 +152,7 @@ void Trainer::plan_step() {
   if (cursor_ >= micro_batches_per_epoch_) {
     epoch_++;
     cursor_ = 0;
-    for (size_t i = 0; i < order_.size(); i++) order_[i] = (int64_t)i;
-    if (hyper_.shuffle) {  // Fisher-Yates with a stream seeded by (seed, epoch): reproducible
-      SamplerRng rng(hyper_.seed * 7919 + (uint64_t)epoch_);
-      for (size_t i = order_.size() - 1; i > 0; i--) std::swap(order_[i], order_[rng.next() % (i + 1)]);
-    }
+    reorder(epoch_);
   }
   // An optimizer step never spans two epochs (as the Hugging Face Trainer).
   for (int a = 0; a < hyper_.grad_accum && cursor_ < micro_batches_per_epoch_; a++, cursor_++) {
@@ -107,21 +168,6 @@ void Trainer::plan_step() {
   }
   zero_grad();
   step_started_ = now_seconds();
-}
-
-// Stacks examples into one batch, right-padded with pad_id and label -100 (causal attention never
-// looks at the padding, so no mask is needed).
-static TrainBatch pad_batch(const std::vector<const TrainExample*>& rows, int32_t pad_id) {
-  TrainBatch b;
-  b.B = (int)rows.size();
-  for (const TrainExample* e : rows) b.T = std::max<int>(b.T, (int)e->ids.size());
-  b.ids.assign((size_t)b.B * b.T, pad_id);
-  b.labels.assign((size_t)b.B * b.T, -100);
-  for (int i = 0; i < b.B; i++) {
-    std::copy(rows[i]->ids.begin(), rows[i]->ids.end(), b.ids.begin() + (size_t)i * b.T);
-    std::copy(rows[i]->labels.begin(), rows[i]->labels.end(), b.labels.begin() + (size_t)i * b.T);
-  }
-  return b;
 }
 
 TrainBatch Trainer::make_batch(const std::vector<int64_t>& example_ids) const {
@@ -140,13 +186,12 @@ void Trainer::zero_grad() {
     }
 }
 
-void Trainer::optimizer_update(double lr, double* grad_norm) {
+double Trainer::gradient_norm() {
   Backend& be = *model_.be;
-  const auto& mods = adapter_->tensors.mods;
   // Global norm over every gradient, in parameter order (A then B of each module), one double sum.
   double* sq_dev = static_cast<double*>(norm_.data());
   be.fill_zero(sq_dev, sizeof(double));
-  for (const auto& layer : mods)
+  for (const auto& layer : adapter_->tensors.mods)
     for (const auto& d : layer) {
       if (!d.A) continue;
       be.sum_squares(sq_dev, d.dA, int64_t(d.view.r) * d.view.in);
@@ -154,8 +199,11 @@ void Trainer::optimizer_update(double lr, double* grad_norm) {
     }
   double sq = 0;
   be.download(&sq, sq_dev, sizeof(double));
-  double norm = std::sqrt(sq);
-  *grad_norm = norm;
+  return std::sqrt(sq);
+}
+
+void Trainer::optimizer_update(double lr, double norm) {
+  Backend& be = *model_.be;
   // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied when < 1.
   AdamWStep s;
   s.clip = 1.f;
@@ -169,12 +217,134 @@ void Trainer::optimizer_update(double lr, double* grad_norm) {
   s.step_size = (float)(lr / bc1);
   s.sqrt_bc2 = (float)std::sqrt(bc2);
   s.decay = (float)(1.0 - lr * hyper_.weight_decay);
-  for (const auto& layer : mods)
+  for (const auto& layer : adapter_->tensors.mods)
     for (const auto& d : layer) {
       if (!d.A) continue;
       be.adamw(d.A, d.dA, d.mA, d.vA, int64_t(d.view.r) * d.view.in, s);
       be.adamw(d.B, d.dB, d.mB, d.vB, int64_t(d.view.out) * d.view.r, s);
     }
+}
+
+void Trainer::capture(LoraAdapter* into) {
+  Backend& be = *model_.be;
+  for (int l = 0; l < into->L; l++)
+    for (int t = 0; t < NUM_TARGETS; t++) {
+      if (!into->has(t)) continue;
+      LoraModule& m = into->mod(l, t);
+      const AdapterTensors::Module& d = adapter_->tensors.mod(l, t);
+      be.download(m.A.data(), d.A, m.A.size() * sizeof(float));
+      be.download(m.B.data(), d.B, m.B.size() * sizeof(float));
+      m.mA.resize(m.A.size());
+      m.vA.resize(m.A.size());
+      m.mB.resize(m.B.size());
+      m.vB.resize(m.B.size());
+      be.download(m.mA.data(), d.mA, m.A.size() * sizeof(float));
+      be.download(m.vA.data(), d.vA, m.A.size() * sizeof(float));
+      be.download(m.mB.data(), d.mB, m.B.size() * sizeof(float));
+      be.download(m.vB.data(), d.vB, m.B.size() * sizeof(float));
+    }
+}
+
+void Trainer::restore(const LoraAdapter& from) {
+  Backend& be = *model_.be;
+  auto put = [&](float* dst, const std::vector<float>& src) {
+    if (dst != src.data()) be.upload(dst, src.data(), src.size() * sizeof(float));  // aliased on the CPU
+  };
+  for (int l = 0; l < from.L; l++)
+    for (int t = 0; t < NUM_TARGETS; t++) {
+      if (!from.has(t)) continue;
+      const LoraModule& m = from.mod(l, t);
+      const AdapterTensors::Module& d = adapter_->tensors.mod(l, t);
+      put(d.A, m.A);
+      put(d.B, m.B);
+      if (!m.mA.empty()) {
+        put(d.mA, m.mA);
+        put(d.vA, m.vA);
+        put(d.mB, m.mB);
+        put(d.vB, m.vB);
+      }
+    }
+}
+
+TrainerState Trainer::state_at(const TrainerPosition& p) const {
+  TrainerState s;
+  s.position = p;
+  s.total_steps = total_steps_;
+  s.examples = int64_t(examples_.size());
+  s.lr_scale = lr_scale_;
+  s.interventions = interventions_;
+  s.recent_losses = recent_losses_;
+  s.best_eval_loss = best_eval_;
+  s.best_step = best_step_;
+  s.evals_since_best = evals_since_best_;
+  s.config_hash = hyper_.config_hash;
+  s.data_hash = hyper_.data_hash;
+  return s;
+}
+
+void Trainer::take_snapshot() {
+  auto snap = std::make_unique<Snapshot>(Snapshot{*adapter_->host, state_at(position())});
+  capture(&snap->weights);
+  last_good_ = std::move(snap);
+}
+
+std::string Trainer::write_checkpoint(const TrainerPosition& p) {
+  if (hyper_.checkpoint_dir.empty()) return "";
+  LoraAdapter copy = *adapter_->host;
+  capture(&copy);
+  const std::string dir = hyper_.checkpoint_dir + "/checkpoint-" + std::to_string(p.step);
+  ts::write_checkpoint(dir, copy, state_at(p), hyper_.adapter_config_json);
+  return dir;
+}
+
+std::string Trainer::checkpoint_now() { return write_checkpoint(position()); }
+
+void Trainer::rollback(StepReport* report, const std::string& reason) {
+  restore(last_good_->weights);
+  const TrainerState& st = last_good_->state;
+  step_ = st.position.step;
+  epoch_ = st.position.epoch;
+  cursor_ = st.position.cursor;
+  micro_counter_ = st.position.micro_counter;
+  if (epoch_ >= 0 && cursor_ < micro_batches_per_epoch_) reorder(epoch_);
+  recent_losses_ = st.recent_losses;
+  lr_scale_ *= hyper_.rollback_lr_factor;
+  planned_.clear();
+  planned_next_ = 0;
+  report->guard_action = "rollback";
+  report->guard_reason = reason;
+  report->rolled_back_to = step_;
+  // The state rolled back to stays the one to return to, now with the lower LR.
+  last_good_->state.lr_scale = lr_scale_;
+}
+
+void Trainer::finish() {
+  if (hyper_.keep_best && best_weights_) restore(*best_weights_);
+}
+
+void Trainer::poison_gradient() {
+  const float nan = std::nanf("");
+  for (const auto& layer : adapter_->tensors.mods)
+    for (const auto& d : layer)
+      if (d.A) {
+        model_.be->upload(d.dA, &nan, sizeof nan);
+        return;
+      }
+}
+
+double Trainer::evaluate(const std::vector<TrainExample>& set, bool with_adapter) {
+  double sum = 0;
+  int64_t targets = 0;
+  for (size_t i = 0; i < set.size(); i += hyper_.batch_size) {
+    std::vector<const TrainExample*> rows;
+    for (size_t j = i; j < std::min(set.size(), i + (size_t)hyper_.batch_size); j++) rows.push_back(&set[j]);
+    TrainBatch b = pad_batch(rows, hyper_.pad_id);
+    TrainPassOptions opt;
+    opt.backward = false;
+    sum += llama_train_pass(model_, with_adapter ? &adapter_->tensors : nullptr, b, opt, arena_);
+    targets += b.count_targets();
+  }
+  return targets > 0 ? sum / (double)targets : 0.0;
 }
 
 bool Trainer::micro_step(StepReport* report) {
@@ -192,45 +362,93 @@ bool Trainer::micro_step(StepReport* report) {
   step_loss_sum_ += llama_train_pass(model_, &adapter_->tensors, batch, opt, arena_);
   if (planned_next_ < planned_.size()) return false;
 
-  const double lr = hyper_.lr * lr_multiplier(hyper_.scheduler, step_, hyper_.warmup_steps, total_steps_);
-  double grad_norm = 0;
-  optimizer_update(lr, &grad_norm);
-  step_++;
-  report->step = step_;
+  *report = StepReport();
+  const double loss = planned_targets_ > 0 ? step_loss_sum_ / (double)planned_targets_ : 0.0;
+  if (hyper_.inject_nonfinite_step > 0 && step_ + 1 == hyper_.inject_nonfinite_step && !injected_) {
+    injected_ = true;  // once: a rollback replays this step without the fault
+    poison_gradient();
+  }
+  const double grad_norm = gradient_norm();
+  // The guard: a non-finite loss or gradient, or a loss spike, is handled by its policy.
+  std::string problem, policy;
+  if (!std::isfinite(grad_norm) || !std::isfinite(loss)) {
+    problem = !std::isfinite(loss) ? "non-finite loss" : "non-finite gradient norm";
+    policy = hyper_.nonfinite_policy;
+  } else if (hyper_.spike_factor > 0 && recent_losses_.size() >= SPIKE_WINDOW) {
+    double mean = 0;
+    for (double l : recent_losses_) mean += l;
+    mean /= double(recent_losses_.size());
+    if (loss > hyper_.spike_factor * mean) {
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "loss spike: %.4g is above %.3g x the mean %.4g of the last %zu steps", loss,
+                    hyper_.spike_factor, mean, recent_losses_.size());
+      problem = buf;
+      policy = hyper_.spike_policy;
+    }
+  }
   report->total_steps = total_steps_;
-  report->epoch = (double)epoch_ + (double)cursor_ / (double)micro_batches_per_epoch_;
-  report->loss = planned_targets_ > 0 ? step_loss_sum_ / (double)planned_targets_ : 0.0;
-  report->grad_norm = grad_norm;
-  report->lr = lr;
   report->tokens = planned_tokens_;
   report->targets = planned_targets_;
-  report->seconds = now_seconds() - step_started_;
-  if (!eval_examples_.empty() && (done() || (hyper_.eval_every > 0 && step_ % hyper_.eval_every == 0))) {
-    report->has_eval = true;
-    report->eval_loss = evaluate();
+  report->loss = loss;
+  report->grad_norm = grad_norm;
+  if (!problem.empty()) {
+    if (policy == "fail") throw EngineError("TRAINING_DIVERGED", problem + " at step " + std::to_string(step_ + 1));
+    if (++interventions_ > hyper_.max_interventions)
+      throw EngineError("TRAINING_DIVERGED", problem + " at step " + std::to_string(step_ + 1) + ", after " +
+                                                 std::to_string(hyper_.max_interventions) + " interventions");
+    if (policy == "rollback") {
+      const int64_t failed_step = step_ + 1;
+      rollback(report, problem);
+      report->step = failed_step;  // the step that went wrong; training continues after rolled_back_to
+      report->lr = hyper_.lr * lr_scale_;
+      report->seconds = now_seconds() - step_started_;
+      return true;
+    }
+    report->guard_action = "skip";  // the batch is dropped: no update, the schedule moves on
+    report->guard_reason = problem;
+    zero_grad();
+    step_++;
+  } else {
+    const double lr = hyper_.lr * lr_scale_ * lr_multiplier(hyper_.scheduler, step_, hyper_.warmup_steps, total_steps_);
+    optimizer_update(lr, grad_norm);
+    step_++;
+    report->lr = lr;
+    recent_losses_.push_back(loss);
+    if (recent_losses_.size() > SPIKE_WINDOW) recent_losses_.erase(recent_losses_.begin());
   }
+  report->step = step_;
+  report->epoch = (double)epoch_ + (double)cursor_ / (double)micro_batches_per_epoch_;
+  report->seconds = now_seconds() - step_started_;
+  const bool eval_now = hyper_.eval_every > 0 ? step_ % hyper_.eval_every == 0 || step_ >= total_steps_
+                                              : step_ >= total_steps_;
+  if (eval_now && !eval_examples_.empty()) {
+    report->has_eval = true;
+    report->eval_loss = evaluate(eval_examples_, true);
+    if (best_eval_ < 0 || report->eval_loss < best_eval_ - hyper_.early_stopping_min_delta) {
+      best_eval_ = report->eval_loss;
+      best_step_ = step_;
+      evals_since_best_ = 0;
+      if (hyper_.keep_best) {
+        best_weights_ = std::make_unique<LoraAdapter>(*adapter_->host);
+        capture(best_weights_.get());
+      }
+    } else if (++evals_since_best_ >= hyper_.early_stopping_patience && hyper_.early_stopping_patience > 0) {
+      stopped_early_ = true;
+      report->stopped_early = true;
+    }
+  }
+  if (eval_now && !forgetting_examples_.empty()) {
+    report->has_forgetting = true;
+    report->forgetting_loss = evaluate(forgetting_examples_, true);
+    report->forgetting_base_loss = forgetting_base_;
+  }
+  report->best_step = best_step_;
+  report->best_eval_loss = best_eval_ < 0 ? 0 : best_eval_;
   if (hyper_.checkpoint_every > 0 && step_ % hyper_.checkpoint_every == 0 && !hyper_.checkpoint_dir.empty()) {
-    report->checkpoint = hyper_.checkpoint_dir + "/checkpoint-" + std::to_string(step_);
-    make_directory(report->checkpoint);
-    pool_.sync_to_host(*adapter_);
-    lora_save(*adapter_->host, report->checkpoint + "/adapter_model.safetensors");
+    report->checkpoint = write_checkpoint(position());
+    take_snapshot();
   }
   return true;
-}
-
-double Trainer::evaluate() {
-  double sum = 0;
-  int64_t targets = 0;
-  for (size_t i = 0; i < eval_examples_.size(); i += hyper_.batch_size) {
-    std::vector<const TrainExample*> rows;
-    for (size_t j = i; j < std::min(eval_examples_.size(), i + (size_t)hyper_.batch_size); j++) rows.push_back(&eval_examples_[j]);
-    TrainBatch b = pad_batch(rows, hyper_.pad_id);
-    TrainPassOptions opt;
-    opt.backward = false;
-    sum += llama_train_pass(model_, &adapter_->tensors, b, opt, arena_);
-    targets += b.count_targets();
-  }
-  return targets > 0 ? sum / (double)targets : 0.0;
 }
 
 }  // namespace ts

@@ -10,23 +10,26 @@
 //       native/cuda/attention.cu native/cuda/sample.cu native/cpu/ops.cpp native/cpu/sampler.cpp
 //       native/core/sampling.cpp native/core/thread_pool.cpp native/core/backend.cpp native/core/dtype.cpp
 //       -o /tmp/attention_sample_test
-// Prints one line per check and exits 1 if any fails. On a GPU (the nvcc build) it adds a long
-// training shape and times the paged kernel on Llama-3-8B decode shapes, the training kernels and the
-// sampler (median of repeated launches, CUDA events).
+// Prints one line per check and exits 1 if any fails (about 25 s in the emulator on one core). On a GPU
+// (the nvcc build) it then times the paged kernel on Llama-3-8B decode shapes, the training kernels
+// and the sampler (median of repeated launches, CUDA events).
 //
 // Tolerances (err = max |gpu − cpu| / max |cpu| over the tensor; l2 = ‖gpu − cpu‖ / ‖cpu‖):
 //   float32 activations: both sides compute in float32 and differ only in summation order and in exp
 //     (exp2f of prescaled scores vs exp): a D-term dot product or an n-term softmax sum differs by
-//     ~√n·2⁻²⁴ relative, a few 1e-7 for the sizes here; 1e-5 leaves a 10–30× margin and still fails
-//     on any indexing or masking error (those are O(1e-2) or larger).
+//     ~√n·2⁻²⁴ relative, a few 1e-7 to 5e-6 for the sizes here (measured); err <= 1e-5 keeps a 2–40×
+//     margin and still fails on any indexing or masking error (those are 1e-2 and up).
 //   bf16 activations: inputs are rounded to bf16 once and given to both sides, so the only new error
-//     is the GPU rounding its float32 result to bf16: at most 2⁻⁹·|x| per element, plus the float32
-//     difference above before that rounding. Every element must satisfy
-//     |gpu − cpu| <= 2⁻⁹·|cpu| + 1e-5·max|cpu| (and the float32-only outputs, lse, the float32 bound).
+//     is the GPU rounding its float32 result to bf16: at most 2⁻⁸·|x| per element (bf16's unit
+//     roundoff, 8 significant bits), plus the float32 difference above before that rounding. Every
+//     element must satisfy |gpu − cpu| <= 2⁻⁸·|cpu| + 1e-5·max|cpu|; lse (float32 in both modes) the
+//     float32 bound.
 //   sampling: greedy must be exact; sampled tokens must be equal on every row where nudging u by ±1e-9
 //     or top_p by one float ulp does not change the CPU's token (u·Σw within ~1e-12 of a boundary is
-//     where float-vs-fixed-point summation may legitimately disagree; see cuda/sample.cu). The logits
-//     left in place must equal the CPU's bit for bit (NaN where the CPU has NaN).
+//     where float-vs-fixed-point summation may legitimately disagree; see cuda/sample.cu), and on the
+//     "exact ties" rows (equal logits, dyadic u and top_p) always. The logits left in place must equal
+//     the CPU's bit for bit (NaN where the CPU has NaN).
+//   Every output buffer starts as NaN (all-ones bytes), so an element the kernel does not write fails.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -159,8 +162,10 @@ struct Comparison {
   int64_t over_bf16 = 0;     // elements over the bf16 per-element bound
   bool ok = false;
   std::string detail() const {
-    return fmt("err %.2e l2 %.2e%s%s", err, l2, non_finite ? fmt(" non-finite %lld", (long long)non_finite).c_str() : "",
-               over_bf16 ? fmt(" over-bound %lld", (long long)over_bf16).c_str() : "");
+    std::string s = fmt("err %.2e l2 %.2e", err, l2);
+    if (non_finite) s += fmt(" non-finite %lld", (long long)non_finite);
+    if (over_bf16) s += fmt(" over-bound %lld", (long long)over_bf16);
+    return s;
   }
 };
 
@@ -187,7 +192,8 @@ Comparison compare(const F& got, const F& ref, bool bf16_output) {
   if (bf16_output) {
     for (size_t i = 0; i < ref.size(); i++) {
       if (!std::isfinite(got[i]) || !std::isfinite(ref[i])) continue;
-      if (std::fabs(double(got[i]) - ref[i]) > BF16_ROUNDING * std::fabs(double(ref[i])) + F32_TOL * mref) c.over_bf16++;
+      const double bound = BF16_ROUNDING * std::fabs(double(ref[i])) + F32_TOL * mref;
+      if (std::fabs(double(got[i]) - ref[i]) > bound) c.over_bf16++;
     }
     c.ok = c.non_finite == 0 && c.over_bf16 == 0;
   } else {
@@ -224,7 +230,8 @@ void check_paged(const PagedCase& pc, uint64_t seed) {
   I32 tables(size_t(S) * max_blocks, -1);  // (S, max_blocks)
   int next = 0;
   for (int s = 0; s < S; s++)
-    for (int b = 0; b < (pc.seq_lens[size_t(s)] + bs - 1) / bs; b++) tables[size_t(s) * max_blocks + b] = perm[size_t(next++)];
+    for (int b = 0; b < (pc.seq_lens[size_t(s)] + bs - 1) / bs; b++)
+      tables[size_t(s) * max_blocks + b] = perm[size_t(next++)];
   // Cache rows that hold a position of some sequence get values; every other row is NaN, so a read
   // outside the table or past a sequence's end poisons the output.
   const size_t cache_elems = size_t(num_blocks) * bs * KVD;
@@ -276,7 +283,8 @@ void check_paged(const PagedCase& pc, uint64_t seed) {
 std::vector<PagedCase> paged_cases() {
   std::vector<PagedCase> cases;
   // Decode: one row per sequence at its full length (1, not a block multiple, several chunks, 0).
-  cases.push_back({"decode D128 G4 bs16 len 1/333/1000/0", 8, 2, 128, 16, {1, 333, 1000}, {{0, 1}, {1, 333}, {2, 1000}, {1, 0}}});
+  cases.push_back(
+      {"decode D128 G4 bs16 len 1/333/1000/0", 8, 2, 128, 16, {1, 333, 1000}, {{0, 1}, {1, 333}, {2, 1000}, {1, 0}}});
   cases.push_back({"decode D64 G1 bs16 len 17/250", 4, 4, 64, 16, {17, 250}, {{0, 17}, {1, 250}}});
   cases.push_back({"decode D128 G2 bs32 len 100/517", 4, 2, 128, 32, {100, 517}, {{1, 517}, {0, 100}}});
   cases.push_back({"decode D64 G8 bs16 len 129", 8, 1, 64, 16, {129}, {{0, 129}}});
@@ -358,7 +366,8 @@ void check_training(const TrainCase& tc, uint64_t seed) {
 
   // The backward gets the same forward results on both sides: the CPU's out as T holds it, its lse.
   const F out_t = representable<T>(out_ref);
-  F dq_ref(static_cast<size_t>(rows * QD)), dk_ref(static_cast<size_t>(rows * KVD)), dv_ref(static_cast<size_t>(rows * KVD));
+  F dq_ref(static_cast<size_t>(rows * QD)), dk_ref(static_cast<size_t>(rows * KVD)),
+      dv_ref(static_cast<size_t>(rows * KVD));
   ts::cpu::attention_backward(dq_ref.data(), dk_ref.data(), dv_ref.data(), dout.data(), out_t.data(), lse_ref.data(),
                               q.data(), k.data(), v.data(), host_shape);
   T* d_dout = upload<T>(dout);
@@ -402,6 +411,9 @@ struct SampleCase {
   I32 context;
   double u = 0;
   std::string kind;
+  // Every weight and sum exact on both sides (equal logits): ties at the nucleus and draw boundaries
+  // are then defined, and the row is compared even where a nudge would move the CPU's token.
+  bool exact = false;
 };
 
 // A row of logits of one of several shapes, with random sampling parameters.
@@ -543,7 +555,7 @@ void run_sample_cases(const std::vector<SampleCase>& cases, SampleStats& st) {
         cpu_sample(c, nullptr, std::min(c.u + eps, 1.0 - 0x1.0p-53), c.params.top_p) != want ||
         (c.params.top_p < 1.f && (cpu_sample(c, nullptr, c.u, std::nextafter(c.params.top_p, 0.f)) != want ||
                                   cpu_sample(c, nullptr, c.u, std::nextafter(c.params.top_p, 1.f)) != want));
-    if (boundary) {
+    if (boundary && !c.exact) {
       st.boundary++;
       st.boundary_equal += got == want;
       continue;
@@ -568,7 +580,8 @@ void report_samples(const std::string& name, const SampleStats& st) {
          fmt("greedy %d/%d, sampled %d/%d equal; %d boundary rows not compared (%d equal anyway); %d rows with "
              "other logits%s%s",
              st.greedy - st.greedy_wrong, st.greedy, st.sampled - st.sampled_wrong, st.sampled, st.boundary,
-             st.boundary_equal, st.logits_wrong, st.first_problem.empty() ? "" : "; first: ", st.first_problem.c_str()));
+             st.boundary_equal, st.logits_wrong, st.first_problem.empty() ? "" : "; first: ",
+             st.first_problem.c_str()));
 }
 
 void check_sampling_random(int V, int rows, uint64_t seed, const char* name) {
@@ -584,7 +597,7 @@ void check_sampling_random(int V, int rows, uint64_t seed, const char* name) {
 void check_sampling_edges() {
   const int V = 3001;
   Random rng(77);
-  std::vector<SampleCase> cases;
+  std::vector<SampleCase> cases, exact;
   auto base = [&](float t, int k, float p, float penalty, double u) {
     SampleCase c;
     c.logits.resize(size_t(V));
@@ -652,8 +665,26 @@ void check_sampling_edges() {
     for (int i = 0; i < V; i += 3) c.logits[size_t(i)] = NAN;
     cases.push_back(c);
   }
+  // Exact ties: 1000 equal weights (every sum an integer on both sides), so top_p·Z and u·Z land exactly
+  // on cumulative boundaries: a token is kept iff the weight before it is < top_p·Z, drawn iff the
+  // weight through it is > u·Z.
+  // u is dyadic so that the CPU's double u·Z is exact too (0.999·Z would round).
+  for (float top_p : {0.5f, 0.25f, 0.999f, 1.f}) {
+    for (double u : {0.0, 0.25, 0.5, 1023.0 / 1024}) {
+      for (int half : {0, 1}) {  // all tokens, or the even ids only (odd ids -inf)
+        SampleCase c = base(1.f, 0, top_p, 1.f, u);
+        c.logits.assign(1000, 0.f);
+        if (half)
+          for (size_t i = 1; i < c.logits.size(); i += 2) c.logits[i] = -INFINITY;
+        c.kind = "exact ties";
+        c.exact = true;
+        exact.push_back(c);
+      }
+    }
+  }
   SampleStats st;
   run_sample_cases(cases, st);
+  run_sample_cases(exact, st);
   report_samples("sample edges (k=1, k>=V, tiny top_p, ties, NaN, -inf)", st);
 }
 
@@ -688,7 +719,8 @@ void time_paged(int rows_n, int len) {
   const int NH = 32, NKV = 8, D = 128, bs = 16, KVD = NKV * D;
   const int blocks_per_seq = (len + bs - 1) / bs, num_blocks = rows_n * blocks_per_seq;
   Random rng(5);
-  I32 tables(size_t(rows_n) * blocks_per_seq), row_seq(size_t(rows_n)), lens(size_t(rows_n), len);
+  I32 tables(static_cast<size_t>(rows_n) * blocks_per_seq), row_seq(static_cast<size_t>(rows_n)),
+      lens(static_cast<size_t>(rows_n), len);
   for (size_t i = 0; i < tables.size(); i++) tables[i] = int32_t(i);
   for (size_t i = tables.size() - 1; i > 0; i--) std::swap(tables[i], tables[size_t(rng.integer(0, int(i) + 1))]);
   for (int m = 0; m < rows_n; m++) row_seq[size_t(m)] = m;
@@ -704,8 +736,8 @@ void time_paged(int rows_n, int len) {
   ts::PagedRows rows{nullptr, d_row_seq, d_tables, d_len, blocks_per_seq};
   const double us = median_us([&] { ts::cuda::attention_paged(dout, dq, kv, rows, rows_n, NH, NKV, D, nullptr); }, 50);
   const double bytes = double(rows_n) * len * KVD * 2 /*K and V*/ * 2 /*bf16*/;
-  std::printf("time  paged decode bf16 %d row(s) x %d positions, NH 32 NKV 8 D 128: %.1f us, %.0f GB/s of K+V\n", rows_n,
-              len, us, bytes / us * 1e-3);
+  std::printf("time  paged decode bf16 %d row(s) x %d positions, NH 32 NKV 8 D 128: %.1f us, %.0f GB/s of K+V\n",
+              rows_n, len, us, bytes / us * 1e-3);
   for (void* p : {static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(dq), static_cast<void*>(dout),
                   static_cast<void*>(d_tables), static_cast<void*>(d_row_seq), static_cast<void*>(d_len)})
     CUDA_CHECK(cudaFree(p));
@@ -728,8 +760,8 @@ void time_training(int B, int seq_len, int NH, int NKV, int D) {
   const double bwd =
       median_us([&] { ts::cuda::attention_backward(dq, dk, dv, dout, out, lse, q, k, v, s, nullptr); }, 10);
   const double flops = 4.0 * B * NH * (double(seq_len) * (seq_len + 1) / 2) * D;  // QKᵀ and PV, causal half
-  std::printf("time  training attention bf16 B %d T %d NH %d NKV %d D %d: forward %.0f us (%.1f TFLOP/s), backward %.0f us "
-              "(%.1f TFLOP/s at 2.5x the forward's FLOPs)\n",
+  std::printf("time  training attention bf16 B %d T %d NH %d NKV %d D %d: forward %.0f us (%.1f TFLOP/s), "
+              "backward %.0f us (%.1f TFLOP/s at 2.5x the forward's FLOPs)\n",
               B, seq_len, NH, NKV, D, fwd, flops / fwd * 1e-6, bwd, 2.5 * flops / bwd * 1e-6);
   for (void* p : {static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(dout),
                   static_cast<void*>(out), static_cast<void*>(lse), static_cast<void*>(dq), static_cast<void*>(dk),
@@ -791,12 +823,14 @@ int main() {
     check_sampling_random(5003, 70, 12, "sample random rows, V 5003");
     check_sampling_random(128256, 28, 13, "sample random rows, V 128256");
     check_sampling_edges();
-#ifndef TS_CUDA_EMU
-    // Shapes too slow for the emulator: a long packed sequence, a long decode, a batch of full rows.
+    // Production-sized shapes (about 15 s of the emulator's time): a long packed training sequence, a
+    // long causal one, a 20000-position decode with Llama-3-8B heads, a batch of full-vocabulary rows.
     check_training<bf16>({"B1 T2048 G4 D128 docs 700/900/448", 1, 2048, 8, 2, 128, {700, 900, 448}}, 100);
     check_training<float>({"B1 T1024 G2 D64 causal", 1, 1024, 4, 2, 64, {}}, 101);
     check_paged<bf16>({"decode D128 G4 bs16 len 20000", 32, 8, 128, 16, {20000}, {{0, 20000}}}, 102);
+    check_paged<float>({"decode D128 G4 bs16 len 20000", 32, 8, 128, 16, {20000}, {{0, 20000}}}, 102);
     check_sampling_random(128256, 64, 103, "sample random rows, V 128256 (x64)");
+#ifndef TS_CUDA_EMU
     time_paged(1, 4096);
     time_paged(8, 4096);
     time_paged(64, 4096);

@@ -2,6 +2,7 @@
 // are a contract with scripts outside the project (issue #2); add flags, never rename them.
 
 import { access } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 
 import { Engine, type Adapter } from '../engine/engine.js';
@@ -63,7 +64,10 @@ export async function trainCommand(argv: string[]): Promise<void> {
       lr: { type: 'string' }, steps: { type: 'string' }, epochs: { type: 'string' }, 'batch-size': { type: 'string' }, 'grad-accum': { type: 'string' },
       'max-seq-len': { type: 'string' }, scheduler: { type: 'string' }, 'warmup-steps': { type: 'string' }, 'weight-decay': { type: 'string' },
       'max-grad-norm': { type: 'string' }, seed: { type: 'string' }, 'no-shuffle': { type: 'boolean' }, 'init-adapter': { type: 'string' },
-      'no-gradient-checkpointing': { type: 'boolean' }, json: { type: 'boolean' }, ...ENGINE_FLAGS,
+      'no-gradient-checkpointing': { type: 'boolean' }, json: { type: 'boolean' },
+      'checkpoint-dir': { type: 'string' }, 'checkpoint-every': { type: 'string' }, resume: { type: 'string' },
+      'nonfinite-policy': { type: 'string' }, 'spike-factor': { type: 'string' }, 'spike-policy': { type: 'string' },
+      ...ENGINE_FLAGS,
     },
   });
   const modelDir = required(values, 'model');
@@ -81,8 +85,17 @@ export async function trainCommand(argv: string[]): Promise<void> {
     warmupSteps: number(values, 'warmup-steps', 0, 'int'), weightDecay: number(values, 'weight-decay', 0),
     maxGradNorm: number(values, 'max-grad-norm', 1), seed, shuffle: values['no-shuffle'] !== true,
     gradientCheckpointing: values['no-gradient-checkpointing'] !== true,
+    ...(str(values, 'checkpoint-dir') ? { checkpointDir: resolve(str(values, 'checkpoint-dir')!), checkpointEvery: number(values, 'checkpoint-every', 0, 'int') } : {}),
+    nonfinitePolicy: oneOf(values, 'nonfinite-policy', ['fail', 'skip', 'rollback'] as const, 'rollback'),
+    spikeFactor: number(values, 'spike-factor', 0),
+    spikePolicy: oneOf(values, 'spike-policy', ['fail', 'skip', 'rollback'] as const, 'skip'),
   };
   checkTrainHyperparameters(hyper);
+  // --resume CHECKPOINT: continue a run that was stopped (Ctrl-C writes a checkpoint when
+  // --checkpoint-dir is given); the same flags and data as that run are required.
+  const resumeFrom = str(values, 'resume');
+  if (resumeFrom && str(values, 'init-adapter')) throw new EngineError('INVALID_ARGUMENT', '--resume and --init-adapter exclude each other', { field: 'resume' });
+  if (resumeFrom) await access(join(resumeFrom, 'trainer_state.json')).catch((e: unknown) => { throw new EngineError('NOT_FOUND', `--resume: ${resumeFrom} is not a checkpoint folder (no trainer_state.json)`, { field: 'resume' }, { cause: e }); });
   const maxSeqLenFlag = integer(values, 'max-seq-len');
   const init = str(values, 'init-adapter');
   const lora = init ? null : withFlagNames(() => createLoraConfig({
@@ -95,8 +108,8 @@ export async function trainCommand(argv: string[]): Promise<void> {
   const engine = await Engine.load(modelDir, options);
   try {
     const dataset = await loadDataset(dataFile, engine.tokenizer, { maxSeqLen, vocabSize: engine.config.vocabSize });
-    // With --init-adapter, that adapter's rank, alpha and targets apply.
-    const adapter: Adapter = lora ? engine.createAdapter(lora, seed) : await engine.loadAdapter(init!);
+    // With --init-adapter (or --resume), that adapter's rank, alpha and targets apply.
+    const adapter: Adapter = resumeFrom ? await engine.resumeAdapter(resumeFrom) : lora ? engine.createAdapter(lora, seed) : await engine.loadAdapter(init!);
     const report = dataset.report;
     if (values.json) process.stdout.write(`${JSON.stringify({ dataset_report: report })}\n`);
     else process.stderr.write(`${formatDatasetReport(report)}\n`);
@@ -105,11 +118,12 @@ export async function trainCommand(argv: string[]): Promise<void> {
     const controller = new AbortController();
     const onSigint = () => controller.abort();
     process.once('SIGINT', onSigint);
-    const summary = await engine.train(adapter, dataset.examples, hyper, {
+    const summary = await engine.train(adapter, dataset.examples, { ...hyper, ...(resumeFrom ? { resumeFrom: resolve(resumeFrom) } : {}) }, {
       signal: controller.signal,
       onStep: (e) => {
+        if (e.guardAction) process.stderr.write(`\nguard: ${e.guardAction} at step ${e.step} (${e.guardReason})${e.guardAction === 'rollback' ? `, continuing from step ${e.rolledBackTo}` : ''}\n`);
         if (values.json) {
-          process.stdout.write(`${JSON.stringify({ step: e.step, loss: e.loss, grad_norm: e.gradNorm, lr: e.lr, tokens_per_s: e.tokensPerS, epoch: e.epoch, total_steps: e.totalSteps, elapsed_s: e.elapsedS })}\n`);
+          process.stdout.write(`${JSON.stringify({ step: e.step, loss: e.loss, grad_norm: e.gradNorm, lr: e.lr, tokens_per_s: e.tokensPerS, epoch: e.epoch, total_steps: e.totalSteps, elapsed_s: e.elapsedS, ...(e.checkpoint ? { checkpoint: e.checkpoint } : {}) })}\n`);
         } else {
           bar?.update(e.step, e.totalSteps, `loss ${e.loss.toFixed(4)}  lr ${e.lr.toExponential(2)}  ${e.tokensPerS.toFixed(0)} tok/s`);
         }
@@ -119,6 +133,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
     bar?.done();
     await engine.saveAdapter(adapter, outDir);
     process.stderr.write(`${summary.cancelled ? 'cancelled' : 'done'} after ${summary.steps} steps, final loss ${summary.finalLoss.toFixed(4)}, ${summary.seconds.toFixed(1)} s; adapter written to ${outDir}\n`);
+    if (summary.cancelCheckpoint) process.stderr.write(`resume with: --resume ${summary.cancelCheckpoint} (and the same flags and data)\n`);
   } finally {
     engine.close();
   }

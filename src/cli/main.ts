@@ -8,7 +8,9 @@ engine commands:
   train      --model DIR --data FILE.jsonl --out ADAPTER_DIR [--rank --alpha --dropout --targets LIST|all-linear --rslora
              --lr --steps --epochs --batch-size --grad-accum --max-seq-len --scheduler constant|linear|cosine
              --warmup-steps --weight-decay --max-grad-norm --seed --no-shuffle --init-adapter DIR
-             --no-gradient-checkpointing --quant nf4|none --device cpu|cuda|auto --cuda-compute bf16|f32 --threads N --json]
+             --no-gradient-checkpointing --checkpoint-dir DIR --checkpoint-every N --resume CHECKPOINT
+             --nonfinite-policy fail|skip|rollback --spike-factor X --spike-policy fail|skip|rollback
+             --quant nf4|none --device cpu|cuda|auto --cuda-compute bf16|f32 --threads N --json]
   generate   --model DIR [--adapter DIR] (--prompt TEXT [--chat] | --prompt-ids 1,2,3) [--max-tokens --temperature
              --top-k --top-p --repetition-penalty --seed --ignore-eos --quant --device --threads --json]
   merge      --model DIR --adapter DIR --out DIR [--dtype bf16|f16|f32] [--into original|dequantized] [--no-fidelity --quant --json]

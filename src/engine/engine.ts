@@ -2,13 +2,14 @@
 // adapters in slots (PEFT folders in and out), training, generation and logits. Every long operation
 // runs on the native executor thread; this class validates inputs and translates to/from it.
 
+import { createHash } from 'node:crypto';
 import { rm, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 
 import { EngineError, toEngineError } from './errors.js';
 import { loadModelFolder, type LlamaConfig, type ModelFolder } from './model-folder.js';
-import { native, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativeStepReport, type NativeTrainHyper } from './native.js';
-import { ADAPTER_WEIGHTS_FILE, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
+import { native, type GuardPolicy, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativeStepReport, type NativeTrainHyper } from './native.js';
+import { ADAPTER_WEIGHTS_FILE, adapterConfigJson, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
 import { LlamaTokenizer } from './tokenizer.js';
 import { awaitCancellable } from './cancel.js';
 import { resolveDevice, type Device, type DeviceChoice } from './device.js';
@@ -75,9 +76,29 @@ export interface TrainHyperparameters {
   /** Held-out examples scored every evalEvery steps and after the last. */
   evalExamples?: readonly { ids: Int32Array; labels: Int32Array }[];
   evalEvery?: number;
-  /** Checkpoints (PEFT folders) go to <checkpointDir>/checkpoint-<step> every checkpointEvery steps. */
+  /** Stop after this many evaluations without an improvement of more than earlyStoppingMinDelta. */
+  earlyStoppingPatience?: number;
+  earlyStoppingMinDelta?: number;
+  /** End with the weights of the best evaluation instead of the last. */
+  keepBest?: boolean;
+  /** General text scored with the base at the start and with the adapter at each evaluation. */
+  forgettingExamples?: readonly { ids: Int32Array; labels: Int32Array }[];
+  /**
+   * Checkpoints go to <checkpointDir>/checkpoint-<step> every checkpointEvery steps, and at a cancel:
+   * each a PEFT folder plus the optimizer and trainer state a resume continues from.
+   */
   checkpointEvery?: number;
   checkpointDir?: string;
+  /** A checkpoint folder to continue from; `adapter` must be loaded from it (resumeAdapter). */
+  resumeFrom?: string;
+  /** The guard: what to do on a non-finite loss or gradient, and on a loss spike (spikeFactor × the recent mean; 0 = off). */
+  nonfinitePolicy?: GuardPolicy;
+  spikeFactor?: number;
+  spikePolicy?: GuardPolicy;
+  rollbackLrFactor?: number;
+  maxInterventions?: number;
+  /** Fault injection for tests: poison the gradients of this optimizer step, once. */
+  injectNonfiniteStep?: number;
 }
 
 export interface StepEvent extends NativeStepReport {
@@ -93,6 +114,18 @@ export interface TrainSummary {
   tokens: number;
   seconds: number;
   cancelled: boolean;
+  /** Early stopping ended the job. */
+  stoppedEarly: boolean;
+  /** The best evaluation (step 0 when there was none). */
+  bestStep: number;
+  bestEvalLoss: number | null;
+  /** The forgetting set's mean token loss with the base, and with the adapter at the last evaluation. */
+  forgettingBaseLoss: number | null;
+  forgettingLoss: number | null;
+  /** Guard interventions (skipped batches and rollbacks). */
+  interventions: number;
+  /** The checkpoint written when the job was cancelled, if any. */
+  cancelCheckpoint: string | null;
 }
 
 export interface GenerateRequest {
@@ -203,7 +236,12 @@ export class Engine {
     return this.native.logits(Int32Array.from(ids), adapter?.slot ?? 0).catch((e: unknown) => { throw toEngineError(e); });
   }
 
-  /** Trains `adapter` in place on pre-tokenized examples; one event per optimizer step. */
+  /**
+   * Trains `adapter` in place on pre-tokenized examples; one event per optimizer step. Checkpoints are
+   * written whole by the native trainer (a PEFT folder with optimizer and trainer state); a job resumed
+   * from one (hyper.resumeFrom) continues exactly, and is refused (CHECKPOINT_MISMATCH) when its
+   * configuration or data differ from the checkpoint's.
+   */
   async train(
     adapter: Adapter,
     examples: readonly { ids: Int32Array; labels: Int32Array }[],
@@ -222,7 +260,13 @@ export class Engine {
     if (!(hyper.weightDecay >= 0)) throw new EngineError('INVALID_ARGUMENT', 'weight_decay must be >= 0', { field: 'weight_decay' });
     if (!(hyper.warmupSteps >= 0)) throw new EngineError('INVALID_ARGUMENT', 'warmup_steps must be >= 0', { field: 'warmup_steps' });
     if (!['constant', 'linear', 'cosine'].includes(hyper.scheduler)) throw new EngineError('INVALID_ARGUMENT', `scheduler must be constant, linear or cosine`, { field: 'scheduler' });
+    for (const [field, policy] of [['nonfinite_policy', hyper.nonfinitePolicy], ['spike_policy', hyper.spikePolicy]] as const) {
+      if (policy !== undefined && !['fail', 'skip', 'rollback'].includes(policy)) throw new EngineError('INVALID_ARGUMENT', `${field} must be fail, skip or rollback`, { field });
+    }
+    if (hyper.spikeFactor !== undefined && !(hyper.spikeFactor === 0 || hyper.spikeFactor > 1)) throw new EngineError('INVALID_ARGUMENT', 'spike_factor must be 0 (off) or above 1', { field: 'spike_factor' });
     for (const e of examples) this.checkIds(e.ids, 'input_ids');
+    for (const e of hyper.evalExamples ?? []) this.checkIds(e.ids, 'eval input_ids');
+    for (const e of hyper.forgettingExamples ?? []) this.checkIds(e.ids, 'forgetting input_ids');
     const nativeHyper: NativeTrainHyper = {
       lr: hyper.lr, beta1: hyper.beta1 ?? 0.9, beta2: hyper.beta2 ?? 0.999, eps: hyper.eps ?? 1e-8,
       weightDecay: hyper.weightDecay, maxGradNorm: hyper.maxGradNorm, scheduler: hyper.scheduler, warmupSteps: hyper.warmupSteps,
@@ -230,31 +274,57 @@ export class Engine {
       seed: hyper.seed, shuffle: hyper.shuffle, recompute: hyper.gradientCheckpointing ?? true,
       padId: this.tokenizer.specialIds.endOfText,
       evalEvery: hyper.evalEvery ?? 0,
+      earlyStoppingPatience: hyper.earlyStoppingPatience ?? 0,
+      earlyStoppingMinDelta: hyper.earlyStoppingMinDelta ?? 0,
+      keepBest: hyper.keepBest ?? false,
       checkpointEvery: hyper.checkpointDir ? hyper.checkpointEvery ?? 0 : 0,
       ...(hyper.checkpointDir ? { checkpointDir: hyper.checkpointDir } : {}),
+      adapterConfigJson: `${JSON.stringify(adapterConfigJson(adapter.config, { baseModelNameOrPath: this.folder.dir }), null, 2)}\n`,
+      configHash: trainingConfigHash(adapter.config, hyper),
+      dataHash: examplesHash(examples),
+      ...(hyper.resumeFrom ? { resumeFrom: hyper.resumeFrom } : {}),
+      nonfinitePolicy: hyper.nonfinitePolicy ?? 'rollback',
+      spikeFactor: hyper.spikeFactor ?? 0,
+      spikePolicy: hyper.spikePolicy ?? 'skip',
+      rollbackLrFactor: hyper.rollbackLrFactor ?? 0.5,
+      maxInterventions: hyper.maxInterventions ?? 8,
+      injectNonfiniteStep: hyper.injectNonfiniteStep ?? 0,
     };
-    for (const e of hyper.evalExamples ?? []) this.checkIds(e.ids, 'eval input_ids');
     const started = performance.now();
     let tokens = 0;
     let evalLoss: number | null = null;
-    const pendingConfigs: Promise<void>[] = [];
+    let forgettingLoss: number | null = null;
+    let forgettingBaseLoss: number | null = null;
+    let interventions = 0;
     const job = this.native.train({
       slot: adapter.slot,
       examples: examples.map((e) => ({ ids: e.ids, labels: e.labels })),
       evalExamples: (hyper.evalExamples ?? []).map((e) => ({ ids: e.ids, labels: e.labels })),
+      forgettingExamples: (hyper.forgettingExamples ?? []).map((e) => ({ ids: e.ids, labels: e.labels })),
       hyper: nativeHyper,
     }, (r) => {
       tokens += r.tokens;
       if (r.evalLoss !== undefined) evalLoss = r.evalLoss;
-      // The native side wrote the checkpoint's weights; its adapter_config.json completes the PEFT folder.
-      if (r.checkpoint) pendingConfigs.push(writeAdapterConfig(r.checkpoint, adapter.config, { baseModelNameOrPath: this.folder.dir }));
+      if (r.forgettingLoss !== undefined) {
+        forgettingLoss = r.forgettingLoss;
+        forgettingBaseLoss = r.forgettingBaseLoss ?? null;
+      }
+      if (r.guardAction) interventions++;
       const elapsedS = (performance.now() - started) / 1000;
-      const perStep = elapsedS / r.step;
+      const perStep = elapsedS / Math.max(1, r.step);
       handlers.onStep?.({ ...r, tokensPerS: r.seconds > 0 ? r.tokens / r.seconds : 0, elapsedS, etaS: perStep * (r.totalSteps - r.step) });
     });
     const last = await awaitCancellable(job.promise, () => this.native.cancel(job.id), handlers.signal);
-    await Promise.all(pendingConfigs);
-    return { steps: last.step, finalLoss: last.loss, evalLoss, tokens, seconds: (performance.now() - started) / 1000, cancelled: last.cancelled };
+    return {
+      steps: last.step, finalLoss: last.loss, evalLoss, tokens, seconds: (performance.now() - started) / 1000, cancelled: last.cancelled,
+      stoppedEarly: last.stoppedEarly === true, bestStep: last.bestStep ?? 0, bestEvalLoss: last.bestEvalLoss ?? null,
+      forgettingBaseLoss, forgettingLoss, interventions, cancelCheckpoint: last.cancelled ? last.checkpoint ?? null : null,
+    };
+  }
+
+  /** Loads the adapter of a checkpoint folder, to continue training it (train with hyper.resumeFrom). */
+  resumeAdapter(checkpointDir: string): Promise<Adapter> {
+    return this.loadAdapter(checkpointDir);
   }
 
   /** Generates from token ids; onTokens receives each step's new ids as they are sampled. */
@@ -305,4 +375,30 @@ export class Engine {
       throw toEngineError(e);
     }
   }
+}
+
+/**
+ * A fingerprint of everything that decides a training run's numbers (the LoRA config and every
+ * hyperparameter that changes the updates or the data order), so that a resume under other settings
+ * is refused. Evaluation, checkpoint and guard settings are left out: they do not change the updates.
+ */
+export function trainingConfigHash(lora: LoraConfig, h: TrainHyperparameters): string {
+  const relevant = {
+    lora: { r: lora.r, alpha: lora.alpha, dropout: lora.dropout, rslora: lora.useRslora, targets: [...lora.targets].sort() },
+    lr: h.lr, steps: h.steps ?? 0, epochs: h.epochs, batchSize: h.batchSize, gradAccum: h.gradAccum, scheduler: h.scheduler,
+    warmupSteps: h.warmupSteps, weightDecay: h.weightDecay, maxGradNorm: h.maxGradNorm, seed: h.seed, shuffle: h.shuffle,
+    recompute: h.gradientCheckpointing ?? true, beta1: h.beta1 ?? 0.9, beta2: h.beta2 ?? 0.999, eps: h.eps ?? 1e-8,
+  };
+  return createHash('sha256').update(JSON.stringify(relevant)).digest('hex');
+}
+
+/** A fingerprint of the training examples as the engine sees them (ids and labels, in order). */
+export function examplesHash(examples: readonly { ids: Int32Array; labels: Int32Array }[]): string {
+  const hash = createHash('sha256');
+  for (const e of examples) {
+    hash.update(new Uint8Array(new Int32Array([e.ids.length]).buffer));
+    hash.update(new Uint8Array(e.ids.buffer, e.ids.byteOffset, e.ids.byteLength));
+    hash.update(new Uint8Array(e.labels.buffer, e.labels.byteOffset, e.labels.byteLength));
+  }
+  return hash.digest('hex');
 }

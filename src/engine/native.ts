@@ -21,15 +21,35 @@ export interface NativeLoraSpec {
   targets: string[]; // PEFT module names
 }
 
+export type GuardPolicy = 'fail' | 'skip' | 'rollback';
+
 export interface NativeTrainHyper {
   lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; maxGradNorm: number;
   scheduler: 'constant' | 'linear' | 'cosine'; warmupSteps: number; batchSize: number; gradAccum: number;
   epochs: number; maxSteps: number; seed: number; shuffle: boolean; recompute: boolean; padId: number;
-  /** Evaluate on evalExamples every N steps (and after the last). */
+  /** Evaluate on evalExamples (and score forgettingExamples) every N steps and after the last. */
   evalEvery?: number;
-  /** Write <checkpointDir>/checkpoint-<step>/adapter_model.safetensors every N steps. */
+  earlyStoppingPatience?: number;
+  earlyStoppingMinDelta?: number;
+  /** End with the weights of the best evaluation instead of the last. */
+  keepBest?: boolean;
+  /** Write <checkpointDir>/checkpoint-<step> (a PEFT folder plus optimizer and trainer state) every N steps. */
   checkpointEvery?: number;
   checkpointDir?: string;
+  /** The adapter_config.json every checkpoint carries. */
+  adapterConfigJson?: string;
+  /** Recorded in checkpoints; resuming requires the same. */
+  configHash?: string;
+  dataHash?: string;
+  /** A checkpoint folder to continue from (the adapter must have been loaded from it). */
+  resumeFrom?: string;
+  nonfinitePolicy?: GuardPolicy;
+  spikeFactor?: number;
+  spikePolicy?: GuardPolicy;
+  rollbackLrFactor?: number;
+  maxInterventions?: number;
+  /** Fault injection for tests: poison the gradients of this step, once. */
+  injectNonfiniteStep?: number;
 }
 
 export interface NativeStepReport {
@@ -37,8 +57,18 @@ export interface NativeStepReport {
   tokens: number; targets: number; seconds: number;
   /** Mean eval token loss, present on the steps that evaluated. */
   evalLoss?: number;
-  /** Folder of the checkpoint written after this step (its adapter_config.json is the caller's). */
+  /** Mean token loss of the forgetting set with the adapter, and with the base alone, on those steps. */
+  forgettingLoss?: number;
+  forgettingBaseLoss?: number;
+  /** Folder of the checkpoint written after this step (or, in the final report of a cancelled job, at the cancel). */
   checkpoint?: string;
+  /** The guard intervened: the batch was skipped, or training rolled back to `rolledBackTo`. */
+  guardAction?: 'skip' | 'rollback';
+  guardReason?: string;
+  rolledBackTo?: number;
+  stoppedEarly?: boolean;
+  bestStep?: number;
+  bestEvalLoss?: number;
 }
 
 export interface NativeGenerateSpec {
@@ -87,7 +117,7 @@ export interface NativeEngine {
     slot: number,
     options?: { backward?: boolean; recompute?: boolean; lossScale?: number; dropout?: number; dropoutSeed?: number; dropoutStep?: number },
   ): Promise<{ loss: number; targets: number; grads?: Record<string, Float32Array> }>;
-  train(spec: { slot: number; examples: { ids: Int32Array; labels: Int32Array }[]; evalExamples?: { ids: Int32Array; labels: Int32Array }[]; hyper: NativeTrainHyper }, onStep: (r: NativeStepReport) => void): NativeJob<NativeStepReport & { cancelled: boolean }>;
+  train(spec: { slot: number; examples: { ids: Int32Array; labels: Int32Array }[]; evalExamples?: { ids: Int32Array; labels: Int32Array }[]; forgettingExamples?: { ids: Int32Array; labels: Int32Array }[]; hyper: NativeTrainHyper }, onStep: (r: NativeStepReport) => void): NativeJob<NativeStepReport & { cancelled: boolean }>;
   generate(spec: NativeGenerateSpec, onTokens: (ids: Int32Array) => void): NativeJob<NativeGenerateResult>;
   cancel(id: number): void;
   close(): void;

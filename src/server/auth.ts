@@ -104,6 +104,7 @@ export const RPC_SCOPES: Readonly<Record<string, readonly Scope[]>> = {
   'TrainingService/GetJob': ['train'],
   'TrainingService/ListJobs': ['train'],
   'TrainingService/CancelJob': ['train'],
+  'TrainingService/ResumeJob': ['train'],
 };
 
 /** Throws PERMISSION_DENIED unless the caller's scopes allow the RPC. */

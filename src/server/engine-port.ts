@@ -193,8 +193,31 @@ export interface TrainSpec {
   evalFraction: number;
   /** Evaluate every this many steps and after the last; 0 = only after the last. */
   evalEvery: number;
-  /** Write a checkpoint every this many steps; 0 = none. */
+  /** Write a checkpoint every this many steps; 0 = only at a cancel or shutdown. */
   checkpointEvery: number;
+  /** The guard's policies and spike threshold (0 = spike detection off). */
+  nonfinitePolicy: GuardPolicy;
+  spikeFactor: number;
+  spikePolicy: GuardPolicy;
+  /** Early stopping after this many evaluations without improvement (0 = never), and its margin. */
+  earlyStoppingPatience: number;
+  earlyStoppingMinDelta: number;
+  /** End with the best evaluation's weights. */
+  keepBest: boolean;
+  /** Score the general-text set with the base and the adapter (the forgetting check). */
+  forgettingCheck: boolean;
+  forgettingWarnThreshold: number;
+}
+
+/** What the guard does with a step that went wrong. */
+export type GuardPolicy = 'fail' | 'skip' | 'rollback';
+
+/** Where a run continues from, for EnginePort.train. */
+export interface ResumePoint {
+  /** The checkpoint folder (a PEFT folder plus optimizer and trainer state). */
+  dir: string;
+  /** Its optimizer step. */
+  step: number;
 }
 
 /** Row formats of a training file (see the upload's row rules). */
@@ -242,8 +265,10 @@ export type TrainEvent =
       elapsedSeconds: number;
       etaSeconds: number;
     }
-  | { kind: 'eval'; step: number; loss: number }
-  | { kind: 'checkpoint'; step: number; dir: string };
+  | { kind: 'eval'; step: number; loss: number; forgettingLoss?: number; forgettingBaseLoss?: number }
+  | { kind: 'checkpoint'; step: number; dir: string }
+  | { kind: 'guard'; step: number; action: 'skip' | 'rollback'; reason: string; rolledBackTo: number }
+  | { kind: 'warning'; code: string; message: string };
 
 /** What a finished training run measured. */
 export interface TrainResult {
@@ -253,6 +278,14 @@ export interface TrainResult {
   steps: number;
   /** Loss-bearing tokens processed over the whole run. */
   tokens: number;
+  stoppedEarly: boolean;
+  /** The best evaluation, or null without an eval split. */
+  bestStep: number | null;
+  bestEvalLoss: number | null;
+  /** The forgetting check's losses (base alone, adapter at the end), or null without it. */
+  forgettingBaseLoss: number | null;
+  forgettingLoss: number | null;
+  guardInterventions: number;
   /** The adapter written to outDir. */
   config: AdapterConfig;
 }
@@ -341,12 +374,15 @@ export interface EnginePort {
 
   /**
    * Runs one training run (the server runs at most one at a time) and writes the adapter to
-   * spec.outDir. Reports progress through onEvent (on the event loop). Rejects CANCELLED soon
-   * after the signal fires (between optimizer steps), INVALID_DATASET, RESOURCE_EXHAUSTED, ...
+   * spec.outDir. With options.resume, continues from that checkpoint (same spec as the run that wrote
+   * it, else CHECKPOINT_MISMATCH). Reports progress through onEvent (on the event loop). Rejects
+   * CANCELLED soon after the signal fires (between optimizer steps; a checkpoint event for the last
+   * completed step comes first when spec.checkpointDir is set), INVALID_DATASET, RESOURCE_EXHAUSTED,
+   * TRAINING_DIVERGED (the guard's fail policy), ...
    */
   train(
     spec: TrainSpec,
-    options: { onEvent(event: TrainEvent): void; signal: AbortSignal },
+    options: { onEvent(event: TrainEvent): void; signal: AbortSignal; resume?: ResumePoint },
   ): Promise<TrainResult>;
 
   /**

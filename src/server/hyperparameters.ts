@@ -5,7 +5,7 @@
 // max_seq_len against the model's max_position_embeddings (and the server's own limit), target
 // modules against the linear modules the model's layers have.
 
-import type { TrainingConfig } from '../gen/tuneserve/v1/training.js';
+import { GuardPolicy, type TrainingConfig } from '../gen/tuneserve/v1/training.js';
 import { targetModuleNames, type AdapterConfig, type TargetModule } from './engine-port.js';
 import { invalidArgument } from './errors.js';
 import type { Hyperparameters } from './job-store.js';
@@ -135,5 +135,34 @@ export function resolveHyperparameters(
     evalFraction: checkNumber('eval_fraction', c.evalFraction ?? 0, (v) => v >= 0 && v <= 0.5, 'from 0 to 0.5'),
     evalEvery: checkInteger('eval_every', c.evalEvery ?? 0, 0, MAX_STEPS),
     checkpointEvery: checkInteger('checkpoint_every', c.checkpointEvery ?? 0, 0, MAX_STEPS),
+    nonfinitePolicy: resolvePolicy('nonfinite_policy', c.nonfinitePolicy ?? GuardPolicy.GUARD_POLICY_UNSPECIFIED, 'rollback'),
+    spikeFactor: checkNumber('spike_factor', c.spikeFactor ?? 0, (v) => v === 0 || (v > 1 && v <= 100), '0 (off) or above 1 and at most 100'),
+    spikePolicy: resolvePolicy('spike_policy', c.spikePolicy ?? GuardPolicy.GUARD_POLICY_UNSPECIFIED, 'skip'),
+    earlyStoppingPatience: needsEval('early_stopping_patience', checkInteger('early_stopping_patience', c.earlyStoppingPatience ?? 0, 0, 1000), c),
+    earlyStoppingMinDelta: checkNumber('early_stopping_min_delta', c.earlyStoppingMinDelta ?? 0, (v) => v >= 0 && v <= 10, 'from 0 to 10'),
+    keepBest: needsEval('keep_best', c.keepBest ?? false, c),
+    forgettingCheck: c.forgettingCheck ?? false,
+    forgettingWarnThreshold: checkNumber('forgetting_warn_threshold', c.forgettingWarnThreshold || 0.25, (v) => v > 0 && v <= 100, 'above 0 and at most 100'),
   };
+}
+
+const policies: Record<GuardPolicy, Hyperparameters['nonfinitePolicy'] | null> = {
+  [GuardPolicy.GUARD_POLICY_UNSPECIFIED]: null,
+  [GuardPolicy.GUARD_POLICY_FAIL]: 'fail',
+  [GuardPolicy.GUARD_POLICY_SKIP]: 'skip',
+  [GuardPolicy.GUARD_POLICY_ROLLBACK]: 'rollback',
+  [GuardPolicy.UNRECOGNIZED]: null,
+};
+
+function resolvePolicy(field: string, value: GuardPolicy, fallback: Hyperparameters['nonfinitePolicy']): Hyperparameters['nonfinitePolicy'] {
+  if (value === GuardPolicy.GUARD_POLICY_UNSPECIFIED) return fallback;
+  const policy = policies[value];
+  if (!policy) throw invalidArgument(`config.${field}`, `is not a known GuardPolicy value (${value})`);
+  return policy;
+}
+
+/** A setting that only means something with an eval split: refused without one (it would do nothing). */
+function needsEval<T extends number | boolean>(field: string, value: T, c: Partial<TrainingConfig>): T {
+  if (value && !(c.evalFraction ?? 0)) throw invalidArgument(`config.${field}`, 'needs eval_fraction above 0 (it acts on evaluations)');
+  return value;
 }

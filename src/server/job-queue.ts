@@ -78,6 +78,8 @@ interface RunningJob {
 }
 
 const INLINE_DATASET_FILE = 'inline.jsonl';
+/** Checkpoints kept per job (the newest ones): enough to survive one being written when the process dies. */
+const KEEP_CHECKPOINTS = 2;
 const EVENTS_PER_READ = 256;
 
 /** The one-at-a-time training queue. */
@@ -215,6 +217,67 @@ export class JobQueue {
     return this.require(jobId);
   }
 
+  /**
+   * Queues an interrupted, cancelled or failed job again, to continue from its last checkpoint.
+   * NOT_FOUND; FAILED_PRECONDITION JOB_NOT_RESUMABLE (succeeded, queued, running) or NO_CHECKPOINT;
+   * ALREADY_EXISTS when its adapter id was taken meanwhile; RESOURCE_EXHAUSTED when the queue is full.
+   */
+  async resume(jobId: string): Promise<JobRecord> {
+    const { store, adapters, maxQueuedJobs } = this.deps;
+    if (!this.accepting) throw unavailable('SERVER_DRAINING', 'the server is shutting down');
+    const job = this.require(jobId);
+    if (!['interrupted', 'cancelled', 'failed'].includes(job.state)) {
+      throw failedPrecondition('JOB_NOT_RESUMABLE', `job ${JSON.stringify(jobId)} is ${job.state}; only an interrupted, cancelled or failed job can be resumed`, {
+        job_id: jobId, state: job.state,
+      });
+    }
+    const checkpoint = await this.latestCheckpoint(jobId);
+    if (checkpoint === null) {
+      throw failedPrecondition('NO_CHECKPOINT', `job ${JSON.stringify(jobId)} has no checkpoint to continue from (it stopped before its first step, or checkpoint_every was 0 and it was killed)`, {
+        job_id: jobId,
+      });
+    }
+    if (this.pending.length + this.submitting.size >= maxQueuedJobs) {
+      throw resourceExhausted('TRAINING_QUEUE_FULL', `the training queue is full (${maxQueuedJobs} jobs waiting)`, this.retryHintMs(), {
+        max_queued_jobs: String(maxQueuedJobs),
+      });
+    }
+    await adapters.reserve(job.adapterId);
+    const event = store.resume(jobId, checkpoint.step, this.now());
+    if (event === null) {
+      adapters.unreserve(job.adapterId);
+      throw failedPrecondition('JOB_NOT_RESUMABLE', `job ${JSON.stringify(jobId)} changed state meanwhile`, { job_id: jobId });
+    }
+    this.wake(jobId);
+    this.pending.push(jobId);
+    this.deps.logger.info({ jobId, checkpointStep: checkpoint.step }, 'job resumed');
+    this.pump();
+    return this.require(jobId);
+  }
+
+  /** The job's newest complete checkpoint folder, or null. */
+  private async latestCheckpoint(jobId: string): Promise<{ dir: string; step: number } | null> {
+    const folder = path.join(this.deps.dataRoot.entry('jobs', jobId), 'checkpoints');
+    const names = await fs.readdir(folder).catch(() => [] as string[]);
+    const steps = names.map((n) => /^checkpoint-(\d+)$/.exec(n)).filter((m): m is RegExpExecArray => m !== null).map((m) => Number(m[1]));
+    for (const step of steps.sort((a, b) => b - a)) {
+      const dir = path.join(folder, `checkpoint-${step}`);
+      // A folder is published whole (renamed into place), so trainer_state.json in it means complete.
+      if (await fs.stat(path.join(dir, 'trainer_state.json')).then(() => true, () => false)) return { dir, step };
+    }
+    return null;
+  }
+
+  /** Keeps the job's newest `keep` checkpoints and removes the older ones. */
+  private async pruneCheckpoints(jobId: string, keep: number): Promise<void> {
+    const folder = path.join(this.deps.dataRoot.entry('jobs', jobId), 'checkpoints');
+    const names = await fs.readdir(folder).catch(() => [] as string[]);
+    const steps = names.map((n) => /^checkpoint-(\d+)$/.exec(n)).filter((m): m is RegExpExecArray => m !== null).map((m) => Number(m[1]));
+    for (const step of steps.sort((a, b) => b - a).slice(keep)) {
+      await fs.rm(path.join(folder, `checkpoint-${step}`), { recursive: true, force: true });
+    }
+  }
+
   /** Whether a queued or running job reads this dataset. */
   datasetInUse(datasetId: string): boolean {
     return this.activeJobs().some((job) => job.datasetId === datasetId);
@@ -237,11 +300,15 @@ export class JobQueue {
       for (const event of events) {
         yield event;
         sequence = event.sequence;
-        if (isFinal(event.data)) return;
+        // A final event ends the stream, unless the job was resumed after it (more events follow).
+        if (isFinal(event.data) && this.require(jobId).lastSequence <= sequence) return;
       }
       if (events.length === EVENTS_PER_READ) continue;
       const job = this.require(jobId);
-      if (terminalStates.has(job.state) && sequence >= job.lastSequence) return;
+      // Events stored while the last batch was being yielded are read before waiting: their wake-up
+      // has already happened.
+      if (job.lastSequence > sequence) continue;
+      if (terminalStates.has(job.state)) return;
       await this.changed(jobId, signal);
     }
   }
@@ -290,6 +357,11 @@ export class JobQueue {
   private record(jobId: string, data: JobEventData): void {
     const stored = this.deps.store.append(jobId, data, this.now());
     if (stored === null) return;
+    this.wake(jobId);
+  }
+
+  /** Wakes the job's watchers (a new event was stored). */
+  private wake(jobId: string): void {
     const waiters = this.waiters.get(jobId);
     if (waiters) {
       this.waiters.delete(jobId);
@@ -364,6 +436,10 @@ export class JobQueue {
       workFolder = await dataRoot.tempFolder(`job-${job.jobId}`);
       const outDir = path.join(workFolder, 'adapter');
       const jobFolder = dataRoot.entry('jobs', job.jobId);
+      // A resumed job (its last event before this run is 'resumed') continues from its newest checkpoint.
+      const resumed = job.lastSequence > 1 && store.eventsAfter(job.jobId, job.lastSequence - 1, 1)[0]?.data.kind === 'resumed';
+      const resume = resumed ? await this.latestCheckpoint(job.jobId) : null;
+      if (resume) lastStep = resume.step;
       const result = await engine.train(
         {
           ...job.config,
@@ -374,8 +450,11 @@ export class JobQueue {
         },
         {
           signal: running.controller.signal,
+          ...(resume ? { resume } : {}),
           onEvent: (event) => {
-            if (running.stop !== null) return;
+            // While stopping, only the checkpoint of the stop itself is still recorded: it is what a
+            // resume continues from.
+            if (running.stop !== null && event.kind !== 'checkpoint') return;
             if (event.kind === 'step') {
               lastStep = event.step;
               this.deps.telemetry?.recordTrainingStep({
@@ -387,10 +466,20 @@ export class JobQueue {
                 learningRate: event.learningRate,
                 tokensPerSecond: event.tokensPerSecond,
               });
+            } else if (event.kind === 'eval') {
+              this.deps.telemetry?.recordTrainingEval({
+                jobId: job.jobId,
+                adapter: job.adapterId,
+                tenant: job.tenant,
+                loss: event.loss,
+                ...(event.forgettingLoss === undefined ? {} : { forgettingLoss: event.forgettingLoss }),
+                ...(event.forgettingBaseLoss === undefined ? {} : { forgettingBaseLoss: event.forgettingBaseLoss }),
+              });
             } else if (event.kind === 'started') {
               running.span?.setAttribute('tuneserve.job.total_steps', event.totalSteps);
             }
             this.record(job.jobId, fromTrainEvent(event));
+            if (event.kind === 'checkpoint') void this.pruneCheckpoints(job.jobId, KEEP_CHECKPOINTS);
           },
         },
       );
@@ -401,6 +490,12 @@ export class JobQueue {
         steps: result.steps,
         tokens: result.tokens,
         trainSeconds: (this.now() - startTime) / 1000,
+        stoppedEarly: result.stoppedEarly,
+        bestStep: result.bestStep,
+        bestEvalLoss: result.bestEvalLoss,
+        forgettingBaseLoss: result.forgettingBaseLoss,
+        forgettingLoss: result.forgettingLoss,
+        guardInterventions: result.guardInterventions,
       };
       await adapters.publish(outDir, {
         adapterId: job.adapterId,
@@ -439,8 +534,8 @@ export class JobQueue {
     } finally {
       adapters.unreserve(job.adapterId);
       if (workFolder !== null) await fs.rm(workFolder, { recursive: true, force: true });
-      // Checkpoints only matter for a run that may be resumed.
-      if (outcome === 'succeeded' || outcome === 'cancelled') {
+      // Checkpoints only matter for a run that may be resumed (cancelled, failed and interrupted ones may).
+      if (outcome === 'succeeded') {
         await fs.rm(path.join(dataRoot.entry('jobs', job.jobId), 'checkpoints'), { recursive: true, force: true });
       }
     }
@@ -467,9 +562,16 @@ function fromTrainEvent(event: TrainEvent): JobEventData {
     case 'step':
       return event;
     case 'eval':
-      return { kind: 'eval', step: event.step, loss: event.loss };
+      return {
+        kind: 'eval', step: event.step, loss: event.loss,
+        ...(event.forgettingLoss === undefined ? {} : { forgettingLoss: event.forgettingLoss, forgettingBaseLoss: event.forgettingBaseLoss! }),
+      };
     case 'checkpoint':
       return { kind: 'checkpoint', step: event.step };
+    case 'guard':
+      return event;
+    case 'warning':
+      return event;
   }
 }
 

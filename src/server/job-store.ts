@@ -21,6 +21,12 @@ export interface TrainingMetricsRecord {
   steps: number;
   tokens: number;
   trainSeconds: number;
+  stoppedEarly?: boolean;
+  bestStep?: number | null;
+  bestEvalLoss?: number | null;
+  forgettingBaseLoss?: number | null;
+  forgettingLoss?: number | null;
+  guardInterventions?: number;
 }
 
 /** One optimizer step's progress. */
@@ -42,8 +48,11 @@ export type JobEventData =
   | { kind: 'dataset'; report: DatasetReport }
   | { kind: 'started'; totalSteps: number; trainExamples: number; evalExamples: number }
   | ({ kind: 'step' } & StepRecord)
-  | { kind: 'eval'; step: number; loss: number }
+  | { kind: 'eval'; step: number; loss: number; forgettingLoss?: number; forgettingBaseLoss?: number }
   | { kind: 'checkpoint'; step: number }
+  | { kind: 'guard'; step: number; action: 'skip' | 'rollback'; reason: string; rolledBackTo: number }
+  | { kind: 'warning'; code: string; message: string }
+  | { kind: 'resumed'; checkpointStep: number }
   | { kind: 'completed'; adapterId: string; metrics: TrainingMetricsRecord }
   | { kind: 'failed'; reason: string; message: string }
   | { kind: 'cancelled'; stepsCompleted: number }
@@ -227,6 +236,22 @@ export class JobStore {
   }
 
   /**
+   * Puts an ended job (interrupted, cancelled or failed) back in the queue with a resumed event, in
+   * one transaction; its end time and failure are cleared. Returns null when the job is not in one
+   * of those states.
+   */
+  resume(jobId: string, checkpointStep: number, time: number): JobEventRecord | null {
+    return this.db.transaction(() => {
+      const row = this.statements.getJob.get(jobId);
+      if (!row || !['interrupted', 'cancelled', 'failed'].includes(row.state)) return null;
+      this.db
+        .prepare("UPDATE jobs SET state = 'queued', end_time = NULL, failure_reason = NULL, failure_message = NULL WHERE job_id = ?")
+        .run(jobId);
+      return this.appendInTransaction(jobId, { kind: 'resumed', checkpointStep }, time);
+    })();
+  }
+
+  /**
    * Appends an event and updates the job row to match, atomically. Returns null (and stores
    * nothing) when the job has already ended: late events of a stopped run are dropped.
    */
@@ -312,6 +337,11 @@ export class JobStore {
       case 'queued':
       case 'dataset':
       case 'eval':
+      case 'guard':
+      case 'warning':
+        break;
+      case 'resumed':
+        update.last_checkpoint_step = data.checkpointStep;
         break;
       case 'started':
         update.total_steps = data.totalSteps;

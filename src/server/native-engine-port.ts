@@ -5,6 +5,7 @@
 import { createHash } from 'node:crypto';
 import { readFile, rm } from 'node:fs/promises';
 import { basename, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 import { Engine, type Adapter, type EngineOptions } from '../engine/engine.js';
 import { loadDataset } from '../engine/dataset.js';
@@ -14,7 +15,7 @@ import { ADAPTER_WEIGHTS_FILE, createLoraConfig, loraTensorShapes, readAdapterCo
 import { readSafetensorsHeader } from '../engine/safetensors.js';
 import type {
   AdapterConfig, ChatMessage, EnginePort, GenerateResult, GenerateSpec, MergeResult, MergeSpec, ModelInfo,
-  TokenizerPort, TrainEvent, TrainResult, TrainSpec,
+  ResumePoint, TokenizerPort, TrainEvent, TrainResult, TrainSpec,
 } from './engine-port.js';
 
 export interface NativeEnginePortOptions extends EngineOptions {
@@ -183,7 +184,7 @@ export class NativeEnginePort implements EnginePort {
     return [...this.adapters.keys()];
   }
 
-  async train(spec: TrainSpec, options: { onEvent(event: TrainEvent): void; signal: AbortSignal }): Promise<TrainResult> {
+  async train(spec: TrainSpec, options: { onEvent(event: TrainEvent): void; signal: AbortSignal; resume?: ResumePoint }): Promise<TrainResult> {
     const engine = this.engine;
     let dataset;
     try {
@@ -204,40 +205,78 @@ export class NativeEnginePort implements EnginePort {
     const evalSet = new Set(order.slice(0, nEval));
     const trainExamples = dataset.examples.filter((_, i) => !evalSet.has(i));
     const evalExamples = dataset.examples.filter((_, i) => evalSet.has(i));
+    const forgettingExamples = spec.forgettingCheck ? await this.generalText() : [];
 
     let adapter: Adapter;
     try {
-      adapter = spec.initAdapterDir
-        ? await engine.loadAdapter(spec.initAdapterDir)
+      adapter = options.resume ? await engine.resumeAdapter(options.resume.dir)
+        : spec.initAdapterDir ? await engine.loadAdapter(spec.initAdapterDir)
         : engine.createAdapter(createLoraConfig({ r: spec.rank, alpha: spec.alpha, dropout: spec.dropout, targets: spec.targetModules }), spec.seed);
     } catch (e) {
-      throw portError(e, spec.initAdapterDir ? 'adapter' : 'other');
+      throw portError(e, spec.initAdapterDir || options.resume ? 'adapter' : 'other');
     }
     try {
       const stepsPerEpoch = Math.ceil(Math.ceil(trainExamples.length / spec.batchSize) / spec.gradAccum);
       const totalSteps = spec.maxSteps > 0 ? spec.maxSteps : stepsPerEpoch * spec.epochs;
       options.onEvent({ kind: 'started', totalSteps, trainExamples: trainExamples.length, evalExamples: evalExamples.length });
+      let warnedForgetting = false;
       const summary = await engine.train(adapter, trainExamples, {
         lr: spec.learningRate, ...(spec.maxSteps > 0 ? { steps: spec.maxSteps } : {}), epochs: spec.epochs,
         batchSize: spec.batchSize, gradAccum: spec.gradAccum, scheduler: spec.scheduler, warmupSteps: spec.warmupSteps,
         weightDecay: spec.weightDecay, maxGradNorm: spec.maxGradNorm, seed: spec.seed, shuffle: spec.shuffle,
         evalExamples, evalEvery: spec.evalEvery, checkpointEvery: spec.checkpointEvery, checkpointDir: spec.checkpointDir,
+        ...(options.resume ? { resumeFrom: options.resume.dir } : {}),
+        // Jobs stored before these settings existed run with the defaults.
+        nonfinitePolicy: spec.nonfinitePolicy ?? 'rollback', spikeFactor: spec.spikeFactor ?? 0, spikePolicy: spec.spikePolicy ?? 'skip',
+        earlyStoppingPatience: spec.earlyStoppingPatience ?? 0, earlyStoppingMinDelta: spec.earlyStoppingMinDelta ?? 0,
+        keepBest: spec.keepBest ?? false, forgettingExamples,
       }, {
         signal: options.signal,
         onStep: (e) => {
+          if (e.guardAction) {
+            options.onEvent({ kind: 'guard', step: e.step, action: e.guardAction, reason: e.guardReason ?? '', rolledBackTo: e.rolledBackTo ?? 0 });
+            if (e.guardAction === 'rollback') return;  // no step was taken: training continues from rolledBackTo
+          }
           options.onEvent({ kind: 'step', step: e.step, totalSteps: e.totalSteps, epoch: e.epoch, loss: e.loss, gradNorm: e.gradNorm, learningRate: e.lr, tokensPerSecond: e.tokensPerS, elapsedSeconds: e.elapsedS, etaSeconds: e.etaS });
-          if (e.evalLoss !== undefined) options.onEvent({ kind: 'eval', step: e.step, loss: e.evalLoss });
+          if (e.evalLoss !== undefined || e.forgettingLoss !== undefined) {
+            options.onEvent({
+              kind: 'eval', step: e.step, loss: e.evalLoss ?? 0,
+              ...(e.forgettingLoss === undefined ? {} : { forgettingLoss: e.forgettingLoss, forgettingBaseLoss: e.forgettingBaseLoss! }),
+            });
+          }
+          if (e.forgettingLoss !== undefined && !warnedForgetting) {
+            const increase = e.forgettingLoss - e.forgettingBaseLoss!;
+            if (increase > spec.forgettingWarnThreshold) {
+              warnedForgetting = true;
+              options.onEvent({ kind: 'warning', code: 'FORGETTING', message: `after step ${e.step} the general-text loss is ${e.forgettingLoss.toFixed(3)} nats per token, ${increase.toFixed(3)} above the base's ${e.forgettingBaseLoss!.toFixed(3)} (threshold ${spec.forgettingWarnThreshold}): the adapter is unlearning general language; consider a lower learning rate, fewer steps or a smaller rank` });
+            }
+          }
           if (e.checkpoint) options.onEvent({ kind: 'checkpoint', step: e.step, dir: e.checkpoint });
         },
       });
-      if (summary.cancelled) throw new EngineError('CANCELLED', 'training was cancelled');
+      if (summary.cancelled) {
+        if (summary.cancelCheckpoint) options.onEvent({ kind: 'checkpoint', step: summary.steps, dir: summary.cancelCheckpoint });
+        throw new EngineError('CANCELLED', 'training was cancelled');
+      }
       await engine.saveAdapter(adapter, spec.outDir);
-      return { finalLoss: summary.finalLoss, evalLoss: summary.evalLoss, steps: summary.steps, tokens: summary.tokens, config: toPortConfig(adapter.config) };
+      return {
+        finalLoss: summary.finalLoss, evalLoss: summary.evalLoss, steps: summary.steps, tokens: summary.tokens,
+        stoppedEarly: summary.stoppedEarly, bestStep: summary.bestStep > 0 ? summary.bestStep : null, bestEvalLoss: summary.bestEvalLoss,
+        forgettingBaseLoss: summary.forgettingBaseLoss, forgettingLoss: summary.forgettingLoss, guardInterventions: summary.interventions,
+        config: toPortConfig(adapter.config),
+      };
     } catch (e) {
       throw portError(e, 'other');
     } finally {
       engine.removeAdapter(adapter);
     }
+  }
+
+  /** The shipped general-text set (data/general-text.jsonl) as examples, for the forgetting check. */
+  private async generalText(): Promise<{ ids: Int32Array; labels: Int32Array }[]> {
+    const file = fileURLToPath(new URL('../../data/general-text.jsonl', import.meta.url));
+    const set = await loadDataset(file, this.engine.tokenizer, { maxSeqLen: this.maxSeqLen, vocabSize: this.engine.config.vocabSize });
+    return set.examples;
   }
 
   async generate(spec: GenerateSpec, options: { onTokens(ids: readonly number[]): void; signal: AbortSignal }): Promise<GenerateResult> {

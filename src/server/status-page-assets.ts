@@ -1,6 +1,6 @@
 // The status page's HTML and script, as text the process serves (no build step, no framework). The
 // script polls /api/status every 2 s and draws the selected job's loss curve (training loss as a line,
-// evaluation loss as dots) from its event stream. Data goes into the page through textContent and
+// evaluation loss as dots, the forgetting check's figures in the legend) from its event stream. Data goes into the page through textContent and
 // SVG attributes only, never as HTML. The chart's <svg> carries data-job and data-points (steps drawn)
 // so a test can watch the curve grow.
 
@@ -90,7 +90,11 @@ function drawChart() {
     dot.setAttribute('class', 'eval-loss');
     svg.appendChild(dot);
   }
-  document.getElementById('chart-last').textContent = last ? 'step ' + last.step + '/' + last.totalSteps + ', loss ' + last.loss.toFixed(4) + ', ' + last.tokensPerSecond.toFixed(0) + ' tokens/s' : '';
+  const lastEval = state.evals[state.evals.length - 1];
+  const forgetting = lastEval && lastEval.forgettingLoss !== null && lastEval.forgettingBaseLoss !== null
+    ? ', forgetting check: general-text loss ' + lastEval.forgettingBaseLoss.toFixed(4) + ' (base) → ' + lastEval.forgettingLoss.toFixed(4) : '';
+  document.getElementById('chart-last').textContent = (last ? 'step ' + last.step + '/' + last.totalSteps + ', loss ' + last.loss.toFixed(4) + ', ' + last.tokensPerSecond.toFixed(0) + ' tokens/s' : '') +
+    (lastEval ? ', eval loss ' + lastEval.loss.toFixed(4) + ' at step ' + lastEval.step : '') + forgetting;
 }
 
 function follow(jobId) {

@@ -6,7 +6,8 @@
 //
 //   GET /                     the page          GET /app.js   its script
 //   GET /api/status           JSON snapshot: server state, model, memory, pool, adapters, recent jobs
-//   GET /api/jobs/<id>/events text/event-stream: one "step" or "eval" event per stored event, live
+//   GET /api/jobs/<id>/events text/event-stream: one "step" or "eval" (with the forgetting check's
+//                             losses when the job runs it) event per stored event, live
 //                             after the history, then "end" when the job ends
 
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
@@ -138,7 +139,14 @@ async function streamJob(source: StatusSource, jobId: string, after: number, res
   for await (const record of source.follow(jobId, after, controller.signal)) {
     const { data } = record;
     if (data.kind === 'step') send('step', record.sequence, { step: data.step, totalSteps: data.totalSteps, loss: data.loss, learningRate: data.learningRate, tokensPerSecond: data.tokensPerSecond });
-    else if (data.kind === 'eval') send('eval', record.sequence, { step: data.step, loss: data.loss });
+    else if (data.kind === 'eval') {
+      send('eval', record.sequence, {
+        step: data.step,
+        loss: data.loss,
+        forgettingLoss: data.forgettingLoss ?? null,
+        forgettingBaseLoss: data.forgettingBaseLoss ?? null,
+      });
+    }
     else if (data.kind === 'completed' || data.kind === 'failed' || data.kind === 'cancelled' || data.kind === 'interrupted') {
       send('end', record.sequence, { state: data.kind });
     }

@@ -106,6 +106,8 @@ export class Telemetry {
   private readonly trainingTokensPerSecond: Gauge;
   private readonly trainingStep: Gauge;
   private readonly trainingSteps: Counter;
+  private readonly trainingEvalLoss: Gauge;
+  private readonly trainingForgettingLoss: Gauge;
   /** The tracer of the server's spans. */
   readonly tracer: Tracer;
 
@@ -156,6 +158,11 @@ export class Telemetry {
     });
     this.trainingStep = meter.createGauge('tuneserve.training.step', { description: 'Last optimizer step of the job', unit: '{step}' });
     this.trainingSteps = meter.createCounter('tuneserve.training.steps', { description: 'Optimizer steps taken', unit: '{step}' });
+    this.trainingEvalLoss = meter.createGauge('tuneserve.training.eval_loss', { description: 'Loss on the held-out rows at the last evaluation', unit: '1' });
+    this.trainingForgettingLoss = meter.createGauge('tuneserve.training.forgetting_loss', {
+      description: "Loss on general text at the last evaluation (the forgetting check), with the base model's as tuneserve.phase=base",
+      unit: '1',
+    });
   }
 
   /**
@@ -221,6 +228,14 @@ export class Telemetry {
     this.meter
       .createObservableGauge('tuneserve.adapters.slots', { description: 'Slots of the device adapter pool', unit: '{adapter}' })
       .addCallback((result) => result.observe(sources.adapterSlots()));
+  }
+
+  /** Records one evaluation of a training job (and the forgetting check when it ran). */
+  recordTrainingEval(m: { jobId: string; adapter: string; tenant: string; loss: number; forgettingLoss?: number; forgettingBaseLoss?: number }): void {
+    const attributes: Attributes = { 'tuneserve.job': m.jobId, 'tuneserve.adapter': m.adapter, 'tuneserve.tenant': m.tenant };
+    this.trainingEvalLoss.record(m.loss, attributes);
+    if (m.forgettingLoss !== undefined) this.trainingForgettingLoss.record(m.forgettingLoss, { ...attributes, 'tuneserve.phase': 'adapter' });
+    if (m.forgettingBaseLoss !== undefined) this.trainingForgettingLoss.record(m.forgettingBaseLoss, { ...attributes, 'tuneserve.phase': 'base' });
   }
 
   /** Records one optimizer step of a training job. */

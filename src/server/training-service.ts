@@ -1,6 +1,6 @@
-// tuneserve.v1.TrainingService: Train, WatchJob, GetJob, ListJobs, CancelJob. A job belongs to the
-// tenant of the key that submitted it: only that tenant (or an admin) sees it; the dataset and the
-// starting adapter may be the tenant's own or shared ones.
+// tuneserve.v1.TrainingService: Train, WatchJob, GetJob, ListJobs, CancelJob, ResumeJob. A job belongs
+// to the tenant of the key that submitted it: only that tenant (or an admin) sees it; the dataset and
+// the starting adapter may be the tenant's own or shared ones.
 
 import { randomBytes } from 'node:crypto';
 import type {
@@ -10,6 +10,8 @@ import type {
   GetJobResponse,
   ListJobsRequest,
   ListJobsResponse,
+  ResumeJobRequest,
+  ResumeJobResponse,
   TrainingServiceServer,
   TrainRequest,
   TrainResponse,
@@ -27,7 +29,7 @@ import type { JobState } from './job-store.js';
 import { JsonlChecker } from './jsonl-check.js';
 import { decodePageToken, encodePageToken, pageSize } from './paging.js';
 import type { CallContext, RpcRunner } from './rpc.js';
-import { storedJobState, toJob, toJobEvent, toTrainingStep } from './wire.js';
+import { storedJobState, toEvalResult, toJob, toJobEvent, toTrainingStep } from './wire.js';
 
 const SERVICE = 'TrainingService';
 
@@ -116,7 +118,7 @@ export function trainingService(context: ServiceContext, rpc: RpcRunner): Traini
         job: toJob(job, queue.queuePosition(jobId)),
         steps: request.includeHistory ? store.eventsOfKind(jobId, 'step').map((e) => toTrainingStep(e.data)) : [],
         evaluations: request.includeHistory
-          ? store.eventsOfKind(jobId, 'eval').map((e) => ({ step: e.data.step, loss: e.data.loss }))
+          ? store.eventsOfKind(jobId, 'eval').map((e) => toEvalResult(e.data))
           : [],
       };
     }),
@@ -143,6 +145,13 @@ export function trainingService(context: ServiceContext, rpc: RpcRunner): Traini
       const jobId = requireId(request.jobId, 'job_id');
       ownJob(jobId, call);
       const job = queue.cancel(jobId);
+      return { job: toJob(job, queue.queuePosition(jobId)) };
+    }),
+
+    resumeJob: rpc.unary<ResumeJobRequest, ResumeJobResponse>(SERVICE, 'ResumeJob', async (request, call) => {
+      const jobId = requireId(request.jobId, 'job_id');
+      ownJob(jobId, call);
+      const job = await queue.resume(jobId);
       return { job: toJob(job, queue.queuePosition(jobId)) };
     }),
   };

@@ -6,9 +6,11 @@ import { AdapterSource, type Adapter } from '../gen/tuneserve/v1/adapters.js';
 import type { TrainingMetrics } from '../gen/tuneserve/v1/common.js';
 import type { Dataset } from '../gen/tuneserve/v1/datasets.js';
 import {
+  GuardPolicy,
   JobState,
   LrScheduler,
   type DatasetReport as DatasetReportMessage,
+  type EvalResult,
   type Job,
   type JobEvent,
   type TrainingConfig,
@@ -19,6 +21,7 @@ import type { DatasetRecord } from './datasets.js';
 import type { DatasetReport } from './engine-port.js';
 import type {
   Hyperparameters,
+  JobEventData,
   JobEventRecord,
   JobRecord,
   JobState as StoredJobState,
@@ -69,8 +72,23 @@ export function toTrainingConfig(config: Hyperparameters): TrainingConfig {
     evalFraction: config.evalFraction,
     evalEvery: config.evalEvery,
     checkpointEvery: config.checkpointEvery,
+    // Jobs stored before these settings existed ran with their defaults.
+    nonfinitePolicy: guardPolicies[config.nonfinitePolicy ?? 'rollback'],
+    spikeFactor: config.spikeFactor ?? 0,
+    spikePolicy: guardPolicies[config.spikePolicy ?? 'skip'],
+    earlyStoppingPatience: config.earlyStoppingPatience ?? 0,
+    earlyStoppingMinDelta: config.earlyStoppingMinDelta ?? 0,
+    keepBest: config.keepBest ?? false,
+    forgettingCheck: config.forgettingCheck ?? false,
+    forgettingWarnThreshold: config.forgettingWarnThreshold ?? 0.25,
   };
 }
+
+const guardPolicies: Record<Hyperparameters['nonfinitePolicy'], GuardPolicy> = {
+  fail: GuardPolicy.GUARD_POLICY_FAIL,
+  skip: GuardPolicy.GUARD_POLICY_SKIP,
+  rollback: GuardPolicy.GUARD_POLICY_ROLLBACK,
+};
 
 /** The stored scheduler name for a wire value (UNSPECIFIED → linear), or null when unknown. */
 export function storedScheduler(value: LrScheduler): Hyperparameters['scheduler'] | null {
@@ -87,6 +105,12 @@ export function toTrainingMetrics(metrics: TrainingMetricsRecord): TrainingMetri
     steps: metrics.steps,
     tokens: metrics.tokens,
     trainSeconds: metrics.trainSeconds,
+    stoppedEarly: metrics.stoppedEarly ?? false,
+    ...(metrics.bestStep == null ? {} : { bestStep: metrics.bestStep }),
+    ...(metrics.bestEvalLoss == null ? {} : { bestEvalLoss: metrics.bestEvalLoss }),
+    ...(metrics.forgettingBaseLoss == null ? {} : { forgettingBaseLoss: metrics.forgettingBaseLoss }),
+    ...(metrics.forgettingLoss == null ? {} : { forgettingLoss: metrics.forgettingLoss }),
+    guardInterventions: metrics.guardInterventions ?? 0,
   };
 }
 
@@ -146,7 +170,16 @@ export function toJobEvent(event: JobEventRecord): JobEvent {
       wire.step = toTrainingStep(data);
       break;
     case 'eval':
-      wire.evaluation = { step: data.step, loss: data.loss };
+      wire.evaluation = toEvalResult(data);
+      break;
+    case 'guard':
+      wire.guard = { step: data.step, action: data.action, reason: data.reason, rolledBackTo: data.rolledBackTo };
+      break;
+    case 'warning':
+      wire.warning = { code: data.code, message: data.message };
+      break;
+    case 'resumed':
+      wire.resumed = { checkpointStep: data.checkpointStep };
       break;
     case 'checkpoint':
       wire.checkpoint = { step: data.step };
@@ -165,6 +198,21 @@ export function toJobEvent(event: JobEventRecord): JobEvent {
       break;
   }
   return wire;
+}
+
+/** An evaluation as a message, with the forgetting figures when the job has the check. */
+export function toEvalResult(data: Extract<JobEventData, { kind: 'eval' }>): EvalResult {
+  return {
+    step: data.step,
+    loss: data.loss,
+    ...(data.forgettingLoss === undefined || data.forgettingBaseLoss === undefined
+      ? {}
+      : {
+          forgettingLoss: data.forgettingLoss,
+          forgettingBaseLoss: data.forgettingBaseLoss,
+          forgettingIncrease: data.forgettingLoss - data.forgettingBaseLoss,
+        }),
+  };
 }
 
 /** A dataset report as a message. */

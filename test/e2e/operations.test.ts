@@ -82,7 +82,7 @@ describe('operations of a real tuneserve serve process', () => {
     const trained = await collect(
       clients.training.train(
         { jobId: 'ops-job', adapterId: 'ops-bot', datasetId: 'memorize', initAdapterId: '', detach: false,
-          config: TrainingConfig.fromPartial({ maxSteps: 6, batchSize: 2, gradAccum: 1, learningRate: 1e-3, targetModules: ['q_proj', 'v_proj'] }) },
+          config: TrainingConfig.fromPartial({ maxSteps: 6, batchSize: 2, gradAccum: 1, learningRate: 1e-3, targetModules: ['q_proj', 'v_proj'], evalFraction: 0.2, evalEvery: 3 }) },
         withRequestId('req-train'),
       ),
     );
@@ -172,7 +172,7 @@ describe('operations of a real tuneserve serve process', () => {
     }
     expect(text).toMatch(/rpc_server_call_duration_count\{[^}]*rpc_method="Train"[^}]*tuneserve_tenant="acme"/);
     // Training progress per job and adapter.
-    for (const name of ['tuneserve_training_loss', 'tuneserve_training_learning_rate', 'tuneserve_training_tokens_per_second', 'tuneserve_training_step']) {
+    for (const name of ['tuneserve_training_loss', 'tuneserve_training_learning_rate', 'tuneserve_training_tokens_per_second', 'tuneserve_training_step', 'tuneserve_training_eval_loss']) {
       expect(text, name).toMatch(new RegExp(`${name}\\{[^}]*tuneserve_job="ops-job"[^}]*\\} `));
     }
     expect(text).toMatch(/tuneserve_training_step\{[^}]*tuneserve_job="ops-job"[^}]*\} 6\b/);

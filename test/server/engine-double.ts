@@ -22,6 +22,7 @@ import type {
   TargetModule,
   TokenizerPort,
   TrainEvent,
+  ResumePoint,
   TrainResult,
   TrainSpec,
 } from '../../src/server/engine-port.js';
@@ -112,6 +113,8 @@ export interface DoubleRecords {
   results: GenerateResult[];
   generations: GenerateSpec[];
   trainSpecs: TrainSpec[];
+  /** The checkpoint step each train() call continued from (null: a fresh start). */
+  resumes: (number | null)[];
 }
 
 /** The files of a placeholder PEFT folder the double accepts (or refuses, for another hidden size). */
@@ -175,6 +178,7 @@ export class EngineDouble implements EnginePort {
     results: [],
     generations: [],
     trainSpecs: [],
+    resumes: [],
   };
   private readonly slots = new Map<string, AdapterConfig>();
 
@@ -256,7 +260,7 @@ export class EngineDouble implements EnginePort {
     return [...this.slots.keys()];
   }
 
-  async train(spec: TrainSpec, options: { onEvent(event: TrainEvent): void; signal: AbortSignal }): Promise<TrainResult> {
+  async train(spec: TrainSpec, options: { onEvent(event: TrainEvent): void; signal: AbortSignal; resume?: ResumePoint }): Promise<TrainResult> {
     this.records.paths.push(spec.datasetPath, spec.outDir, spec.checkpointDir, ...(spec.initAdapterDir ? [spec.initAdapterDir] : []));
     this.records.trainSpecs.push(spec);
     const lines = (await fs.readFile(spec.datasetPath, 'utf8')).split('\n').filter((line) => line.trim() !== '');
@@ -288,9 +292,21 @@ export class EngineDouble implements EnginePort {
     options.onEvent({ kind: 'started', totalSteps, trainExamples: lines.length - evalExamples, evalExamples });
     const started = Date.now();
     let loss = 2;
-    for (let step = 1; step <= totalSteps; step += 1) {
+    // Checkpoints as the real engine lays them out (checkpoint-<step> with trainer_state.json), one at
+    // a cancel too; a resume continues after its checkpoint's step.
+    const checkpoint = async (step: number) => {
+      const dir = path.join(spec.checkpointDir, `checkpoint-${step}`);
+      await writeDoubleAdapter(dir, { rank: spec.rank, targets: spec.targetModules });
+      await fs.writeFile(path.join(dir, 'trainer_state.json'), JSON.stringify({ format: 1, step }));
+      options.onEvent({ kind: 'checkpoint', step, dir });
+    };
+    this.records.resumes.push(options.resume?.step ?? null);
+    for (let step = (options.resume?.step ?? 0) + 1; step <= totalSteps; step += 1) {
       await wait(this.settings.trainStepMs);
-      if (options.signal.aborted) throw engineError('CANCELLED', 'training cancelled');
+      if (options.signal.aborted) {
+        if (step > 1) await checkpoint(step - 1);
+        throw engineError('CANCELLED', 'training cancelled');
+      }
       loss = 2 / (1 + step);
       const elapsedSeconds = (Date.now() - started) / 1000;
       options.onEvent({
@@ -308,11 +324,7 @@ export class EngineDouble implements EnginePort {
       if (evalExamples > 0 && (step === totalSteps || (spec.evalEvery > 0 && step % spec.evalEvery === 0))) {
         options.onEvent({ kind: 'eval', step, loss: loss * 1.1 });
       }
-      if (spec.checkpointEvery > 0 && step % spec.checkpointEvery === 0) {
-        const dir = path.join(spec.checkpointDir, `step-${step}`);
-        await writeDoubleAdapter(dir, { rank: spec.rank, targets: spec.targetModules });
-        options.onEvent({ kind: 'checkpoint', step, dir });
-      }
+      if (spec.checkpointEvery > 0 && step % spec.checkpointEvery === 0) await checkpoint(step);
     }
     await writeDoubleAdapter(spec.outDir, { rank: spec.rank, targets: spec.targetModules });
     return {
@@ -320,6 +332,12 @@ export class EngineDouble implements EnginePort {
       evalLoss: evalExamples > 0 ? loss * 1.1 : null,
       steps: totalSteps,
       tokens: totalSteps * perStep * 10,
+      stoppedEarly: false,
+      bestStep: evalExamples > 0 ? totalSteps : null,
+      bestEvalLoss: evalExamples > 0 ? loss * 1.1 : null,
+      forgettingBaseLoss: null,
+      forgettingLoss: null,
+      guardInterventions: 0,
       config: { rank: spec.rank, alpha: spec.alpha, dropout: spec.dropout, targetModules: spec.targetModules, useRslora: false },
     };
   }

@@ -225,6 +225,27 @@ describe('restart', () => {
         expect(later.messages.at(-1)?.event?.completed?.adapterId).toBe('l');
         const { adapters } = await call(c.adapters.listAdapters, c.adapters, { pageSize: 0, pageToken: '', loadedOnly: false });
         expect(adapters.map((a) => a.adapterId)).toEqual(['d', 'l']);
+
+        // ResumeJob continues the interrupted job from its last checkpoint: a resumed event, then the
+        // steps after it; its history keeps the first run's events.
+        const from = busy.job!.lastCheckpointStep;
+        const resumed = await call(c.training.resumeJob, c.training, { jobId: 'busy' });
+        expect([JobState.JOB_STATE_QUEUED, JobState.JOB_STATE_RUNNING]).toContain(resumed.job?.state);  // the queue is empty: it may start at once
+        await eventually(async () => {
+          const { job } = await call(c.training.getJob, c.training, { jobId: 'busy', includeHistory: false });
+          return (job?.lastStep?.step ?? 0) >= from + 2;
+        });
+        await call(c.training.cancelJob, c.training, { jobId: 'busy' });
+        const history = (await collect(c.training.watchJob({ jobId: 'busy', afterSequence: 0 }))).messages.map((m) => m.event!);
+        const resumedAt = history.findIndex((e) => e.resumed !== undefined);
+        expect(history[resumedAt - 1]?.interrupted).toBeDefined();
+        expect(history[resumedAt]?.resumed?.checkpointStep).toBe(from);
+        expect(history.slice(resumedAt).find((e) => e.step !== undefined)?.step?.step).toBe(from + 1);
+        expect(history.at(-1)?.cancelled).toBeDefined();
+        // Cancelled with a checkpoint of its last step: resumable again; a succeeded job is not.
+        const again = await call(c.training.getJob, c.training, { jobId: 'busy', includeHistory: false });
+        expect(again.job?.lastCheckpointStep).toBeGreaterThan(from);
+        await expectStatus(call(c.training.resumeJob, c.training, { jobId: 'done' }), status.FAILED_PRECONDITION, { reason: 'JOB_NOT_RESUMABLE' });
       } finally {
         await second.dispose();
       }

@@ -62,6 +62,26 @@ export interface TrainingMetrics {
   tokens: number;
   /** Wall-clock seconds the run took, excluding time spent queued. */
   trainSeconds: number;
+  /** Early stopping ended the run. */
+  stoppedEarly: boolean;
+  /** The step of the best evaluation (absent without an eval split). */
+  bestStep?:
+    | number
+    | undefined;
+  /** Its loss. */
+  bestEvalLoss?:
+    | number
+    | undefined;
+  /** With forgetting_check: the general-text loss with the base alone. */
+  forgettingBaseLoss?:
+    | number
+    | undefined;
+  /** ... and with the adapter at the end. */
+  forgettingLoss?:
+    | number
+    | undefined;
+  /** Interventions of the guard (skipped batches and rollbacks). */
+  guardInterventions: number;
 }
 
 function createBaseFileEntry(): FileEntry {
@@ -255,7 +275,19 @@ export const FileChunk: MessageFns<FileChunk> = {
 };
 
 function createBaseTrainingMetrics(): TrainingMetrics {
-  return { finalLoss: 0, evalLoss: undefined, steps: 0, tokens: 0, trainSeconds: 0 };
+  return {
+    finalLoss: 0,
+    evalLoss: undefined,
+    steps: 0,
+    tokens: 0,
+    trainSeconds: 0,
+    stoppedEarly: false,
+    bestStep: undefined,
+    bestEvalLoss: undefined,
+    forgettingBaseLoss: undefined,
+    forgettingLoss: undefined,
+    guardInterventions: 0,
+  };
 }
 
 export const TrainingMetrics: MessageFns<TrainingMetrics> = {
@@ -274,6 +306,24 @@ export const TrainingMetrics: MessageFns<TrainingMetrics> = {
     }
     if (message.trainSeconds !== 0) {
       writer.uint32(41).double(message.trainSeconds);
+    }
+    if (message.stoppedEarly !== false) {
+      writer.uint32(48).bool(message.stoppedEarly);
+    }
+    if (message.bestStep !== undefined) {
+      writer.uint32(56).uint32(message.bestStep);
+    }
+    if (message.bestEvalLoss !== undefined) {
+      writer.uint32(65).double(message.bestEvalLoss);
+    }
+    if (message.forgettingBaseLoss !== undefined) {
+      writer.uint32(73).double(message.forgettingBaseLoss);
+    }
+    if (message.forgettingLoss !== undefined) {
+      writer.uint32(81).double(message.forgettingLoss);
+    }
+    if (message.guardInterventions !== 0) {
+      writer.uint32(88).uint32(message.guardInterventions);
     }
     return writer;
   },
@@ -331,6 +381,54 @@ export const TrainingMetrics: MessageFns<TrainingMetrics> = {
             message.trainSeconds = reader.double();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.stoppedEarly = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.bestStep = reader.uint32();
+            continue;
+          }
+          case 8: {
+            if (tag !== 65) {
+              break;
+            }
+
+            message.bestEvalLoss = reader.double();
+            continue;
+          }
+          case 9: {
+            if (tag !== 73) {
+              break;
+            }
+
+            message.forgettingBaseLoss = reader.double();
+            continue;
+          }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.forgettingLoss = reader.double();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.guardInterventions = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -362,6 +460,36 @@ export const TrainingMetrics: MessageFns<TrainingMetrics> = {
         : isSet(object.train_seconds)
         ? globalThis.Number(object.train_seconds)
         : 0,
+      stoppedEarly: isSet(object.stoppedEarly)
+        ? globalThis.Boolean(object.stoppedEarly)
+        : isSet(object.stopped_early)
+        ? globalThis.Boolean(object.stopped_early)
+        : false,
+      bestStep: isSet(object.bestStep)
+        ? globalThis.Number(object.bestStep)
+        : isSet(object.best_step)
+        ? globalThis.Number(object.best_step)
+        : undefined,
+      bestEvalLoss: isSet(object.bestEvalLoss)
+        ? globalThis.Number(object.bestEvalLoss)
+        : isSet(object.best_eval_loss)
+        ? globalThis.Number(object.best_eval_loss)
+        : undefined,
+      forgettingBaseLoss: isSet(object.forgettingBaseLoss)
+        ? globalThis.Number(object.forgettingBaseLoss)
+        : isSet(object.forgetting_base_loss)
+        ? globalThis.Number(object.forgetting_base_loss)
+        : undefined,
+      forgettingLoss: isSet(object.forgettingLoss)
+        ? globalThis.Number(object.forgettingLoss)
+        : isSet(object.forgetting_loss)
+        ? globalThis.Number(object.forgetting_loss)
+        : undefined,
+      guardInterventions: isSet(object.guardInterventions)
+        ? globalThis.Number(object.guardInterventions)
+        : isSet(object.guard_interventions)
+        ? globalThis.Number(object.guard_interventions)
+        : 0,
     };
   },
 
@@ -382,6 +510,24 @@ export const TrainingMetrics: MessageFns<TrainingMetrics> = {
     if (message.trainSeconds !== 0) {
       obj.trainSeconds = floatToJson(message.trainSeconds);
     }
+    if (message.stoppedEarly !== false) {
+      obj.stoppedEarly = message.stoppedEarly;
+    }
+    if (message.bestStep !== undefined) {
+      obj.bestStep = Math.round(message.bestStep);
+    }
+    if (message.bestEvalLoss !== undefined) {
+      obj.bestEvalLoss = floatToJson(message.bestEvalLoss);
+    }
+    if (message.forgettingBaseLoss !== undefined) {
+      obj.forgettingBaseLoss = floatToJson(message.forgettingBaseLoss);
+    }
+    if (message.forgettingLoss !== undefined) {
+      obj.forgettingLoss = floatToJson(message.forgettingLoss);
+    }
+    if (message.guardInterventions !== 0) {
+      obj.guardInterventions = Math.round(message.guardInterventions);
+    }
     return obj;
   },
 
@@ -395,6 +541,12 @@ export const TrainingMetrics: MessageFns<TrainingMetrics> = {
     message.steps = object.steps ?? 0;
     message.tokens = object.tokens ?? 0;
     message.trainSeconds = object.trainSeconds ?? 0;
+    message.stoppedEarly = object.stoppedEarly ?? false;
+    message.bestStep = object.bestStep ?? undefined;
+    message.bestEvalLoss = object.bestEvalLoss ?? undefined;
+    message.forgettingBaseLoss = object.forgettingBaseLoss ?? undefined;
+    message.forgettingLoss = object.forgettingLoss ?? undefined;
+    message.guardInterventions = object.guardInterventions ?? 0;
     return message;
   },
 };

@@ -33,6 +33,56 @@ export const protobufFileName = "tuneserve/v1/training.proto";
  * disconnect or a server restart.
  */
 
+/** What the guard does when a step goes wrong (a non-finite loss or gradient, or a loss spike). */
+export enum GuardPolicy {
+  /** GUARD_POLICY_UNSPECIFIED - Not set: the field's default (rollback for non-finite values, skip for spikes). */
+  GUARD_POLICY_UNSPECIFIED = 0,
+  /** GUARD_POLICY_FAIL - Fail the job (reason TRAINING_DIVERGED). */
+  GUARD_POLICY_FAIL = 1,
+  /** GUARD_POLICY_SKIP - Drop the step's batch: no update, the schedule moves on. */
+  GUARD_POLICY_SKIP = 2,
+  /** GUARD_POLICY_ROLLBACK - Return to the last checkpoint (or the start) and continue with the learning rate halved. */
+  GUARD_POLICY_ROLLBACK = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function guardPolicyFromJSON(object: any): GuardPolicy {
+  switch (object) {
+    case 0:
+    case "GUARD_POLICY_UNSPECIFIED":
+      return GuardPolicy.GUARD_POLICY_UNSPECIFIED;
+    case 1:
+    case "GUARD_POLICY_FAIL":
+      return GuardPolicy.GUARD_POLICY_FAIL;
+    case 2:
+    case "GUARD_POLICY_SKIP":
+      return GuardPolicy.GUARD_POLICY_SKIP;
+    case 3:
+    case "GUARD_POLICY_ROLLBACK":
+      return GuardPolicy.GUARD_POLICY_ROLLBACK;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return GuardPolicy.UNRECOGNIZED;
+  }
+}
+
+export function guardPolicyToJSON(object: GuardPolicy): string {
+  switch (object) {
+    case GuardPolicy.GUARD_POLICY_UNSPECIFIED:
+      return "GUARD_POLICY_UNSPECIFIED";
+    case GuardPolicy.GUARD_POLICY_FAIL:
+      return "GUARD_POLICY_FAIL";
+    case GuardPolicy.GUARD_POLICY_SKIP:
+      return "GUARD_POLICY_SKIP";
+    case GuardPolicy.GUARD_POLICY_ROLLBACK:
+      return "GUARD_POLICY_ROLLBACK";
+    case GuardPolicy.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Learning-rate schedule over the optimizer steps. */
 export enum LrScheduler {
   /** LR_SCHEDULER_UNSPECIFIED - Not set: linear. */
@@ -214,8 +264,40 @@ export interface TrainingConfig {
    * only after the last step. Ignored when eval_fraction is 0.
    */
   evalEvery: number;
-  /** Save a checkpoint every this many optimizer steps, at most 1,000,000; 0 means none. */
+  /**
+   * Save a checkpoint every this many optimizer steps, at most 1,000,000; 0 means none (a cancel or
+   * shutdown still writes one). The two latest are kept until the job succeeds.
+   */
   checkpointEvery: number;
+  /** The guard's policy for a non-finite loss or gradient norm. Default rollback. */
+  nonfinitePolicy: GuardPolicy;
+  /**
+   * A step whose loss exceeds spike_factor × the mean loss of the 8 steps before it is a spike; 0
+   * (the default) turns spike detection off; otherwise above 1 and at most 100.
+   */
+  spikeFactor: number;
+  /** The guard's policy for a loss spike. Default skip. */
+  spikePolicy: GuardPolicy;
+  /**
+   * Stop after this many evaluations in a row without improvement, at most 1,000; 0 (the default)
+   * never stops early. Needs eval_fraction.
+   */
+  earlyStoppingPatience: number;
+  /** An evaluation improves when its loss is below the best so far by more than this, 0 to 10. */
+  earlyStoppingMinDelta: number;
+  /** End with the weights of the best evaluation instead of the last step's. Needs eval_fraction. */
+  keepBest: boolean;
+  /**
+   * Score the server's general-text set (a few thousand tokens of everyday English) with the base at
+   * the start and with the adapter at each evaluation: the increase in its loss is how much general
+   * language the adapter unlearned (catastrophic forgetting).
+   */
+  forgettingCheck: boolean;
+  /**
+   * Warn (a warning event) when the forgetting increase exceeds this many nats per token; 0 means the
+   * default, 0.25.
+   */
+  forgettingWarnThreshold: number;
 }
 
 /** Starts a training job. */
@@ -324,7 +406,45 @@ export interface JobEvent {
    * The training rows were read and tokenized; sent once, before started. Servers before this
    * field existed do not send it; clients that do not know it skip it.
    */
-  datasetReport?: DatasetReport | undefined;
+  datasetReport?:
+    | DatasetReport
+    | undefined;
+  /** The guard intervened on a step (skipped its batch or rolled training back). */
+  guard?:
+    | GuardIntervention
+    | undefined;
+  /** ResumeJob queued the job again; the steps after the checkpoint follow. */
+  resumed?:
+    | JobResumed
+    | undefined;
+  /** Something the job's owner should look at (e.g. FORGETTING above the threshold); the job goes on. */
+  warning?: JobWarning | undefined;
+}
+
+/** The guard intervened. */
+export interface GuardIntervention {
+  /** The optimizer step that went wrong (the step number it would have had). */
+  step: number;
+  /** "skip" or "rollback". */
+  action: string;
+  /** What went wrong, e.g. "non-finite gradient norm". */
+  reason: string;
+  /** After a rollback: the step training continues from (its last checkpoint, or 0). */
+  rolledBackTo: number;
+}
+
+/** The job was queued again to continue from a checkpoint. */
+export interface JobResumed {
+  /** The checkpoint's step: the next step event is step + 1. */
+  checkpointStep: number;
+}
+
+/** A warning about the job. */
+export interface JobWarning {
+  /** UPPER_SNAKE_CASE, e.g. FORGETTING. */
+  code: string;
+  /** Human-readable explanation with the figures. */
+  message: string;
 }
 
 /** The job entered the queue. */
@@ -420,12 +540,25 @@ export interface TrainingStep {
   etaSeconds: number;
 }
 
-/** Loss on the held-out rows. */
+/** Loss on the held-out rows, and the forgetting check's figures. */
 export interface EvalResult {
   /** Optimizer step after which it was measured. */
   step: number;
-  /** Mean token cross-entropy over the held-out rows (nats). */
+  /**
+   * Mean token cross-entropy over the held-out rows (nats); 0 when the job has no held-out rows
+   * (the event then carries only the forgetting check).
+   */
   loss: number;
+  /** With forgetting_check: the general-text set's mean token loss with the adapter. */
+  forgettingLoss?:
+    | number
+    | undefined;
+  /** ... with the base alone (measured once, at the start). */
+  forgettingBaseLoss?:
+    | number
+    | undefined;
+  /** forgetting_loss - forgetting_base_loss: how much general language was lost (nats per token). */
+  forgettingIncrease?: number | undefined;
 }
 
 /** A checkpoint was written (kept on the server, for resuming). */
@@ -567,6 +700,18 @@ export interface CancelJobResponse {
   job?: Job | undefined;
 }
 
+/** Continues a job from its last checkpoint. */
+export interface ResumeJobRequest {
+  /** Id of the job. */
+  jobId: string;
+}
+
+/** The job, queued again. */
+export interface ResumeJobResponse {
+  /** QUEUED. */
+  job?: Job | undefined;
+}
+
 function createBaseTrainingConfig(): TrainingConfig {
   return {
     rank: 0,
@@ -588,6 +733,14 @@ function createBaseTrainingConfig(): TrainingConfig {
     evalFraction: 0,
     evalEvery: 0,
     checkpointEvery: 0,
+    nonfinitePolicy: 0,
+    spikeFactor: 0,
+    spikePolicy: 0,
+    earlyStoppingPatience: 0,
+    earlyStoppingMinDelta: 0,
+    keepBest: false,
+    forgettingCheck: false,
+    forgettingWarnThreshold: 0,
   };
 }
 
@@ -649,6 +802,30 @@ export const TrainingConfig: MessageFns<TrainingConfig> = {
     }
     if (message.checkpointEvery !== 0) {
       writer.uint32(152).uint32(message.checkpointEvery);
+    }
+    if (message.nonfinitePolicy !== 0) {
+      writer.uint32(160).int32(message.nonfinitePolicy);
+    }
+    if (message.spikeFactor !== 0) {
+      writer.uint32(169).double(message.spikeFactor);
+    }
+    if (message.spikePolicy !== 0) {
+      writer.uint32(176).int32(message.spikePolicy);
+    }
+    if (message.earlyStoppingPatience !== 0) {
+      writer.uint32(184).uint32(message.earlyStoppingPatience);
+    }
+    if (message.earlyStoppingMinDelta !== 0) {
+      writer.uint32(193).double(message.earlyStoppingMinDelta);
+    }
+    if (message.keepBest !== false) {
+      writer.uint32(200).bool(message.keepBest);
+    }
+    if (message.forgettingCheck !== false) {
+      writer.uint32(208).bool(message.forgettingCheck);
+    }
+    if (message.forgettingWarnThreshold !== 0) {
+      writer.uint32(217).double(message.forgettingWarnThreshold);
     }
     return writer;
   },
@@ -818,6 +995,70 @@ export const TrainingConfig: MessageFns<TrainingConfig> = {
             message.checkpointEvery = reader.uint32();
             continue;
           }
+          case 20: {
+            if (tag !== 160) {
+              break;
+            }
+
+            message.nonfinitePolicy = reader.int32() as any;
+            continue;
+          }
+          case 21: {
+            if (tag !== 169) {
+              break;
+            }
+
+            message.spikeFactor = reader.double();
+            continue;
+          }
+          case 22: {
+            if (tag !== 176) {
+              break;
+            }
+
+            message.spikePolicy = reader.int32() as any;
+            continue;
+          }
+          case 23: {
+            if (tag !== 184) {
+              break;
+            }
+
+            message.earlyStoppingPatience = reader.uint32();
+            continue;
+          }
+          case 24: {
+            if (tag !== 193) {
+              break;
+            }
+
+            message.earlyStoppingMinDelta = reader.double();
+            continue;
+          }
+          case 25: {
+            if (tag !== 200) {
+              break;
+            }
+
+            message.keepBest = reader.bool();
+            continue;
+          }
+          case 26: {
+            if (tag !== 208) {
+              break;
+            }
+
+            message.forgettingCheck = reader.bool();
+            continue;
+          }
+          case 27: {
+            if (tag !== 217) {
+              break;
+            }
+
+            message.forgettingWarnThreshold = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -899,6 +1140,46 @@ export const TrainingConfig: MessageFns<TrainingConfig> = {
         : isSet(object.checkpoint_every)
         ? globalThis.Number(object.checkpoint_every)
         : 0,
+      nonfinitePolicy: isSet(object.nonfinitePolicy)
+        ? guardPolicyFromJSON(object.nonfinitePolicy)
+        : isSet(object.nonfinite_policy)
+        ? guardPolicyFromJSON(object.nonfinite_policy)
+        : 0,
+      spikeFactor: isSet(object.spikeFactor)
+        ? globalThis.Number(object.spikeFactor)
+        : isSet(object.spike_factor)
+        ? globalThis.Number(object.spike_factor)
+        : 0,
+      spikePolicy: isSet(object.spikePolicy)
+        ? guardPolicyFromJSON(object.spikePolicy)
+        : isSet(object.spike_policy)
+        ? guardPolicyFromJSON(object.spike_policy)
+        : 0,
+      earlyStoppingPatience: isSet(object.earlyStoppingPatience)
+        ? globalThis.Number(object.earlyStoppingPatience)
+        : isSet(object.early_stopping_patience)
+        ? globalThis.Number(object.early_stopping_patience)
+        : 0,
+      earlyStoppingMinDelta: isSet(object.earlyStoppingMinDelta)
+        ? globalThis.Number(object.earlyStoppingMinDelta)
+        : isSet(object.early_stopping_min_delta)
+        ? globalThis.Number(object.early_stopping_min_delta)
+        : 0,
+      keepBest: isSet(object.keepBest)
+        ? globalThis.Boolean(object.keepBest)
+        : isSet(object.keep_best)
+        ? globalThis.Boolean(object.keep_best)
+        : false,
+      forgettingCheck: isSet(object.forgettingCheck)
+        ? globalThis.Boolean(object.forgettingCheck)
+        : isSet(object.forgetting_check)
+        ? globalThis.Boolean(object.forgetting_check)
+        : false,
+      forgettingWarnThreshold: isSet(object.forgettingWarnThreshold)
+        ? globalThis.Number(object.forgettingWarnThreshold)
+        : isSet(object.forgetting_warn_threshold)
+        ? globalThis.Number(object.forgetting_warn_threshold)
+        : 0,
     };
   },
 
@@ -961,6 +1242,30 @@ export const TrainingConfig: MessageFns<TrainingConfig> = {
     if (message.checkpointEvery !== 0) {
       obj.checkpointEvery = Math.round(message.checkpointEvery);
     }
+    if (message.nonfinitePolicy !== 0) {
+      obj.nonfinitePolicy = guardPolicyToJSON(message.nonfinitePolicy);
+    }
+    if (message.spikeFactor !== 0) {
+      obj.spikeFactor = floatToJson(message.spikeFactor);
+    }
+    if (message.spikePolicy !== 0) {
+      obj.spikePolicy = guardPolicyToJSON(message.spikePolicy);
+    }
+    if (message.earlyStoppingPatience !== 0) {
+      obj.earlyStoppingPatience = Math.round(message.earlyStoppingPatience);
+    }
+    if (message.earlyStoppingMinDelta !== 0) {
+      obj.earlyStoppingMinDelta = floatToJson(message.earlyStoppingMinDelta);
+    }
+    if (message.keepBest !== false) {
+      obj.keepBest = message.keepBest;
+    }
+    if (message.forgettingCheck !== false) {
+      obj.forgettingCheck = message.forgettingCheck;
+    }
+    if (message.forgettingWarnThreshold !== 0) {
+      obj.forgettingWarnThreshold = floatToJson(message.forgettingWarnThreshold);
+    }
     return obj;
   },
 
@@ -988,6 +1293,14 @@ export const TrainingConfig: MessageFns<TrainingConfig> = {
     message.evalFraction = object.evalFraction ?? 0;
     message.evalEvery = object.evalEvery ?? 0;
     message.checkpointEvery = object.checkpointEvery ?? 0;
+    message.nonfinitePolicy = object.nonfinitePolicy ?? 0;
+    message.spikeFactor = object.spikeFactor ?? 0;
+    message.spikePolicy = object.spikePolicy ?? 0;
+    message.earlyStoppingPatience = object.earlyStoppingPatience ?? 0;
+    message.earlyStoppingMinDelta = object.earlyStoppingMinDelta ?? 0;
+    message.keepBest = object.keepBest ?? false;
+    message.forgettingCheck = object.forgettingCheck ?? false;
+    message.forgettingWarnThreshold = object.forgettingWarnThreshold ?? 0;
     return message;
   },
 };
@@ -1433,6 +1746,9 @@ function createBaseJobEvent(): JobEvent {
     cancelled: undefined,
     interrupted: undefined,
     datasetReport: undefined,
+    guard: undefined,
+    resumed: undefined,
+    warning: undefined,
   };
 }
 
@@ -1476,6 +1792,15 @@ export const JobEvent: MessageFns<JobEvent> = {
     }
     if (message.datasetReport !== undefined) {
       DatasetReport.encode(message.datasetReport, writer.uint32(106).fork()).join();
+    }
+    if (message.guard !== undefined) {
+      GuardIntervention.encode(message.guard, writer.uint32(114).fork()).join();
+    }
+    if (message.resumed !== undefined) {
+      JobResumed.encode(message.resumed, writer.uint32(122).fork()).join();
+    }
+    if (message.warning !== undefined) {
+      JobWarning.encode(message.warning, writer.uint32(130).fork()).join();
     }
     return writer;
   },
@@ -1597,6 +1922,30 @@ export const JobEvent: MessageFns<JobEvent> = {
             message.datasetReport = DatasetReport.decode(reader, reader.uint32());
             continue;
           }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.guard = GuardIntervention.decode(reader, reader.uint32());
+            continue;
+          }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.resumed = JobResumed.decode(reader, reader.uint32());
+            continue;
+          }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.warning = JobWarning.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1632,6 +1981,9 @@ export const JobEvent: MessageFns<JobEvent> = {
         : isSet(object.dataset_report)
         ? DatasetReport.fromJSON(object.dataset_report)
         : undefined,
+      guard: isSet(object.guard) ? GuardIntervention.fromJSON(object.guard) : undefined,
+      resumed: isSet(object.resumed) ? JobResumed.fromJSON(object.resumed) : undefined,
+      warning: isSet(object.warning) ? JobWarning.fromJSON(object.warning) : undefined,
     };
   },
 
@@ -1676,6 +2028,15 @@ export const JobEvent: MessageFns<JobEvent> = {
     if (message.datasetReport !== undefined) {
       obj.datasetReport = DatasetReport.toJSON(message.datasetReport);
     }
+    if (message.guard !== undefined) {
+      obj.guard = GuardIntervention.toJSON(message.guard);
+    }
+    if (message.resumed !== undefined) {
+      obj.resumed = JobResumed.toJSON(message.resumed);
+    }
+    if (message.warning !== undefined) {
+      obj.warning = JobWarning.toJSON(message.warning);
+    }
     return obj;
   },
 
@@ -1717,6 +2078,294 @@ export const JobEvent: MessageFns<JobEvent> = {
     message.datasetReport = (object.datasetReport !== undefined && object.datasetReport !== null)
       ? DatasetReport.fromPartial(object.datasetReport)
       : undefined;
+    message.guard = (object.guard !== undefined && object.guard !== null)
+      ? GuardIntervention.fromPartial(object.guard)
+      : undefined;
+    message.resumed = (object.resumed !== undefined && object.resumed !== null)
+      ? JobResumed.fromPartial(object.resumed)
+      : undefined;
+    message.warning = (object.warning !== undefined && object.warning !== null)
+      ? JobWarning.fromPartial(object.warning)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseGuardIntervention(): GuardIntervention {
+  return { step: 0, action: "", reason: "", rolledBackTo: 0 };
+}
+
+export const GuardIntervention: MessageFns<GuardIntervention> = {
+  encode(message: GuardIntervention, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.step !== 0) {
+      writer.uint32(8).uint32(message.step);
+    }
+    if (message.action !== "") {
+      writer.uint32(18).string(message.action);
+    }
+    if (message.reason !== "") {
+      writer.uint32(26).string(message.reason);
+    }
+    if (message.rolledBackTo !== 0) {
+      writer.uint32(32).uint32(message.rolledBackTo);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GuardIntervention {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGuardIntervention();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.step = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.action = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.rolledBackTo = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GuardIntervention {
+    return {
+      step: isSet(object.step) ? globalThis.Number(object.step) : 0,
+      action: isSet(object.action) ? globalThis.String(object.action) : "",
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      rolledBackTo: isSet(object.rolledBackTo)
+        ? globalThis.Number(object.rolledBackTo)
+        : isSet(object.rolled_back_to)
+        ? globalThis.Number(object.rolled_back_to)
+        : 0,
+    };
+  },
+
+  toJSON(message: GuardIntervention): unknown {
+    const obj: any = {};
+    if (message.step !== 0) {
+      obj.step = Math.round(message.step);
+    }
+    if (message.action !== "") {
+      obj.action = message.action;
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    if (message.rolledBackTo !== 0) {
+      obj.rolledBackTo = Math.round(message.rolledBackTo);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GuardIntervention>): GuardIntervention {
+    return GuardIntervention.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GuardIntervention>): GuardIntervention {
+    const message = createBaseGuardIntervention();
+    message.step = object.step ?? 0;
+    message.action = object.action ?? "";
+    message.reason = object.reason ?? "";
+    message.rolledBackTo = object.rolledBackTo ?? 0;
+    return message;
+  },
+};
+
+function createBaseJobResumed(): JobResumed {
+  return { checkpointStep: 0 };
+}
+
+export const JobResumed: MessageFns<JobResumed> = {
+  encode(message: JobResumed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.checkpointStep !== 0) {
+      writer.uint32(8).uint32(message.checkpointStep);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): JobResumed {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseJobResumed();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.checkpointStep = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): JobResumed {
+    return {
+      checkpointStep: isSet(object.checkpointStep)
+        ? globalThis.Number(object.checkpointStep)
+        : isSet(object.checkpoint_step)
+        ? globalThis.Number(object.checkpoint_step)
+        : 0,
+    };
+  },
+
+  toJSON(message: JobResumed): unknown {
+    const obj: any = {};
+    if (message.checkpointStep !== 0) {
+      obj.checkpointStep = Math.round(message.checkpointStep);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<JobResumed>): JobResumed {
+    return JobResumed.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<JobResumed>): JobResumed {
+    const message = createBaseJobResumed();
+    message.checkpointStep = object.checkpointStep ?? 0;
+    return message;
+  },
+};
+
+function createBaseJobWarning(): JobWarning {
+  return { code: "", message: "" };
+}
+
+export const JobWarning: MessageFns<JobWarning> = {
+  encode(message: JobWarning, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.code !== "") {
+      writer.uint32(10).string(message.code);
+    }
+    if (message.message !== "") {
+      writer.uint32(18).string(message.message);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): JobWarning {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseJobWarning();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.code = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.message = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): JobWarning {
+    return {
+      code: isSet(object.code) ? globalThis.String(object.code) : "",
+      message: isSet(object.message) ? globalThis.String(object.message) : "",
+    };
+  },
+
+  toJSON(message: JobWarning): unknown {
+    const obj: any = {};
+    if (message.code !== "") {
+      obj.code = message.code;
+    }
+    if (message.message !== "") {
+      obj.message = message.message;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<JobWarning>): JobWarning {
+    return JobWarning.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<JobWarning>): JobWarning {
+    const message = createBaseJobWarning();
+    message.code = object.code ?? "";
+    message.message = object.message ?? "";
     return message;
   },
 };
@@ -2617,7 +3266,7 @@ export const TrainingStep: MessageFns<TrainingStep> = {
 };
 
 function createBaseEvalResult(): EvalResult {
-  return { step: 0, loss: 0 };
+  return { step: 0, loss: 0, forgettingLoss: undefined, forgettingBaseLoss: undefined, forgettingIncrease: undefined };
 }
 
 export const EvalResult: MessageFns<EvalResult> = {
@@ -2627,6 +3276,15 @@ export const EvalResult: MessageFns<EvalResult> = {
     }
     if (message.loss !== 0) {
       writer.uint32(17).double(message.loss);
+    }
+    if (message.forgettingLoss !== undefined) {
+      writer.uint32(25).double(message.forgettingLoss);
+    }
+    if (message.forgettingBaseLoss !== undefined) {
+      writer.uint32(33).double(message.forgettingBaseLoss);
+    }
+    if (message.forgettingIncrease !== undefined) {
+      writer.uint32(41).double(message.forgettingIncrease);
     }
     return writer;
   },
@@ -2660,6 +3318,30 @@ export const EvalResult: MessageFns<EvalResult> = {
             message.loss = reader.double();
             continue;
           }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.forgettingLoss = reader.double();
+            continue;
+          }
+          case 4: {
+            if (tag !== 33) {
+              break;
+            }
+
+            message.forgettingBaseLoss = reader.double();
+            continue;
+          }
+          case 5: {
+            if (tag !== 41) {
+              break;
+            }
+
+            message.forgettingIncrease = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2676,6 +3358,21 @@ export const EvalResult: MessageFns<EvalResult> = {
     return {
       step: isSet(object.step) ? globalThis.Number(object.step) : 0,
       loss: isSet(object.loss) ? globalThis.Number(object.loss) : 0,
+      forgettingLoss: isSet(object.forgettingLoss)
+        ? globalThis.Number(object.forgettingLoss)
+        : isSet(object.forgetting_loss)
+        ? globalThis.Number(object.forgetting_loss)
+        : undefined,
+      forgettingBaseLoss: isSet(object.forgettingBaseLoss)
+        ? globalThis.Number(object.forgettingBaseLoss)
+        : isSet(object.forgetting_base_loss)
+        ? globalThis.Number(object.forgetting_base_loss)
+        : undefined,
+      forgettingIncrease: isSet(object.forgettingIncrease)
+        ? globalThis.Number(object.forgettingIncrease)
+        : isSet(object.forgetting_increase)
+        ? globalThis.Number(object.forgetting_increase)
+        : undefined,
     };
   },
 
@@ -2687,6 +3384,15 @@ export const EvalResult: MessageFns<EvalResult> = {
     if (message.loss !== 0) {
       obj.loss = floatToJson(message.loss);
     }
+    if (message.forgettingLoss !== undefined) {
+      obj.forgettingLoss = floatToJson(message.forgettingLoss);
+    }
+    if (message.forgettingBaseLoss !== undefined) {
+      obj.forgettingBaseLoss = floatToJson(message.forgettingBaseLoss);
+    }
+    if (message.forgettingIncrease !== undefined) {
+      obj.forgettingIncrease = floatToJson(message.forgettingIncrease);
+    }
     return obj;
   },
 
@@ -2697,6 +3403,9 @@ export const EvalResult: MessageFns<EvalResult> = {
     const message = createBaseEvalResult();
     message.step = object.step ?? 0;
     message.loss = object.loss ?? 0;
+    message.forgettingLoss = object.forgettingLoss ?? undefined;
+    message.forgettingBaseLoss = object.forgettingBaseLoss ?? undefined;
+    message.forgettingIncrease = object.forgettingIncrease ?? undefined;
     return message;
   },
 };
@@ -4063,6 +4772,146 @@ export const CancelJobResponse: MessageFns<CancelJobResponse> = {
   },
 };
 
+function createBaseResumeJobRequest(): ResumeJobRequest {
+  return { jobId: "" };
+}
+
+export const ResumeJobRequest: MessageFns<ResumeJobRequest> = {
+  encode(message: ResumeJobRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.jobId !== "") {
+      writer.uint32(10).string(message.jobId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ResumeJobRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseResumeJobRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.jobId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ResumeJobRequest {
+    return {
+      jobId: isSet(object.jobId)
+        ? globalThis.String(object.jobId)
+        : isSet(object.job_id)
+        ? globalThis.String(object.job_id)
+        : "",
+    };
+  },
+
+  toJSON(message: ResumeJobRequest): unknown {
+    const obj: any = {};
+    if (message.jobId !== "") {
+      obj.jobId = message.jobId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ResumeJobRequest>): ResumeJobRequest {
+    return ResumeJobRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ResumeJobRequest>): ResumeJobRequest {
+    const message = createBaseResumeJobRequest();
+    message.jobId = object.jobId ?? "";
+    return message;
+  },
+};
+
+function createBaseResumeJobResponse(): ResumeJobResponse {
+  return { job: undefined };
+}
+
+export const ResumeJobResponse: MessageFns<ResumeJobResponse> = {
+  encode(message: ResumeJobResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.job !== undefined) {
+      Job.encode(message.job, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ResumeJobResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseResumeJobResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.job = Job.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ResumeJobResponse {
+    return { job: isSet(object.job) ? Job.fromJSON(object.job) : undefined };
+  },
+
+  toJSON(message: ResumeJobResponse): unknown {
+    const obj: any = {};
+    if (message.job !== undefined) {
+      obj.job = Job.toJSON(message.job);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ResumeJobResponse>): ResumeJobResponse {
+    return ResumeJobResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ResumeJobResponse>): ResumeJobResponse {
+    const message = createBaseResumeJobResponse();
+    message.job = (object.job !== undefined && object.job !== null) ? Job.fromPartial(object.job) : undefined;
+    return message;
+  },
+};
+
 /** Runs and tracks training jobs. */
 export type TrainingServiceService = typeof TrainingServiceService;
 export const TrainingServiceService = {
@@ -4117,8 +4966,9 @@ export const TrainingServiceService = {
     responseDeserialize: (value: Buffer): ListJobsResponse => ListJobsResponse.decode(value),
   },
   /**
-   * Cancels a queued or running job; a running job stops between optimizer steps and keeps no
-   * adapter. Errors: NOT_FOUND, FAILED_PRECONDITION (the job has already ended).
+   * Cancels a queued or running job; a running job stops between optimizer steps, writes a checkpoint
+   * of its last completed step (when it has run one) and keeps no adapter; ResumeJob continues it.
+   * Errors: NOT_FOUND, FAILED_PRECONDITION (the job has already ended).
    */
   cancelJob: {
     path: "/tuneserve.v1.TrainingService/CancelJob" as const,
@@ -4128,6 +4978,24 @@ export const TrainingServiceService = {
     requestDeserialize: (value: Buffer): CancelJobRequest => CancelJobRequest.decode(value),
     responseSerialize: (value: CancelJobResponse): Buffer => Buffer.from(CancelJobResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): CancelJobResponse => CancelJobResponse.decode(value),
+  },
+  /**
+   * Queues an interrupted, cancelled or failed job again, to continue from its last checkpoint: it
+   * ends with the same adapter as if it had never stopped. Its history continues (a resumed event,
+   * then the steps after the checkpoint); WatchJob follows it. Errors: NOT_FOUND, FAILED_PRECONDITION
+   * (JOB_NOT_RESUMABLE: succeeded, queued or running; NO_CHECKPOINT), ALREADY_EXISTS (an adapter
+   * with the job's adapter id was made meanwhile), RESOURCE_EXHAUSTED (queue full; RetryInfo).
+   * A resumed job whose dataset or configuration no longer matches the checkpoint fails with reason
+   * CHECKPOINT_MISMATCH.
+   */
+  resumeJob: {
+    path: "/tuneserve.v1.TrainingService/ResumeJob" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ResumeJobRequest): Buffer => Buffer.from(ResumeJobRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ResumeJobRequest => ResumeJobRequest.decode(value),
+    responseSerialize: (value: ResumeJobResponse): Buffer => Buffer.from(ResumeJobResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ResumeJobResponse => ResumeJobResponse.decode(value),
   },
 } as const;
 
@@ -4151,10 +5019,21 @@ export interface TrainingServiceServer extends UntypedServiceImplementation {
   /** Lists jobs, newest first. */
   listJobs: handleUnaryCall<ListJobsRequest, ListJobsResponse>;
   /**
-   * Cancels a queued or running job; a running job stops between optimizer steps and keeps no
-   * adapter. Errors: NOT_FOUND, FAILED_PRECONDITION (the job has already ended).
+   * Cancels a queued or running job; a running job stops between optimizer steps, writes a checkpoint
+   * of its last completed step (when it has run one) and keeps no adapter; ResumeJob continues it.
+   * Errors: NOT_FOUND, FAILED_PRECONDITION (the job has already ended).
    */
   cancelJob: handleUnaryCall<CancelJobRequest, CancelJobResponse>;
+  /**
+   * Queues an interrupted, cancelled or failed job again, to continue from its last checkpoint: it
+   * ends with the same adapter as if it had never stopped. Its history continues (a resumed event,
+   * then the steps after the checkpoint); WatchJob follows it. Errors: NOT_FOUND, FAILED_PRECONDITION
+   * (JOB_NOT_RESUMABLE: succeeded, queued or running; NO_CHECKPOINT), ALREADY_EXISTS (an adapter
+   * with the job's adapter id was made meanwhile), RESOURCE_EXHAUSTED (queue full; RetryInfo).
+   * A resumed job whose dataset or configuration no longer matches the checkpoint fails with reason
+   * CHECKPOINT_MISMATCH.
+   */
+  resumeJob: handleUnaryCall<ResumeJobRequest, ResumeJobResponse>;
 }
 
 export interface TrainingServiceClient extends Client {
@@ -4215,8 +5094,9 @@ export interface TrainingServiceClient extends Client {
     callback: (error: ServiceError | null, response: ListJobsResponse) => void,
   ): ClientUnaryCall;
   /**
-   * Cancels a queued or running job; a running job stops between optimizer steps and keeps no
-   * adapter. Errors: NOT_FOUND, FAILED_PRECONDITION (the job has already ended).
+   * Cancels a queued or running job; a running job stops between optimizer steps, writes a checkpoint
+   * of its last completed step (when it has run one) and keeps no adapter; ResumeJob continues it.
+   * Errors: NOT_FOUND, FAILED_PRECONDITION (the job has already ended).
    */
   cancelJob(
     request: CancelJobRequest,
@@ -4232,6 +5112,30 @@ export interface TrainingServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: CancelJobResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Queues an interrupted, cancelled or failed job again, to continue from its last checkpoint: it
+   * ends with the same adapter as if it had never stopped. Its history continues (a resumed event,
+   * then the steps after the checkpoint); WatchJob follows it. Errors: NOT_FOUND, FAILED_PRECONDITION
+   * (JOB_NOT_RESUMABLE: succeeded, queued or running; NO_CHECKPOINT), ALREADY_EXISTS (an adapter
+   * with the job's adapter id was made meanwhile), RESOURCE_EXHAUSTED (queue full; RetryInfo).
+   * A resumed job whose dataset or configuration no longer matches the checkpoint fails with reason
+   * CHECKPOINT_MISMATCH.
+   */
+  resumeJob(
+    request: ResumeJobRequest,
+    callback: (error: ServiceError | null, response: ResumeJobResponse) => void,
+  ): ClientUnaryCall;
+  resumeJob(
+    request: ResumeJobRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ResumeJobResponse) => void,
+  ): ClientUnaryCall;
+  resumeJob(
+    request: ResumeJobRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ResumeJobResponse) => void,
   ): ClientUnaryCall;
 }
 
