@@ -67,4 +67,6 @@ VOLUME ["/var/lib/tuneserve"]
 # 50051: gRPC (and grpc.health.v1); 9464: Prometheus metrics when --metrics-port 9464 is given.
 EXPOSE 50051 9464
 ENTRYPOINT ["/usr/bin/tini", "--", "node", "/app/bin/tuneserve.js"]
-CMD ["serve", "--data-root", "/var/lib/tuneserve", "--port", "50051"]
+# Plaintext, asked for explicitly, for a local trial or behind a mesh; give --tls-cert/--tls-key (and
+# --auth-keys-file) in production. The Helm chart passes its own arguments.
+CMD ["serve", "--data-root", "/var/lib/tuneserve", "--port", "50051", "--plaintext"]

@@ -1,24 +1,21 @@
-// How another backend service calls tuneserve from TypeScript with the generated grpc-js clients:
-// connect (with a bearer token when the server wants one), ask what model is served, upload a
-// dataset, train an adapter while following its event stream, generate with the adapter as a
-// stream of text, and handle errors through their rich status details, with a deadline on every
-// call and retries where the server says a retry will succeed. CI runs it against a real server
-// (test/examples/client-example.test.ts); run it yourself with
-//   npx tsc -p examples/tsconfig.json && node examples/dist/examples/client.js 127.0.0.1:50051
-//
-// In your own service, generate the clients from proto/tuneserve/v1 with ts-proto
-// (outputServices=grpc-js, see buf.gen.yaml) and import them from there; statusDetailsOf decodes
-// the google.rpc.Status trailer (ErrorInfo, BadRequest, RetryInfo) and is a dozen lines to copy.
+// How another backend service calls tuneserve from TypeScript with the client SDK ('tuneserve/client'):
+// connect with an API key (TLS by default; plaintext here because the test server is local), ask
+// what model is served, upload a dataset, train an adapter while following its event stream,
+// generate with the adapter as a stream of text, and read an error's rich status details. Every
+// unary call has a deadline (30 s unless the call says otherwise) and is retried when the server
+// answers UNAVAILABLE or RESOURCE_EXHAUSTED with RetryInfo, waiting as long as it says. CI runs it
+// against a real server (test/examples/client-example.test.ts); run it yourself with
+//   npm run build && npx tsc -p examples/tsconfig.json && node examples/dist/examples/client.js 127.0.0.1:50051
 
-import { credentials, Metadata, status, type ServiceError } from '@grpc/grpc-js';
-import { createHash } from 'node:crypto';
+import { writeFile, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
-import { DatasetServiceClient } from '../src/gen/tuneserve/v1/datasets.js';
-import { GenerateRequest, GenerationServiceClient, type GenerateResponse } from '../src/gen/tuneserve/v1/generation.js';
-import { ModelServiceClient, type GetModelInfoResponse } from '../src/gen/tuneserve/v1/model.js';
-import { LrScheduler, TrainingConfig, TrainingServiceClient, TrainRequest, type TrainResponse } from '../src/gen/tuneserve/v1/training.js';
-import { statusDetailsOf } from '../src/server/status-details.js';
+import {
+  connect, GenerateRequest, isServiceError, LrScheduler, status, statusDetailsOf, TrainingConfig, TrainRequest, uploadDatasetFile,
+  type ConnectOptions,
+} from 'tuneserve/client';
 
 /** What the example did, for whoever runs it (the CI test checks it). */
 export interface ExampleResult {
@@ -35,8 +32,10 @@ export interface ExampleResult {
 export interface ExampleOptions {
   /** Optimizer steps to train; the CI test keeps it small. */
   steps?: number;
-  /** Bearer token, when the server runs with TUNESERVE_AUTH_TOKENS. */
-  token?: string;
+  /** API key, when the server has keys (--auth-keys-file). */
+  apiKey?: string;
+  /** How to connect; default plaintext (a local server started with --plaintext). */
+  connection?: ConnectOptions;
   log?: (line: string) => void;
 }
 
@@ -48,14 +47,6 @@ const ROWS = [
   { prompt: 'Q: Which team owns the payments API?', completion: ' A: Team Plover.' },
 ];
 
-const seconds = (n: number): number => Date.now() + n * 1000; // a grpc-js deadline: an absolute time
-
-const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
-
-function isServiceError(error: unknown): error is ServiceError {
-  return error instanceof Error && typeof (error as ServiceError).code === 'number';
-}
-
 /** One line for logs: status name, ErrorInfo reason, message, the fields a bad request names. */
 function explain(error: unknown): string {
   if (!isServiceError(error)) return String(error);
@@ -64,57 +55,23 @@ function explain(error: unknown): string {
   return `${status[error.code]} ${details?.reason ?? ''} ${error.details}${fields ? ` (${fields})` : ''}`;
 }
 
-/**
- * Runs a call again while the server answers UNAVAILABLE (model still loading, or draining: try
- * again, possibly on another replica) or RESOURCE_EXHAUSTED with a RetryInfo hint (a queue or the
- * adapter pool is full for now), waiting as long as RetryInfo says, else with backoff.
- */
-async function withRetries<T>(call: () => Promise<T>, attempts = 5): Promise<T> {
-  for (let attempt = 1; ; attempt += 1) {
-    try {
-      return await call();
-    } catch (error) {
-      const retryAfterMs = isServiceError(error) ? statusDetailsOf(error)?.retryAfterMs ?? null : null;
-      const retryable = isServiceError(error) &&
-        (error.code === status.UNAVAILABLE || (error.code === status.RESOURCE_EXHAUSTED && retryAfterMs !== null));
-      if (!retryable || attempt === attempts) throw error;
-      await sleep((retryAfterMs ?? 250 * 2 ** attempt) * (1 + Math.random() * 0.2));
-    }
-  }
-}
-
 export async function main(address: string, options: ExampleOptions = {}): Promise<ExampleResult> {
   const log = options.log ?? ((line: string) => console.log(line));
-  // Plaintext inside the cluster (the mesh terminates TLS); use credentials.createSsl() otherwise.
-  const channel = credentials.createInsecure();
-  const model = new ModelServiceClient(address, channel);
-  const datasets = new DatasetServiceClient(address, channel);
-  const training = new TrainingServiceClient(address, channel);
-  const generation = new GenerationServiceClient(address, channel);
-  // Auth is one metadata entry on every call.
-  const metadata = new Metadata();
-  if (options.token) metadata.set('authorization', `Bearer ${options.token}`);
+  const tune = connect(address, { ...(options.connection ?? { plaintext: true }), ...(options.apiKey ? { apiKey: options.apiKey } : {}) });
   const suffix = Date.now().toString(36); // ids are ours to choose; these must not exist yet
+  const scratch = await mkdtemp(join(tmpdir(), 'tuneserve-example-'));
 
   try {
-    // 1. What is served. Every call gets a deadline: gRPC has none by default.
-    const info = await withRetries(() => new Promise<GetModelInfoResponse>((resolve, reject) => {
-      model.getModelInfo({}, metadata, { deadline: seconds(5) }, (error, response) => (error ? reject(error) : resolve(response)));
-    }));
+    // 1. What is served.
+    const info = await tune.model.getModelInfo({}, { deadlineMs: 5000, requestId: `example-${suffix}-info` });
     log(`model ${info.modelName}: ${info.architecture?.numLayers} layers on ${info.device}; max_seq_len ${info.limits?.maxSeqLen}`);
 
-    // 2. Upload a dataset: a client stream, header (id, size, SHA-256) first, then the bytes in
-    //    chunks of at most 2 MiB. The server keeps it only if every byte and every row checks out.
-    const file = Buffer.from(ROWS.map((row) => JSON.stringify(row)).join('\n') + '\n');
+    // 2. Upload a dataset from a file: header (id, size, SHA-256) first, then the bytes in chunks.
+    //    The server keeps it only if every byte and every row checks out.
+    const file = join(scratch, 'rows.jsonl');
+    await writeFile(file, ROWS.map((row) => JSON.stringify(row)).join('\n') + '\n');
     const datasetId = `example-rows-${suffix}`;
-    const dataset = await new Promise<{ rowCount: number }>((resolve, reject) => {
-      const upload = datasets.uploadDataset(metadata, { deadline: seconds(60) }, (error, response) =>
-        error ? reject(error) : resolve({ rowCount: response.dataset?.rowCount ?? 0 }),
-      );
-      upload.write({ header: { datasetId, sizeBytes: file.length, sha256: createHash('sha256').update(file).digest('hex') } });
-      for (let offset = 0; offset < file.length; offset += 1024 * 1024) upload.write({ chunk: file.subarray(offset, offset + 1024 * 1024) });
-      upload.end();
-    });
+    const dataset = await uploadDatasetFile(tune, datasetId, file);
     log(`uploaded dataset ${datasetId}: ${dataset.rowCount} rows`);
 
     // 3. Train: the stream carries queued, the dataset report, started, one event per optimizer
@@ -131,7 +88,7 @@ export async function main(address: string, options: ExampleOptions = {}): Promi
       }),
     });
     let finalLoss = Number.NaN;
-    for await (const { event } of training.train(request, metadata) as AsyncIterable<TrainResponse>) {
+    for await (const { event } of tune.training.train(request)) {
       if (event?.step) log(`step ${event.step.step}/${event.step.totalSteps} loss ${event.step.loss.toFixed(4)}`);
       if (event?.completed) finalLoss = event.completed.metrics?.finalLoss ?? Number.NaN;
       if (event?.failed) throw new Error(`training failed: ${event.failed.reason}: ${event.failed.message}`);
@@ -140,15 +97,14 @@ export async function main(address: string, options: ExampleOptions = {}): Promi
     log(`adapter ${adapterId} ready, final loss ${finalLoss.toFixed(4)}`);
 
     // 4. Generate with the adapter, streaming text deltas; the last message has the finish reason
-    //    and token usage. Cancelling the call (or its deadline passing) stops generation at once.
+    //    and token usage. Aborting the signal (or the deadline passing) stops generation at once.
     const row = ROWS[0] as (typeof ROWS)[number];
     let generatedText = '';
-    const stream = generation.generate(
+    const generation = tune.generation.generate(
       GenerateRequest.fromPartial({ text: row.prompt, adapterId, maxTokens: 16, temperature: 0 }),
-      metadata,
-      { deadline: seconds(60) },
+      { deadlineMs: 60_000 },
     );
-    for await (const message of stream as AsyncIterable<GenerateResponse>) {
+    for await (const message of generation) {
       generatedText += message.text;
       if (message.usage) log(`generated ${message.usage.completionTokens} tokens: ${JSON.stringify(generatedText)}`);
     }
@@ -156,7 +112,7 @@ export async function main(address: string, options: ExampleOptions = {}): Promi
     // 5. Errors: the status code says what kind of failure, ErrorInfo.reason says exactly which.
     let errorReason = '';
     try {
-      for await (const message of generation.generate(GenerateRequest.fromPartial({ text: row.prompt, adapterId: 'no-such-adapter' }), metadata, { deadline: seconds(10) })) {
+      for await (const message of tune.generation.generate(GenerateRequest.fromPartial({ text: row.prompt, adapterId: 'no-such-adapter' }), { deadlineMs: 10_000 })) {
         void message;
       }
     } catch (error) {
@@ -170,14 +126,15 @@ export async function main(address: string, options: ExampleOptions = {}): Promi
     log(`failed: ${explain(error)}`);
     throw error;
   } finally {
-    for (const client of [model, datasets, training, generation]) client.close();
+    tune.close();
+    await rm(scratch, { recursive: true, force: true });
   }
 }
 
 // Run directly: node examples/dist/examples/client.js [host:port]
 if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
   main(process.argv[2] ?? process.env.TUNESERVE_ADDR ?? '127.0.0.1:50051', {
-    ...(process.env.TUNESERVE_TOKEN ? { token: process.env.TUNESERVE_TOKEN } : {}),
+    ...(process.env.TUNESERVE_API_KEY ? { apiKey: process.env.TUNESERVE_API_KEY } : {}),
   }).then(
     (result) => console.log(JSON.stringify(result)),
     () => (process.exitCode = 1),

@@ -35,7 +35,10 @@ describe('make-model → train → generate → merge (small preset, CPU)', () =
     const out = await cli('train', '--model', join(dir, 'model'), '--data', DATA, '--out', join(dir, 'adapter'),
       '--targets', 'all-linear', '--rank', '16', '--alpha', '32', '--dropout', '0', '--lr', '2e-3', '--scheduler', 'constant',
       '--epochs', '40', '--batch-size', '4', '--seed', '7', '--quant', 'nf4', '--device', 'cpu', '--json');
-    for (const line of out.trim().split('\n')) trainLog.push(JSON.parse(line) as { step: number; loss: number });
+    // `train --json` prints {"dataset_report": …} first, then one object per optimizer step.
+    const lines = out.trim().split('\n').map((line) => JSON.parse(line) as Record<string, unknown>);
+    expect(Object.keys(lines[0] ?? {})).toEqual(['dataset_report']);
+    for (const line of lines.slice(1)) trainLog.push(line as unknown as { step: number; loss: number });
     await cli('merge', '--model', join(dir, 'model'), '--adapter', join(dir, 'adapter'), '--out', join(dir, 'merged'), '--dtype', 'f32', '--no-fidelity');
   }, 900_000);
 

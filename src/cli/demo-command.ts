@@ -15,8 +15,8 @@ import { EngineError } from '../engine/errors.js';
 import { LrScheduler, TrainingConfig, TrainRequest, type JobEvent, type TrainingStep, type TrainResponse } from '../gen/tuneserve/v1/training.js';
 import { MergeDtype } from '../gen/tuneserve/v1/adapters.js';
 import type { GenerateRequest } from '../gen/tuneserve/v1/generation.js';
-import { createClients, type TuneClients } from '../server/client.js';
-import type { Logger } from '../server/logger.js';
+import { createClients, type TuneClients } from '../client/index.js';
+import { createLogger, type Logger } from '../server/logger.js';
 import { NativeEnginePort } from '../server/native-engine-port.js';
 import { createServer, type TuneServer } from '../server/server.js';
 import {
@@ -95,9 +95,15 @@ function clip(value: string, width: number): string {
 
 /** A server logger that stays quiet except for warnings and errors. */
 function quietLogger(io: CommandIo): Logger {
-  const line = (level: string) => (message: string, fields?: Record<string, unknown>) =>
-    io.stderr.write(`  [server ${level}] ${message}${fields ? ` ${JSON.stringify(fields)}` : ''}\n`);
-  return { info() {}, warn: line('warn'), error: line('error') };
+  return createLogger({
+    level: 'warn',
+    destination: {
+      write(line: string) {
+        const { level, msg, time: _time, service: _service, ...fields } = JSON.parse(line) as Record<string, unknown>;
+        io.stderr.write(`  [server ${String(level)}] ${String(msg)}${Object.keys(fields).length > 0 ? ` ${JSON.stringify(fields)}` : ''}\n`);
+      },
+    },
+  });
 }
 
 /** The first adapter id from `base`, `base-2`, `base-3`... that the server does not hold (a kept data root may have the earlier run's). */
@@ -173,11 +179,11 @@ export async function demoCommand(argv: string[], io: CommandIo = { stdout: proc
     const { info, address, client } = await stage('start the server', async () => {
       const modelDir = await ensureDemoModel(dataRoot, (line) => out(`  ${line}`));
       running.engine = await NativeEnginePort.open(modelDir, { quant: 'nf4', name: 'demo', log: (line) => out(`  ${line}`), ...(threads > 0 ? { threads } : {}) });
-      running.server = await createServer({ engine: running.engine, dataRoot, host: '127.0.0.1', port, logger: quietLogger(io), shutdownGraceMs: 2000 });
+      running.server = await createServer({ engine: running.engine, dataRoot, host: '127.0.0.1', port, transport: { plaintext: true }, logger: quietLogger(io), shutdownGraceMs: 2000 });
       await running.server.ready;
       // From here on the demo is an ordinary gRPC client.
       const address = `127.0.0.1:${running.server.port}`;
-      running.clients = createClients(address);
+      running.clients = createClients(address, { plaintext: true });
       return { info: await unary(running.clients.model, running.clients.model.getModelInfo, {}), address, client: running.clients };
     }, (r) => `${r.info.modelName}, ${r.info.architecture?.numLayers} layers, NF4 on ${r.info.device.split(':')[0]}`);
     const arch = info.architecture;

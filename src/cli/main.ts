@@ -16,10 +16,11 @@ engine commands:
   merge      --model DIR --adapter DIR --out DIR [--dtype bf16|f16|f32] [--into original|dequantized] [--no-fidelity --quant --json]
 
 service commands:
-  serve      [--model DIR] [--data-root DIR] [--port 50051] [--host 0.0.0.0] [--quant nf4|none] [--device cpu|cuda|auto]
-             [--cuda-compute bf16|f32] [--kv-cache-mb N]
-             [--threads N] [--metrics-port N] [--reflection] [--adapter-slots N] [--max-seq-len N] [--grace-ms N]
-             [--drain-delay-ms N]   (no --model: the built-in demo model; TUNESERVE_AUTH_TOKENS=tok1,tok2 enables auth)
+  serve      [--config FILE.json] [--print-config] [--model DIR] [--data-root DIR] [--port 50051]
+             (--plaintext | --tls-cert PEM --tls-key PEM [--tls-client-ca PEM]) [--auth-keys-file keys.json]
+             [--metrics-port N] [--status-port N] [--log-level info] ...   (tuneserve serve --help lists every setting,
+             its TUNESERVE_* variable and default; no --model: the built-in demo model)
+  keys       create --id NAME --tenant TENANT --scopes generate,train,admin [--file keys.json]   (a new API key)
   remote     <info|train|generate|merge|jobs|adapters|datasets> [--addr host:port] [--token T] [--timeout S] [--json] ...
              (tuneserve remote --help lists every subcommand and flag; defaults from TUNESERVE_ADDR / TUNESERVE_TOKEN)
   demo       [--data-root DIR] [--port N] [--keep] [--threads N]   (npm run demo: trains two adapters, generates, swaps, merges over gRPC)
@@ -32,7 +33,8 @@ const COMMANDS: Record<string, () => Promise<Command>> = {
   train: async () => (await import('./engine-commands.js')).trainCommand,
   generate: async () => (await import('./engine-commands.js')).generateCommand,
   merge: async () => (await import('./engine-commands.js')).mergeCommand,
-  serve: async () => (await import('./serve-command.js')).serveCommand,
+  serve: async () => { const m = await import('./serve-command.js'); return (argv) => m.serveCommand(argv); },
+  keys: async () => { const m = await import('./keys-command.js'); return (argv) => m.keysCommand(argv); },
   remote: async () => { const m = await import('./remote-command.js'); return (argv) => m.remoteCommand(argv); },
   demo: async () => { const m = await import('./demo-command.js'); return (argv) => m.demoCommand(argv); },
 };

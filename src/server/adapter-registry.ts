@@ -42,6 +42,10 @@ export interface AdapterRecord {
   config: AdapterConfig;
   metrics: TrainingMetricsRecord | null;
   files: AdapterFileEntry[];
+  /** The owning tenant; absent on adapters stored before tenants existed (the default tenant). */
+  tenant?: string;
+  /** Whether every tenant may see and use it. */
+  shared?: boolean;
 }
 
 /** A stored adapter and its pool state. */
@@ -135,7 +139,7 @@ export class AdapterRegistry {
       try {
         views.push(await this.get(id));
       } catch (error) {
-        this.logger.warn('skipping unreadable adapter folder', { adapterId: id, error: String(error) });
+        this.logger.warn({ adapterId: id, error: String(error) }, 'skipping unreadable adapter folder');
       }
     }
     return views;
@@ -170,8 +174,18 @@ export class AdapterRegistry {
       if ((error as NodeJS.ErrnoException).code === 'EEXIST') throw alreadyExists('adapter', record.adapterId);
       throw error;
     }
-    this.logger.info('adapter stored', { adapterId: record.adapterId, source: record.source });
+    this.logger.info({ adapterId: record.adapterId, source: record.source }, 'adapter stored');
     return full;
+  }
+
+  /** Marks an adapter shared or private (rewrites its tuneserve.json atomically). */
+  async setShared(id: string, shared: boolean): Promise<AdapterView> {
+    const folder = await this.folder(id);
+    const file = this.dataRoot.file(folder, METADATA_FILE);
+    const record = JSON.parse(await fs.readFile(file, 'utf8')) as AdapterRecord;
+    await writeFileAtomic(file, JSON.stringify({ ...record, shared }, null, 2));
+    this.logger.info({ adapterId: id, shared }, 'adapter sharing changed');
+    return this.get(id);
   }
 
   /** FAILED_PRECONDITION when the adapter was built against another base. */
@@ -209,7 +223,7 @@ export class AdapterRegistry {
         }
         throw error;
       }
-      this.logger.info('adapter loaded', { adapterId: id });
+      this.logger.info({ adapterId: id }, 'adapter loaded');
     })();
     this.loading.set(id, load);
     try {
@@ -257,7 +271,7 @@ export class AdapterRegistry {
     const engine = this.engine();
     if (!engine.loadedAdapters().includes(id)) return;
     await engine.unloadAdapter(id);
-    this.logger.info('adapter unloaded', { adapterId: id });
+    this.logger.info({ adapterId: id }, 'adapter unloaded');
   }
 
   /**
@@ -272,6 +286,6 @@ export class AdapterRegistry {
     }
     await this.unload(id);
     await this.dataRoot.removeEntry(this.dataRoot.entry('adapters', id));
-    this.logger.info('adapter deleted', { adapterId: id });
+    this.logger.info({ adapterId: id }, 'adapter deleted');
   }
 }

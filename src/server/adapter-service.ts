@@ -1,5 +1,5 @@
 // tuneserve.v1.AdapterService: ListAdapters, GetAdapter, LoadAdapter, UnloadAdapter,
-// DeleteAdapter, ImportAdapter, ExportAdapter, MergeAndUnload.
+// DeleteAdapter, SetAdapterShared, ImportAdapter, ExportAdapter, MergeAndUnload.
 
 import type {
   AdapterServiceServer,
@@ -17,6 +17,8 @@ import type {
   LoadAdapterResponse,
   MergeAndUnloadRequest,
   MergeAndUnloadResponse,
+  SetAdapterSharedRequest,
+  SetAdapterSharedResponse,
   UnloadAdapterRequest,
   UnloadAdapterResponse,
 } from '../gen/tuneserve/v1/adapters.js';
@@ -26,60 +28,83 @@ import type { ServiceContext } from './context.js';
 import { requireId } from './ids.js';
 import { mergeAndUnload } from './merge.js';
 import { pageById, pageSize } from './paging.js';
-import type { RpcRunner } from './rpc.js';
+import { canUse, requireManage, requireUse } from './auth.js';
+import type { CallContext, RpcRunner } from './rpc.js';
 import { toAdapter } from './wire.js';
 
 const SERVICE = 'AdapterService';
 
-/** The AdapterService handlers. */
+/** The AdapterService handlers. Reads need the adapter's tenant or sharing; changes need its tenant. */
 export function adapterService(context: ServiceContext, rpc: RpcRunner): AdapterServiceServer {
   const { adapters, queue } = context;
   const wire = (view: AdapterView) => toAdapter(view, context.engine().modelInfo().fingerprint);
+  /** The adapter, when the caller may use it (PERMISSION_DENIED otherwise). */
+  const usable = async (call: CallContext, adapterId: string): Promise<AdapterView> => {
+    call.annotate({ 'tuneserve.adapter': adapterId });
+    const view = await adapters.get(adapterId);
+    requireUse(call.principal, 'adapter', adapterId, view);
+    return view;
+  };
+  const manageable = async (call: CallContext, adapterId: string): Promise<AdapterView> => {
+    call.annotate({ 'tuneserve.adapter': adapterId });
+    const view = await adapters.get(adapterId);
+    requireManage(call.principal, 'adapter', adapterId, view);
+    return view;
+  };
 
   return {
-    listAdapters: rpc.unary<ListAdaptersRequest, ListAdaptersResponse>(SERVICE, 'ListAdapters', async (request) => {
+    listAdapters: rpc.unary<ListAdaptersRequest, ListAdaptersResponse>(SERVICE, 'ListAdapters', async (request, call) => {
       const size = pageSize(request.pageSize, 100, 1000);
-      const all = (await adapters.list()).filter((a) => !request.loadedOnly || a.loaded);
+      const all = (await adapters.list()).filter((a) => (!request.loadedOnly || a.loaded) && canUse(call.principal, a));
       const { page, next } = pageById(all, (a) => a.adapterId, request.pageToken, size);
       return { adapters: page.map(wire), nextPageToken: next };
     }),
 
-    getAdapter: rpc.unary<GetAdapterRequest, GetAdapterResponse>(SERVICE, 'GetAdapter', async (request) => {
-      const adapterId = requireId(request.adapterId, 'adapter_id');
-      return { adapter: wire(await adapters.get(adapterId)) };
+    getAdapter: rpc.unary<GetAdapterRequest, GetAdapterResponse>(SERVICE, 'GetAdapter', async (request, call) => {
+      return { adapter: wire(await usable(call, requireId(request.adapterId, 'adapter_id'))) };
     }),
 
-    loadAdapter: rpc.unary<LoadAdapterRequest, LoadAdapterResponse>(SERVICE, 'LoadAdapter', async (request) => {
+    loadAdapter: rpc.unary<LoadAdapterRequest, LoadAdapterResponse>(SERVICE, 'LoadAdapter', async (request, call) => {
       const adapterId = requireId(request.adapterId, 'adapter_id');
+      await usable(call, adapterId);
       await adapters.load(adapterId);
       return { adapter: wire(await adapters.get(adapterId)) };
     }),
 
-    unloadAdapter: rpc.unary<UnloadAdapterRequest, UnloadAdapterResponse>(SERVICE, 'UnloadAdapter', async (request) => {
+    unloadAdapter: rpc.unary<UnloadAdapterRequest, UnloadAdapterResponse>(SERVICE, 'UnloadAdapter', async (request, call) => {
       const adapterId = requireId(request.adapterId, 'adapter_id');
+      await manageable(call, adapterId);
       await adapters.unload(adapterId);
       return { adapter: wire(await adapters.get(adapterId)) };
     }),
 
-    deleteAdapter: rpc.unary<DeleteAdapterRequest, DeleteAdapterResponse>(SERVICE, 'DeleteAdapter', async (request) => {
+    deleteAdapter: rpc.unary<DeleteAdapterRequest, DeleteAdapterResponse>(SERVICE, 'DeleteAdapter', async (request, call) => {
       const adapterId = requireId(request.adapterId, 'adapter_id');
+      await manageable(call, adapterId);
       await adapters.delete(adapterId, (id) => queue.adapterBlocker(id));
       return {};
     }),
 
-    importAdapter: rpc.clientStream<ImportAdapterRequest, ImportAdapterResponse>(SERVICE, 'ImportAdapter', async (messages) => {
-      return { adapter: wire(await importAdapter(messages, context)) };
+    setAdapterShared: rpc.unary<SetAdapterSharedRequest, SetAdapterSharedResponse>(SERVICE, 'SetAdapterShared', async (request, call) => {
+      const adapterId = requireId(request.adapterId, 'adapter_id');
+      await manageable(call, adapterId);
+      return { adapter: wire(await adapters.setShared(adapterId, request.shared)) };
     }),
 
-    exportAdapter: rpc.serverStream<ExportAdapterRequest, ExportAdapterResponse>(SERVICE, 'ExportAdapter', async (request, writer) => {
+    importAdapter: rpc.clientStream<ImportAdapterRequest, ImportAdapterResponse>(SERVICE, 'ImportAdapter', async (messages, call) => {
+      return { adapter: wire(await importAdapter(messages, context, call)) };
+    }),
+
+    exportAdapter: rpc.serverStream<ExportAdapterRequest, ExportAdapterResponse>(SERVICE, 'ExportAdapter', async (request, writer, call) => {
+      await usable(call, requireId(request.adapterId, 'adapter_id'));
       await exportAdapter(request, writer, context);
     }),
 
     mergeAndUnload: rpc.serverStream<MergeAndUnloadRequest, MergeAndUnloadResponse>(
       SERVICE,
       'MergeAndUnload',
-      async (request, writer, _call, watch) => {
-        await mergeAndUnload(request, writer, watch, context);
+      async (request, writer, call) => {
+        await mergeAndUnload(request, writer, call, context);
       },
     ),
   };

@@ -18,6 +18,7 @@ import { MAX_CHUNK_BYTES, type ServiceContext } from './context.js';
 import { invalidArgument, isEngineError } from './errors.js';
 import { requireId } from './ids.js';
 import { IncomingFile, isSha256Hex } from './incoming-file.js';
+import type { CallContext } from './rpc.js';
 import type { StreamWriter } from './streams.js';
 import { toAdapter } from './wire.js';
 
@@ -52,12 +53,17 @@ function checkManifest(files: FileEntry[], maxAdapterBytes: number): AdapterFile
 }
 
 /** Receives an ImportAdapter stream and publishes the adapter; returns it. */
-export async function importAdapter(messages: AsyncGenerator<ImportAdapterRequest>, context: ServiceContext): Promise<AdapterView> {
+export async function importAdapter(
+  messages: AsyncGenerator<ImportAdapterRequest>,
+  context: ServiceContext,
+  call: CallContext,
+): Promise<AdapterView> {
   const { adapters, dataRoot, limits } = context;
   const first = await messages.next();
   const header = first.done ? undefined : first.value.header;
   if (header === undefined) throw invalidArgument('header', 'must be the first message of the stream');
   const adapterId = requireId(header.adapterId, 'header.adapter_id');
+  call.annotate({ 'tuneserve.adapter': adapterId });
   const manifest = checkManifest(header.files, limits.maxAdapterBytes);
 
   await adapters.reserve(adapterId);
@@ -107,6 +113,8 @@ export async function importAdapter(messages: AsyncGenerator<ImportAdapterReques
         baseFingerprint: engine.modelInfo().fingerprint,
         config,
         metrics: null,
+        tenant: call.principal.tenant,
+        shared: header.shared,
       },
       manifest,
     );

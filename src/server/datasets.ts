@@ -23,6 +23,10 @@ export interface DatasetRecord {
   rowCount: number;
   /** Unix milliseconds. */
   createTime: number;
+  /** The owning tenant; absent on datasets stored before tenants existed (the default tenant). */
+  tenant?: string;
+  /** Whether every tenant may see it and train on it. */
+  shared?: boolean;
 }
 
 /** The header of an upload, ids already validated. */
@@ -30,6 +34,9 @@ export interface UploadHeader {
   datasetId: string;
   sizeBytes: number;
   sha256: string;
+  /** Owner of the new dataset. */
+  tenant?: string;
+  shared?: boolean;
 }
 
 /** Datasets under <data root>/datasets. */
@@ -94,6 +101,8 @@ export class DatasetStore {
         sha256: header.sha256,
         rowCount: checker.finish(),
         createTime: Date.now(),
+        ...(header.tenant === undefined ? {} : { tenant: header.tenant }),
+        shared: header.shared === true,
       };
       await writeFileAtomic(path.join(folder, METADATA_FILE), JSON.stringify(record, null, 2));
       try {
@@ -102,7 +111,7 @@ export class DatasetStore {
         if ((error as NodeJS.ErrnoException).code === 'EEXIST') throw alreadyExists('dataset', id);
         throw error;
       }
-      this.logger.info('dataset stored', { datasetId: id, sizeBytes: record.sizeBytes, rows: record.rowCount });
+      this.logger.info({ datasetId: id, sizeBytes: record.sizeBytes, rows: record.rowCount }, 'dataset stored');
       return record;
     } finally {
       this.uploading.delete(id);
@@ -139,7 +148,7 @@ export class DatasetStore {
       try {
         records.push(await this.get(id));
       } catch (error) {
-        this.logger.warn('skipping unreadable dataset folder', { datasetId: id, error: String(error) });
+        this.logger.warn({ datasetId: id, error: String(error) }, 'skipping unreadable dataset folder');
       }
     }
     return records;
@@ -154,6 +163,6 @@ export class DatasetStore {
       });
     }
     await this.dataRoot.removeEntry(this.dataRoot.entry('datasets', id));
-    this.logger.info('dataset deleted', { datasetId: id });
+    this.logger.info({ datasetId: id }, 'dataset deleted');
   }
 }

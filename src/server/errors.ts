@@ -133,7 +133,7 @@ export function toServiceError(
   if (isEngineError(error)) {
     const mapped = engineCodeStatus[error.code];
     if (error.code === 'IO_ERROR') {
-      logger.error('engine I/O error', { context, error: error.message });
+      logger.error({ context, error: error.message }, 'engine I/O error');
       return new ServiceError(status.INTERNAL, 'IO_ERROR', 'the server failed to read or write a file');
     }
     return new ServiceError(
@@ -143,10 +143,7 @@ export function toServiceError(
       mapped.retryAfterMs === undefined ? {} : { retryAfterMs: mapped.retryAfterMs },
     );
   }
-  logger.error('unexpected error', {
-    context,
-    error: error instanceof Error ? (error.stack ?? error.message) : String(error),
-  });
+  logger.error({ context, error: error instanceof Error ? (error.stack ?? error.message) : String(error) }, 'unexpected error');
   return new ServiceError(status.INTERNAL, 'INTERNAL', 'internal error');
 }
 

@@ -2,6 +2,9 @@
 // the adapter (loading it into a free slot on first use), runs the engine, turns token ids into
 // UTF-8-safe text deltas, cuts at stop sequences, and streams with backpressure: while the client
 // reads slowly, deltas merge instead of queueing, so the engine never waits on the network.
+// Spans under the RPC's: generate.acquire_adapter (waiting for the adapter's pool slot, loading it on
+// first use), generate.prefill (engine call to first token: the engine's own batching wait is inside
+// it, as it does not report when a request joins a batch) and generate.decode (first token to end).
 
 import { randomInt } from 'node:crypto';
 import {
@@ -14,6 +17,7 @@ import type { ServiceContext } from './context.js';
 import type { AdapterLease } from './adapter-registry.js';
 import type { ChatMessage, GenerateResult, ModelInfo, TokenizerPort } from './engine-port.js';
 import { failedPrecondition, invalidArgument, isEngineError, resourceExhausted, ServiceError } from './errors.js';
+import { requireUse } from './auth.js';
 import { requireId } from './ids.js';
 import type { RpcRunner } from './rpc.js';
 import { StopMatcher } from './stop-sequences.js';
@@ -100,7 +104,8 @@ export function generationService(context: ServiceContext, rpc: RpcRunner): Gene
   const { adapters, limits, telemetry, generations } = context;
 
   return {
-    generate: rpc.serverStream<GenerateRequest, GenerateResponse>(SERVICE, 'Generate', async (request, writer, _call, watch) => {
+    generate: rpc.serverStream<GenerateRequest, GenerateResponse>(SERVICE, 'Generate', async (request, writer, call) => {
+      const { watch } = call;
       const started = performance.now();
       const engine = context.engine();
       const info = engine.modelInfo();
@@ -108,6 +113,7 @@ export function generationService(context: ServiceContext, rpc: RpcRunner): Gene
 
       // Validate.
       const adapterId = request.adapterId === '' ? null : requireId(request.adapterId, 'adapter_id');
+      call.annotate({ 'tuneserve.adapter': adapterId ?? '' });
       const prompt = promptOf(request, tokenizer, info);
       const room = info.maxSeqLen - prompt.ids.length;
       const maxTokens = request.maxTokens === 0 ? Math.min(DEFAULT_MAX_TOKENS, room) : request.maxTokens;
@@ -141,8 +147,14 @@ export function generationService(context: ServiceContext, rpc: RpcRunner): Gene
       let firstTokenAt: number | null = null;
       let result: GenerateResult | null = null;
       let errorType: string | null = null;
+      let phase = call.startSpan('generate.acquire_adapter', { 'tuneserve.adapter': adapterId ?? '' });
       try {
-        lease = adapterId === null ? null : await adapters.lease(adapterId);
+        if (adapterId !== null) {
+          requireUse(call.principal, 'adapter', adapterId, await adapters.get(adapterId));
+          lease = await adapters.lease(adapterId);
+        }
+        phase.end();
+        phase = call.startSpan('generate.prefill', { 'tuneserve.adapter': adapterId ?? '', 'gen_ai.usage.input_tokens': prompt.ids.length });
 
         // Run the engine, streaming text as it comes.
         const detokenizer = tokenizer.createDetokenizer();
@@ -174,7 +186,11 @@ export function generationService(context: ServiceContext, rpc: RpcRunner): Gene
             signal,
             onTokens: (ids) => {
               if (stopSequence.signal.aborted || ids.length === 0) return;
-              firstTokenAt ??= performance.now();
+              if (firstTokenAt === null) {
+                firstTokenAt = performance.now();
+                phase.end();
+                phase = call.startSpan('generate.decode', { 'tuneserve.adapter': adapterId ?? '' });
+              }
               if (pushText(detokenizer.push(ids), ids)) stopSequence.abort();
             },
           },
@@ -209,6 +225,8 @@ export function generationService(context: ServiceContext, rpc: RpcRunner): Gene
         if (watch.outcome !== null) errorType = watch.outcome === 'deadline' ? 'DEADLINE_EXCEEDED' : 'CANCELLED';
         throw error;
       } finally {
+        phase.setAttribute('gen_ai.usage.output_tokens', result?.completionTokens ?? 0);
+        phase.end();
         lease?.release();
         generations.active -= 1;
         const finished = performance.now();
@@ -216,6 +234,7 @@ export function generationService(context: ServiceContext, rpc: RpcRunner): Gene
         telemetry.recordGeneration({
           operation: prompt.field === 'chat' ? 'chat' : 'text_completion',
           adapter: adapterId ?? '',
+          tenant: call.principal.tenant,
           model: info.name,
           timeToFirstToken: firstTokenAt === null ? null : (firstTokenAt - started) / 1000,
           timePerOutputToken:

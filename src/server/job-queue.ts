@@ -3,6 +3,10 @@
 // Watchers read the store from a sequence number onward and then wait for new events, so a
 // replay and the live tail join without gaps or duplicates, and a slow watcher leaves its
 // backlog in SQLite rather than in memory.
+//
+// Telemetry: every step is recorded as training metrics per job and adapter, and a job has two
+// spans under the span of the Train call that submitted it: training.queued (submitted → started)
+// and training.run (started → ended).
 
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
@@ -28,10 +32,16 @@ import {
   type JobStore,
 } from './job-store.js';
 import type { Logger } from './logger.js';
+import type { Telemetry } from './telemetry.js';
+import { context as otelContext, SpanStatusCode, type Context, type Span } from '@opentelemetry/api';
 
 /** A job to queue; ids and hyperparameters already validated. */
 export interface JobSubmission {
   jobId: string;
+  /** The tenant of the key that submitted it (it owns the job and the adapter it makes). */
+  tenant: string;
+  /** The submitting call's trace context: the job's spans hang under it. */
+  trace?: Context;
   adapterId: string;
   /** An uploaded dataset, or rows carried in the request. */
   dataset: { datasetId: string } | { inlineJsonl: Uint8Array };
@@ -48,10 +58,19 @@ export interface JobQueueDependencies {
   logger: Logger;
   maxQueuedJobs: number;
   now?: () => number;
+  /** Training metrics and the job spans; absent in tests that do not look. */
+  telemetry?: Telemetry;
+  /**
+   * Called by shutdown() on the running job before its run is stopped, and awaited (within the
+   * server's grace period): the place for a checkpoint that lets the job resume after a restart.
+   * The default does nothing (the run stops between steps and is recorded as interrupted).
+   */
+  beforeShutdown?: (job: { jobId: string; adapterId: string; signal: AbortSignal }) => Promise<void>;
 }
 
 interface RunningJob {
   jobId: string;
+  span: Span | null;
   controller: AbortController;
   /** Why the run is being stopped, if it is. */
   stop: 'cancel' | 'shutdown' | null;
@@ -70,6 +89,8 @@ export class JobQueue {
   private readonly waiters = new Map<string, Set<() => void>>();
   private readonly submitting = new Set<string>();
   private engine: EnginePort | null = null;
+  /** Spans of queued jobs submitted since this server started (training.queued). */
+  private readonly queuedSpans = new Map<string, { span: Span; parent: Context }>();
   private accepting = true;
   private readonly now: () => number;
 
@@ -84,7 +105,7 @@ export class JobQueue {
       this.deps.adapters.reserveUnchecked(job.adapterId);
       this.pending.push(job.jobId);
     }
-    if (this.pending.length > 0) this.deps.logger.info('re-queued jobs', { jobs: this.pending.length });
+    if (this.pending.length > 0) this.deps.logger.info({ jobs: this.pending.length }, 're-queued jobs');
     this.pump();
   }
 
@@ -142,6 +163,7 @@ export class JobQueue {
         const record = store.insert(
           {
             jobId,
+            tenant: submission.tenant,
             adapterId: submission.adapterId,
             datasetId,
             datasetPath,
@@ -152,7 +174,11 @@ export class JobQueue {
           this.now(),
         );
         this.pending.push(jobId);
-        this.deps.logger.info('job queued', { jobId, adapterId: submission.adapterId, position: this.pending.length - 1 });
+        if (this.deps.telemetry && submission.trace) {
+          const span = this.deps.telemetry.tracer.startSpan('training.queued', { attributes: jobAttributes(record) }, submission.trace);
+          this.queuedSpans.set(jobId, { span, parent: submission.trace });
+        }
+        this.deps.logger.info({ jobId, adapterId: submission.adapterId, tenant: submission.tenant, position: this.pending.length - 1 }, 'job queued');
         this.pump();
         return record;
       } catch (error) {
@@ -179,13 +205,14 @@ export class JobQueue {
     const index = this.pending.indexOf(jobId);
     if (index !== -1) {
       this.pending.splice(index, 1);
+      this.endQueuedSpan(jobId, 'cancelled');
       this.record(jobId, { kind: 'cancelled', stepsCompleted: 0 });
       this.deps.adapters.unreserve(job.adapterId);
-      this.deps.logger.info('job cancelled while queued', { jobId });
+      this.deps.logger.info({ jobId }, 'job cancelled while queued');
     } else if (this.running?.jobId === jobId) {
       this.running.stop ??= 'cancel';
       this.running.controller.abort('cancel');
-      this.deps.logger.info('job cancellation requested', { jobId });
+      this.deps.logger.info({ jobId }, 'job cancellation requested');
     }
     return this.require(jobId);
   }
@@ -223,7 +250,7 @@ export class JobQueue {
     }
     this.wake(jobId);
     this.pending.push(jobId);
-    this.deps.logger.info('job resumed', { jobId, checkpointStep: checkpoint.step });
+    this.deps.logger.info({ jobId, checkpointStep: checkpoint.step }, 'job resumed');
     this.pump();
     return this.require(jobId);
   }
@@ -292,9 +319,14 @@ export class JobQueue {
    */
   async shutdown(): Promise<void> {
     this.accepting = false;
+    for (const jobId of this.pending) this.endQueuedSpan(jobId, 'server shutting down');
     this.pending.length = 0;
     const running = this.running;
     if (running) {
+      if (this.deps.beforeShutdown) {
+        const job = this.require(running.jobId);
+        await this.deps.beforeShutdown({ jobId: job.jobId, adapterId: job.adapterId, signal: running.controller.signal });
+      }
       running.stop = 'shutdown';
       running.controller.abort('shutdown');
       await running.done;
@@ -360,12 +392,35 @@ export class JobQueue {
     const jobId = this.pending.shift();
     if (jobId === undefined) return;
     const controller = new AbortController();
-    const running: RunningJob = { jobId, controller, stop: null, done: Promise.resolve() };
+    const queued = this.queuedSpans.get(jobId);
+    this.endQueuedSpan(jobId, null);
+    const job = this.deps.store.get(jobId);
+    const span =
+      this.deps.telemetry && job
+        ? this.deps.telemetry.tracer.startSpan('training.run', { attributes: jobAttributes(job) }, queued?.parent ?? otelContext.active())
+        : null;
+    const running: RunningJob = { jobId, span, controller, stop: null, done: Promise.resolve() };
     this.running = running;
     running.done = this.run(running, this.engine).finally(() => {
+      const ended = this.deps.store.get(jobId);
+      if (running.span) {
+        running.span.setAttribute('tuneserve.job.state', ended?.state ?? 'unknown');
+        running.span.setAttribute('tuneserve.job.steps', ended?.lastStep?.step ?? 0);
+        if (ended?.state === 'failed') running.span.setStatus({ code: SpanStatusCode.ERROR, message: ended.failureReason ?? 'failed' });
+        running.span.end();
+      }
       this.running = null;
       this.pump();
     });
+  }
+
+  /** Ends a queued job's training.queued span (why: null when it starts running). */
+  private endQueuedSpan(jobId: string, why: string | null): void {
+    const queued = this.queuedSpans.get(jobId);
+    if (!queued) return;
+    this.queuedSpans.delete(jobId);
+    if (why !== null) queued.span.setAttribute('tuneserve.job.ended_while_queued', why);
+    queued.span.end();
   }
 
   private async run(running: RunningJob, engine: EnginePort): Promise<void> {
@@ -373,7 +428,7 @@ export class JobQueue {
     const job = this.require(running.jobId);
     const startTime = this.now();
     store.markRunning(job.jobId, startTime);
-    logger.info('job started', { jobId: job.jobId });
+    logger.info({ jobId: job.jobId }, 'job started');
     let workFolder: string | null = null;
     let lastStep = 0;
     let outcome: 'succeeded' | 'failed' | 'cancelled' | 'interrupted' = 'failed';
@@ -400,7 +455,29 @@ export class JobQueue {
             // While stopping, only the checkpoint of the stop itself is still recorded: it is what a
             // resume continues from.
             if (running.stop !== null && event.kind !== 'checkpoint') return;
-            if (event.kind === 'step') lastStep = event.step;
+            if (event.kind === 'step') {
+              lastStep = event.step;
+              this.deps.telemetry?.recordTrainingStep({
+                jobId: job.jobId,
+                adapter: job.adapterId,
+                tenant: job.tenant,
+                step: event.step,
+                loss: event.loss,
+                learningRate: event.learningRate,
+                tokensPerSecond: event.tokensPerSecond,
+              });
+            } else if (event.kind === 'eval') {
+              this.deps.telemetry?.recordTrainingEval({
+                jobId: job.jobId,
+                adapter: job.adapterId,
+                tenant: job.tenant,
+                loss: event.loss,
+                ...(event.forgettingLoss === undefined ? {} : { forgettingLoss: event.forgettingLoss }),
+                ...(event.forgettingBaseLoss === undefined ? {} : { forgettingBaseLoss: event.forgettingBaseLoss }),
+              });
+            } else if (event.kind === 'started') {
+              running.span?.setAttribute('tuneserve.job.total_steps', event.totalSteps);
+            }
             this.record(job.jobId, fromTrainEvent(event));
             if (event.kind === 'checkpoint') void this.pruneCheckpoints(job.jobId, KEEP_CHECKPOINTS);
           },
@@ -428,15 +505,17 @@ export class JobQueue {
         baseFingerprint: engine.modelInfo().fingerprint,
         config: result.config,
         metrics,
+        tenant: job.tenant,
+        shared: false,
       });
       this.record(job.jobId, { kind: 'completed', adapterId: job.adapterId, metrics });
       outcome = 'succeeded';
-      logger.info('job succeeded', { jobId: job.jobId, adapterId: job.adapterId, finalLoss: result.finalLoss });
+      logger.info({ jobId: job.jobId, adapterId: job.adapterId, finalLoss: result.finalLoss }, 'job succeeded');
     } catch (error) {
       if (running.stop === 'cancel') {
         this.record(job.jobId, { kind: 'cancelled', stepsCompleted: lastStep });
         outcome = 'cancelled';
-        logger.info('job cancelled', { jobId: job.jobId, steps: lastStep });
+        logger.info({ jobId: job.jobId, steps: lastStep }, 'job cancelled');
       } else if (running.stop === 'shutdown') {
         const stored = store.get(job.jobId);
         this.record(job.jobId, {
@@ -445,11 +524,11 @@ export class JobQueue {
           lastCheckpointStep: stored?.lastCheckpointStep ?? 0,
         });
         outcome = 'interrupted';
-        logger.info('job interrupted by shutdown', { jobId: job.jobId, steps: lastStep });
+        logger.info({ jobId: job.jobId, steps: lastStep }, 'job interrupted by shutdown');
       } else {
         const { reason, message } = failureOf(error, dataRoot);
-        if (reason === 'INTERNAL') logger.error('job failed', { jobId: job.jobId, error: String((error as Error)?.stack ?? error) });
-        else logger.warn('job failed', { jobId: job.jobId, reason, message });
+        if (reason === 'INTERNAL') logger.error({ jobId: job.jobId, error: String((error as Error)?.stack ?? error) }, 'job failed');
+        else logger.warn({ jobId: job.jobId, reason, message }, 'job failed');
         this.record(job.jobId, { kind: 'failed', reason, message });
       }
     } finally {
@@ -461,6 +540,11 @@ export class JobQueue {
       }
     }
   }
+}
+
+/** Span attributes of a job. */
+function jobAttributes(job: JobRecord): Record<string, string> {
+  return { 'tuneserve.job': job.jobId, 'tuneserve.adapter': job.adapterId, 'tuneserve.tenant': job.tenant };
 }
 
 /** Whether an event ends its job. */

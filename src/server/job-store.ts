@@ -90,11 +90,14 @@ export interface JobRecord {
   failureMessage: string | null;
   lastCheckpointStep: number;
   lastSequence: number;
+  /** The tenant of the key that submitted it. */
+  tenant: string;
 }
 
 /** A new job's fields. */
 export interface NewJob {
   jobId: string;
+  tenant: string;
   adapterId: string;
   datasetId: string | null;
   datasetPath: string;
@@ -121,6 +124,7 @@ interface JobRow {
   failure_message: string | null;
   last_checkpoint_step: number;
   last_sequence: number;
+  tenant: string;
 }
 
 interface EventRow {
@@ -130,7 +134,8 @@ interface EventRow {
   payload: string;
 }
 
-const SCHEMA_VERSION = 1;
+// 2: jobs.tenant (the tenant of the key that submitted the job; 'default' for older rows).
+const SCHEMA_VERSION = 2;
 
 const schema = `
 CREATE TABLE IF NOT EXISTS jobs (
@@ -183,11 +188,13 @@ export class JobStore {
       throw new Error(`${file} has schema version ${version}; this server knows up to ${SCHEMA_VERSION}`);
     }
     this.db.exec(schema);
+    const columns = this.db.prepare<[], { name: string }>('PRAGMA table_info(jobs)').all().map((c) => c.name);
+    if (!columns.includes('tenant')) this.db.exec("ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'");
     this.db.pragma(`user_version = ${SCHEMA_VERSION}`);
     this.statements = {
       insertJob: this.db.prepare(
-        `INSERT INTO jobs (job_id, ordinal, state, adapter_id, dataset_id, dataset_path, init_adapter_id, config_json, create_time)
-         VALUES (@job_id, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM jobs), 'queued', @adapter_id, @dataset_id, @dataset_path, @init_adapter_id, @config_json, @create_time)`,
+        `INSERT INTO jobs (job_id, ordinal, state, adapter_id, dataset_id, dataset_path, init_adapter_id, config_json, create_time, tenant)
+         VALUES (@job_id, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM jobs), 'queued', @adapter_id, @dataset_id, @dataset_path, @init_adapter_id, @config_json, @create_time, @tenant)`,
       ),
       getJob: this.db.prepare<[string], JobRow>('SELECT * FROM jobs WHERE job_id = ?'),
       insertEvent: this.db.prepare(
@@ -216,6 +223,7 @@ export class JobStore {
         init_adapter_id: job.initAdapterId,
         config_json: JSON.stringify(job.config),
         create_time: time,
+        tenant: job.tenant,
       });
       this.appendInTransaction(job.jobId, { kind: 'queued', queuePosition }, time);
     })();
@@ -258,9 +266,13 @@ export class JobStore {
   }
 
   /** Jobs in creation order (newest first), optionally filtered by state, after an ordinal cursor. */
-  list(options: { states: JobState[]; limit: number; beforeOrdinal: number | null }): JobRecord[] {
+  list(options: { states: JobState[]; limit: number; beforeOrdinal: number | null; tenant?: string }): JobRecord[] {
     const clauses: string[] = [];
     const parameters: (string | number)[] = [];
+    if (options.tenant !== undefined) {
+      clauses.push('tenant = ?');
+      parameters.push(options.tenant);
+    }
     if (options.states.length > 0) {
       clauses.push(`state IN (${options.states.map(() => '?').join(', ')})`);
       parameters.push(...options.states);
@@ -395,6 +407,7 @@ function fromRow(row: JobRow): JobRecord {
     failureMessage: row.failure_message,
     lastCheckpointStep: row.last_checkpoint_step,
     lastSequence: row.last_sequence,
+    tenant: row.tenant,
   };
 }
 

@@ -14,7 +14,9 @@ import type { ServiceContext } from './context.js';
 import type { MergeSpec } from './engine-port.js';
 import { alreadyExists, invalidArgument, resourceExhausted, ServiceError } from './errors.js';
 import { requireId } from './ids.js';
-import { CoalescingWriter, type CallWatch, type StreamWriter } from './streams.js';
+import { CoalescingWriter, type StreamWriter } from './streams.js';
+import { requireManage, requireUse } from './auth.js';
+import type { CallContext } from './rpc.js';
 import { status } from '@grpc/grpc-js';
 
 const dtypes: Partial<Record<MergeDtype, MergeSpec['dtype']>> = {
@@ -43,10 +45,11 @@ function remainingMs(context: ServiceContext): number {
 export async function mergeAndUnload(
   request: MergeAndUnloadRequest,
   writer: StreamWriter<MergeAndUnloadResponse>,
-  watch: CallWatch,
+  call: CallContext,
   context: ServiceContext,
 ): Promise<void> {
-  const { adapters, dataRoot, logger } = context;
+  const { adapters, dataRoot } = context;
+  const { watch, log: logger } = call;
 
   // Validate.
   const adapterId = requireId(request.adapterId, 'adapter_id');
@@ -55,7 +58,10 @@ export async function mergeAndUnload(
   if (dtype === undefined) throw invalidArgument('dtype', `is not a known MergeDtype value (${request.dtype})`);
   const into = bases[request.base];
   if (into === undefined) throw invalidArgument('base', `is not a known MergeBase value (${request.base})`);
+  call.annotate({ 'tuneserve.adapter': adapterId });
   const adapter = await adapters.get(adapterId);
+  requireUse(call.principal, 'adapter', adapterId, adapter);
+  if (request.unloadAdapter) requireManage(call.principal, 'adapter', adapterId, adapter);
   adapters.checkBase(adapter);
   const destination = dataRoot.exportEntry(outputName);
   if ((await dataRoot.realExisting(destination)) !== null) {
@@ -90,7 +96,7 @@ export async function mergeAndUnload(
       if ((error as NodeJS.ErrnoException).code === 'EEXIST') throw alreadyExists('export', outputName);
       throw error;
     }
-    logger.info('merge written', { adapterId, outputName, bytes: result.bytes, dtype, into });
+    logger.info({ adapterId, outputName, bytes: result.bytes, dtype, into }, 'merge written');
 
     let unloaded = false;
     if (request.unloadAdapter) {
@@ -99,7 +105,7 @@ export async function mergeAndUnload(
         unloaded = true;
       } catch (error) {
         if (!(error instanceof ServiceError && error.code === status.FAILED_PRECONDITION)) throw error;
-        logger.warn('adapter left loaded after merge: in use', { adapterId });
+        logger.warn({ adapterId }, 'adapter left loaded after merge: in use');
       }
     }
     await writer.write({

@@ -1,19 +1,24 @@
-// Wraps handlers into grpc-js call handlers, doing for every RPC what is the same for all: refuse
-// while the server is loading or draining (UNAVAILABLE), check the bearer token when one is
-// configured, watch cancellation and the deadline, turn any error into one status with rich
-// details, and record rpc.server.call.duration.
+// Wraps handlers into grpc-js call handlers, doing for every RPC what is the same for all, in one
+// place: refuse while the server is loading or draining (UNAVAILABLE), take the request id from
+// "x-request-id" metadata (or make one) and echo it back, authenticate the API key and check the
+// RPC's scope, open the RPC's span (parented to a W3C traceparent in the metadata), watch
+// cancellation and the deadline, turn any error into one status with rich details, log the call
+// with its request id, and record rpc.server.call.duration. Handlers get one CallContext.
 
 import {
   status,
+  Metadata,
   type handleClientStreamingCall,
   type handleServerStreamingCall,
   type handleUnaryCall,
-  type Metadata,
   type ServerReadableStream,
   type ServerUnaryCall,
   type ServerWritableStream,
 } from '@grpc/grpc-js';
-import { createHash, timingSafeEqual } from 'node:crypto';
+import { context as otelContext, propagation, ROOT_CONTEXT, SpanKind, SpanStatusCode, trace, type Attributes, type Span, type TextMapGetter } from '@opentelemetry/api';
+import { randomUUID } from 'node:crypto';
+import type { EventEmitter } from 'node:events';
+import { ANONYMOUS, authorize, type KeyStore, type Principal } from './auth.js';
 import { ServiceError, toGrpcStatus, toServiceError } from './errors.js';
 import type { Logger } from './logger.js';
 import { CallWatch, readMessages, StreamWriter } from './streams.js';
@@ -23,48 +28,68 @@ import type { Telemetry } from './telemetry.js';
 export interface RpcEnvironment {
   /** UNAVAILABLE while loading or draining, else null. */
   gate(): ServiceError | null;
-  /** Accepted bearer tokens; empty means no authentication. */
-  authTokens: readonly string[];
+  /** The API keys; null: no authentication (every caller is an admin of the default tenant). */
+  keys: KeyStore | null;
   telemetry: Telemetry;
   logger: Logger;
   /** Removes server paths from messages sent to clients. */
   redact(message: string): string;
 }
 
-const digest = (value: string): Buffer => createHash('sha256').update(value).digest();
+/** One call as its handler sees it. */
+export interface CallContext {
+  /** From the caller's "x-request-id" metadata, or made here; on every log line and the span. */
+  readonly requestId: string;
+  /** Who is calling (tenant and scopes). */
+  readonly principal: Principal;
+  /** The server's logger with this call's request id, service and method. */
+  readonly log: Logger;
+  /** The RPC's span; child spans hang under it. */
+  readonly span: Span;
+  /** Cancellation and deadline of the call. */
+  readonly watch: CallWatch;
+  /** Fires when the client cancels or its deadline passes. */
+  readonly signal: AbortSignal;
+  /** Records what the call is about on the span (e.g. tuneserve.adapter, tuneserve.job). */
+  annotate(attributes: Attributes): void;
+  /** Starts a child span of the RPC's span (end it yourself). */
+  startSpan(name: string, attributes?: Attributes): Span;
+}
+
+/** Longest request id taken from metadata; longer or odd ones are replaced by a fresh one. */
+const MAX_REQUEST_ID = 128;
+const requestIdRule = /^[\x21-\x7e]{1,128}$/;
+
+const metadataGetter: TextMapGetter<Metadata> = {
+  keys: (carrier) => Object.keys(carrier.getMap()),
+  get: (carrier, key) => {
+    const values = carrier.get(key).filter((v): v is string => typeof v === 'string');
+    return values.length === 0 ? undefined : values.length === 1 ? values[0] : values;
+  },
+};
+
+type AnyCall = EventEmitter & {
+  metadata: Metadata;
+  getDeadline(): Date | number;
+  sendMetadata(metadata: Metadata): void;
+  cancelled?: boolean;
+};
 
 /** Builds the call handlers of the tuneserve services. */
 export class RpcRunner {
-  private readonly tokenDigests: Buffer[];
-
-  constructor(private readonly environment: RpcEnvironment) {
-    this.tokenDigests = environment.authTokens.map(digest);
-  }
+  constructor(private readonly environment: RpcEnvironment) {}
 
   /** A unary handler: request in, response out. */
   unary<Request, Response>(
     service: string,
     method: string,
-    handler: (request: Request, call: ServerUnaryCall<Request, Response>, watch: CallWatch) => Promise<Response>,
+    handler: (request: Request, context: CallContext, call: ServerUnaryCall<Request, Response>) => Promise<Response>,
   ): handleUnaryCall<Request, Response> {
     return (call, callback) => {
-      const started = performance.now();
-      const watch = new CallWatch(call);
-      void (async () => {
-        try {
-          this.admit(call.metadata);
-          const response = await handler(call.request, call, watch);
-          watch.throwIfStopped();
-          this.finish(service, method, started, status.OK);
-          callback(null, response);
-        } catch (error) {
-          const failure = this.failure(error, watch, `${service}/${method}`);
-          this.finish(service, method, started, failure.code);
-          callback(toGrpcStatus(failure));
-        } finally {
-          watch.dispose();
-        }
-      })();
+      let response: Response;
+      this.run(service, method, call, async (context) => {
+        response = await handler(call.request, context, call);
+      }, (failure) => (failure ? callback(failure) : callback(null, response)));
     };
   }
 
@@ -72,34 +97,15 @@ export class RpcRunner {
   serverStream<Request, Response>(
     service: string,
     method: string,
-    handler: (
-      request: Request,
-      writer: StreamWriter<Response>,
-      call: ServerWritableStream<Request, Response>,
-      watch: CallWatch,
-    ) => Promise<void>,
+    handler: (request: Request, writer: StreamWriter<Response>, context: CallContext, call: ServerWritableStream<Request, Response>) => Promise<void>,
   ): handleServerStreamingCall<Request, Response> {
     return (call) => {
-      const started = performance.now();
-      const watch = new CallWatch(call);
-      const writer = new StreamWriter<Response>(call as ServerWritableStream<unknown, Response>, watch, () =>
-        this.environment.telemetry.countDrainWait(method),
-      );
-      void (async () => {
-        try {
-          this.admit(call.metadata);
-          await handler(call.request, writer, call, watch);
-          watch.throwIfStopped();
-          this.finish(service, method, started, status.OK);
-          call.end();
-        } catch (error) {
-          const failure = this.failure(error, watch, `${service}/${method}`);
-          this.finish(service, method, started, failure.code);
-          call.emit('error', toGrpcStatus(failure));
-        } finally {
-          watch.dispose();
-        }
-      })();
+      this.run(service, method, call, async (context) => {
+        const writer = new StreamWriter<Response>(call as ServerWritableStream<unknown, Response>, context.watch, () =>
+          this.environment.telemetry.countDrainWait(method),
+        );
+        await handler(call.request, writer, context, call);
+      }, (failure) => (failure ? call.emit('error', failure) : call.end()));
     };
   }
 
@@ -107,52 +113,95 @@ export class RpcRunner {
   clientStream<Request, Response>(
     service: string,
     method: string,
-    handler: (messages: AsyncGenerator<Request>, call: ServerReadableStream<Request, Response>, watch: CallWatch) => Promise<Response>,
+    handler: (messages: AsyncGenerator<Request>, context: CallContext, call: ServerReadableStream<Request, Response>) => Promise<Response>,
   ): handleClientStreamingCall<Request, Response> {
     return (call, callback) => {
-      const started = performance.now();
-      const watch = new CallWatch(call);
-      void (async () => {
-        try {
-          this.admit(call.metadata);
-          const response = await handler(readMessages<Request>(call, watch), call, watch);
-          watch.throwIfStopped();
-          this.finish(service, method, started, status.OK);
-          callback(null, response);
-        } catch (error) {
-          const failure = this.failure(error, watch, `${service}/${method}`);
-          this.finish(service, method, started, failure.code);
-          callback(toGrpcStatus(failure));
-        } finally {
-          watch.dispose();
-        }
-      })();
+      let response: Response;
+      this.run(service, method, call, async (context) => {
+        response = await handler(readMessages<Request>(call, context.watch), context, call);
+      }, (failure) => (failure ? callback(failure) : callback(null, response)));
     };
   }
 
-  /** Refuses the call when the server is not serving or the credential is missing or wrong. */
-  private admit(metadata: Metadata): void {
-    const refusal = this.environment.gate();
-    if (refusal) throw refusal;
-    if (this.tokenDigests.length === 0) return;
-    const header = metadata.get('authorization')[0];
-    const token = typeof header === 'string' && header.startsWith('Bearer ') ? header.slice(7) : null;
-    const presented = token === null ? null : digest(token);
-    if (presented === null || !this.tokenDigests.some((known) => timingSafeEqual(known, presented))) {
-      throw new ServiceError(
-        status.UNAUTHENTICATED,
-        'UNAUTHENTICATED',
-        'a valid "authorization: Bearer <token>" metadata entry is required',
-      );
-    }
-  }
+  /** What every kind of call does around its handler; `finish` sends the response or the status. */
+  private run(
+    service: string,
+    method: string,
+    call: AnyCall,
+    body: (context: CallContext) => Promise<void>,
+    finish: (failure: ReturnType<typeof toGrpcStatus> | null) => void,
+  ): void {
+    const { telemetry, logger } = this.environment;
+    const started = performance.now();
+    const fullService = `tuneserve.v1.${service}`;
+    const given = call.metadata.get('x-request-id')[0];
+    const requestId = typeof given === 'string' && given.length <= MAX_REQUEST_ID && requestIdRule.test(given) ? given : randomUUID();
+    const echoed = new Metadata();
+    echoed.set('x-request-id', requestId);
+    call.sendMetadata(echoed);
 
-  /** The error to report: the call's own outcome (cancel, deadline) first, then the thrown error. */
-  private failure(error: unknown, watch: CallWatch, context: string): ServiceError {
-    return watch.error() ?? toServiceError(error, this.environment.logger, context, this.environment.redact);
-  }
+    const parent = propagation.extract(ROOT_CONTEXT, call.metadata, metadataGetter);
+    const span = telemetry.tracer.startSpan(
+      `${fullService}/${method}`,
+      {
+        kind: SpanKind.SERVER,
+        attributes: { 'rpc.system': 'grpc', 'rpc.service': fullService, 'rpc.method': method, 'tuneserve.request_id': requestId },
+      },
+      parent,
+    );
+    const spanContext = trace.setSpan(parent, span);
+    const watch = new CallWatch(call);
+    let log = logger.child({ requestId, rpc: `${service}/${method}` });
+    let principal: Principal = ANONYMOUS;
+    let tenantAttributes: Attributes = {};
+    const context: CallContext = {
+      requestId,
+      get principal() {
+        return principal;
+      },
+      get log() {
+        return log;
+      },
+      span,
+      watch,
+      signal: watch.signal,
+      annotate: (attributes) => span.setAttributes(attributes),
+      startSpan: (name, attributes) => telemetry.tracer.startSpan(name, { attributes: { ...tenantAttributes, ...attributes } }, spanContext),
+    };
 
-  private finish(service: string, method: string, started: number, code: status): void {
-    this.environment.telemetry.recordCall(`tuneserve.v1.${service}`, method, code, (performance.now() - started) / 1000);
+    void otelContext.with(spanContext, async () => {
+      let code: status = status.OK;
+      let failure: ServiceError | null = null;
+      try {
+        const refusal = this.environment.gate();
+        if (refusal) throw refusal;
+        if (this.environment.keys !== null) {
+          principal = this.environment.keys.authenticate(call.metadata);
+          tenantAttributes = { 'tuneserve.tenant': principal.tenant };
+          span.setAttributes({ 'tuneserve.tenant': principal.tenant, 'tuneserve.key_id': principal.keyId });
+          log = log.child({ tenant: principal.tenant, keyId: principal.keyId });
+        }
+        authorize(principal, service, method);
+        await body(context);
+        watch.throwIfStopped();
+      } catch (error) {
+        failure = watch.error() ?? toServiceError(error, log, `${service}/${method}`, this.environment.redact);
+        code = failure.code;
+      } finally {
+        watch.dispose();
+      }
+      const seconds = (performance.now() - started) / 1000;
+      telemetry.recordCall(fullService, method, code, seconds, principal.tenant);
+      span.setAttribute('rpc.grpc.status_code', code);
+      if (failure !== null) {
+        span.setStatus({ code: SpanStatusCode.ERROR, message: failure.reason });
+        span.setAttribute('error.type', failure.reason);
+        log.info({ code: status[code], reason: failure.reason, ms: Math.round(seconds * 1000) }, 'call failed');
+      } else {
+        log.debug({ ms: Math.round(seconds * 1000) }, 'call done');
+      }
+      span.end();
+      finish(failure === null ? null : toGrpcStatus(failure));
+    });
   }
 }

@@ -1,8 +1,27 @@
-// OpenTelemetry metrics of the server, named after the semantic conventions: rpc.server.call.duration
-// for every RPC, the gen_ai.server.* latencies and gen_ai.client.token.usage for generations, and
-// a few tuneserve.* gauges. A Prometheus endpoint serves them when a metrics port is configured.
+// OpenTelemetry metrics and the tracer of the server. Metrics are named after the semantic
+// conventions: rpc.server.call.duration for every RPC, the gen_ai.server.* latencies and
+// gen_ai.client.token.usage for generations (labelled with the adapter and the tenant); training
+// progress per job and adapter (loss, learning rate, tokens/s, step); and gauges read from the
+// engine at each collection: queue depth, KV-cache blocks, device memory by use, the adapter pool.
+// Under `tuneserve serve` instruments come from the global providers that the OpenTelemetry SDK
+// registered (src/server/otel-sdk.ts); tests pass their own readers, or a Prometheus port, and get a
+// MeterProvider of their own.
+//
+// The adapter pool's counters (hits, loads, evictions, switch time) belong to the pool's own issue:
+// they go into observePool() beside the pool gauges below when the engine reports them.
 
-import { metrics as otelMetrics, type Attributes, type Histogram, type Meter, type Counter } from '@opentelemetry/api';
+import {
+  metrics as otelMetrics,
+  trace,
+  type Attributes,
+  type Counter,
+  type Gauge,
+  type Histogram,
+  type Meter,
+  type ObservableResult,
+  type Tracer,
+  type TracerProvider,
+} from '@opentelemetry/api';
 import { PrometheusExporter } from '@opentelemetry/exporter-prometheus';
 import { resourceFromAttributes } from '@opentelemetry/resources';
 import { MeterProvider, type IMetricReader } from '@opentelemetry/sdk-metrics';
@@ -19,7 +38,32 @@ export interface GaugeSources {
   queuedJobs(): number;
   runningJobs(): number;
   loadedAdapters(): number;
+  adapterSlots(): number;
   activeGenerations(): number;
+  /** The engine's memory figures (EnginePort.modelInfo().memory), read once per collection. */
+  memory(): {
+    weightsBytes: number;
+    adapterPoolBytes: number;
+    kvCacheBytes: number;
+    trainingWorkspaceBytes: number;
+    stepWorkspaceBytes: number;
+    backendScratchBytes: number;
+    deviceTotalBytes: number;
+    deviceFreeBytes: number;
+    kvCacheBlocks: number;
+    kvCacheBlocksUsed: number;
+  };
+}
+
+/** One optimizer step of a training job. */
+export interface TrainingStepMeasurement {
+  jobId: string;
+  adapter: string;
+  tenant: string;
+  step: number;
+  loss: number;
+  learningRate: number;
+  tokensPerSecond: number;
 }
 
 /** Facts about one finished generation. */
@@ -28,6 +72,8 @@ export interface GenerationMeasurement {
   operation: string;
   /** Adapter id, or "" for the base. */
   adapter: string;
+  /** Tenant of the caller. */
+  tenant: string;
   model: string;
   /** Seconds from request to first token, or null when none came. */
   timeToFirstToken: number | null;
@@ -55,11 +101,22 @@ export class Telemetry {
   private readonly requestDuration: Histogram;
   private readonly tokenUsage: Histogram;
   private readonly drainWaits: Counter;
+  private readonly trainingLoss: Gauge;
+  private readonly trainingLearningRate: Gauge;
+  private readonly trainingTokensPerSecond: Gauge;
+  private readonly trainingStep: Gauge;
+  private readonly trainingSteps: Counter;
+  private readonly trainingEvalLoss: Gauge;
+  private readonly trainingForgettingLoss: Gauge;
+  /** The tracer of the server's spans. */
+  readonly tracer: Tracer;
 
   private constructor(
     private readonly provider: MeterProvider | null,
     private readonly meter: Meter,
+    tracerProvider: TracerProvider | null,
   ) {
+    this.tracer = (tracerProvider ?? trace.getTracerProvider()).getTracer('tuneserve');
     this.callDuration = meter.createHistogram('rpc.server.call.duration', {
       description: 'Duration of server RPC calls',
       unit: 's',
@@ -89,6 +146,23 @@ export class Telemetry {
       description: "Server-stream writes that waited for 'drain' (client reading slower than the server writes)",
       unit: '{wait}',
     });
+    // Training progress: last value per job and adapter (a loss curve per job in Prometheus/Grafana).
+    this.trainingLoss = meter.createGauge('tuneserve.training.loss', { description: 'Training loss of the last optimizer step', unit: '1' });
+    this.trainingLearningRate = meter.createGauge('tuneserve.training.learning_rate', {
+      description: 'Learning rate of the last optimizer step',
+      unit: '1',
+    });
+    this.trainingTokensPerSecond = meter.createGauge('tuneserve.training.tokens_per_second', {
+      description: 'Training throughput of the last optimizer step',
+      unit: '{token}/s',
+    });
+    this.trainingStep = meter.createGauge('tuneserve.training.step', { description: 'Last optimizer step of the job', unit: '{step}' });
+    this.trainingSteps = meter.createCounter('tuneserve.training.steps', { description: 'Optimizer steps taken', unit: '{step}' });
+    this.trainingEvalLoss = meter.createGauge('tuneserve.training.eval_loss', { description: 'Loss on the held-out rows at the last evaluation', unit: '1' });
+    this.trainingForgettingLoss = meter.createGauge('tuneserve.training.forgetting_loss', {
+      description: "Loss on general text at the last evaluation (the forgetting check), with the base model's as tuneserve.phase=base",
+      unit: '1',
+    });
   }
 
   /**
@@ -96,9 +170,13 @@ export class Telemetry {
    * that port; otherwise instruments come from the global MeterProvider (a no-op unless the
    * process registered an SDK before starting the server).
    */
-  static async create(prometheus: PrometheusOptions | null, extraReaders: IMetricReader[] = []): Promise<Telemetry> {
+  static async create(
+    prometheus: PrometheusOptions | null,
+    extraReaders: IMetricReader[] = [],
+    tracerProvider: TracerProvider | null = null,
+  ): Promise<Telemetry> {
     if (prometheus === null && extraReaders.length === 0) {
-      return new Telemetry(null, otelMetrics.getMeter('tuneserve'));
+      return new Telemetry(null, otelMetrics.getMeter('tuneserve'), tracerProvider);
     }
     const readers: IMetricReader[] = [...extraReaders];
     if (prometheus !== null) {
@@ -111,27 +189,73 @@ export class Telemetry {
       readers.push(exporter);
     }
     const provider = new MeterProvider({ readers, resource: resourceFromAttributes({ 'service.name': 'tuneserve' }) });
-    return new Telemetry(provider, provider.getMeter('tuneserve'));
+    return new Telemetry(provider, provider.getMeter('tuneserve'), tracerProvider);
   }
 
   /** Registers the gauges read at each collection. */
   observe(sources: GaugeSources): void {
-    const gauge = (name: string, description: string, unit: string, read: () => number): void => {
-      this.meter.createObservableGauge(name, { description, unit }).addCallback((result) => result.observe(read()));
+    const gauge = (name: string, description: string, unit: string, read: (result: ObservableResult) => void): void => {
+      this.meter.createObservableGauge(name, { description, unit }).addCallback(read);
     };
-    gauge('tuneserve.training.jobs.queued', 'Training jobs waiting', '{job}', sources.queuedJobs);
-    gauge('tuneserve.training.jobs.running', 'Training jobs running', '{job}', sources.runningJobs);
-    gauge('tuneserve.adapters.loaded', 'Adapters in the device pool', '{adapter}', sources.loadedAdapters);
-    gauge('tuneserve.generations.active', 'Generations in progress', '{request}', sources.activeGenerations);
+    const value = (read: () => number) => (result: ObservableResult) => result.observe(read());
+    gauge('tuneserve.training.jobs.queued', 'Training jobs waiting (the queue depth)', '{job}', value(sources.queuedJobs));
+    gauge('tuneserve.training.jobs.running', 'Training jobs running', '{job}', value(sources.runningJobs));
+    gauge('tuneserve.generations.active', 'Generations in progress', '{request}', value(sources.activeGenerations));
+    this.observePool(sources);
+    gauge('tuneserve.kv_cache.blocks', 'KV-cache blocks in the pool', '{block}', value(() => sources.memory().kvCacheBlocks));
+    gauge('tuneserve.kv_cache.blocks.used', 'KV-cache blocks held by generations now', '{block}', value(() => sources.memory().kvCacheBlocksUsed));
+    gauge('tuneserve.device.memory.total', 'Device memory (host RAM for the CPU device)', 'By', value(() => sources.memory().deviceTotalBytes));
+    gauge('tuneserve.device.memory.free', 'Device memory free', 'By', value(() => sources.memory().deviceFreeBytes));
+    gauge('tuneserve.device.memory.usage', 'Device memory the engine holds, by use', 'By', (result) => {
+      const m = sources.memory();
+      const uses: Record<string, number> = {
+        weights: m.weightsBytes,
+        adapter_pool: m.adapterPoolBytes,
+        kv_cache: m.kvCacheBytes,
+        training_workspace: m.trainingWorkspaceBytes,
+        step_workspace: m.stepWorkspaceBytes,
+        backend_scratch: m.backendScratchBytes,
+      };
+      for (const [use, bytes] of Object.entries(uses)) result.observe(bytes, { 'tuneserve.memory.use': use });
+    });
+  }
+
+  /** The adapter pool's gauges; the pool's counters (hits, loads, evictions, switch time) join here. */
+  private observePool(sources: GaugeSources): void {
+    this.meter
+      .createObservableGauge('tuneserve.adapters.loaded', { description: 'Adapters in the device pool', unit: '{adapter}' })
+      .addCallback((result) => result.observe(sources.loadedAdapters()));
+    this.meter
+      .createObservableGauge('tuneserve.adapters.slots', { description: 'Slots of the device adapter pool', unit: '{adapter}' })
+      .addCallback((result) => result.observe(sources.adapterSlots()));
+  }
+
+  /** Records one evaluation of a training job (and the forgetting check when it ran). */
+  recordTrainingEval(m: { jobId: string; adapter: string; tenant: string; loss: number; forgettingLoss?: number; forgettingBaseLoss?: number }): void {
+    const attributes: Attributes = { 'tuneserve.job': m.jobId, 'tuneserve.adapter': m.adapter, 'tuneserve.tenant': m.tenant };
+    this.trainingEvalLoss.record(m.loss, attributes);
+    if (m.forgettingLoss !== undefined) this.trainingForgettingLoss.record(m.forgettingLoss, { ...attributes, 'tuneserve.phase': 'adapter' });
+    if (m.forgettingBaseLoss !== undefined) this.trainingForgettingLoss.record(m.forgettingBaseLoss, { ...attributes, 'tuneserve.phase': 'base' });
+  }
+
+  /** Records one optimizer step of a training job. */
+  recordTrainingStep(m: TrainingStepMeasurement): void {
+    const attributes: Attributes = { 'tuneserve.job': m.jobId, 'tuneserve.adapter': m.adapter, 'tuneserve.tenant': m.tenant };
+    this.trainingLoss.record(m.loss, attributes);
+    this.trainingLearningRate.record(m.learningRate, attributes);
+    this.trainingTokensPerSecond.record(m.tokensPerSecond, attributes);
+    this.trainingStep.record(m.step, attributes);
+    this.trainingSteps.add(1, { 'tuneserve.adapter': m.adapter, 'tuneserve.tenant': m.tenant });
   }
 
   /** Records one finished RPC. */
-  recordCall(service: string, method: string, statusCode: number, seconds: number): void {
+  recordCall(service: string, method: string, statusCode: number, seconds: number, tenant: string): void {
     this.callDuration.record(seconds, {
       'rpc.system': 'grpc',
       'rpc.service': service,
       'rpc.method': method,
       'rpc.grpc.status_code': statusCode,
+      'tuneserve.tenant': tenant,
     });
   }
 
@@ -142,6 +266,7 @@ export class Telemetry {
       'gen_ai.system': 'tuneserve',
       'gen_ai.request.model': m.model,
       'tuneserve.adapter': m.adapter,
+      'tuneserve.tenant': m.tenant,
     };
     const attributes: Attributes = m.errorType === null ? base : { ...base, 'error.type': m.errorType };
     this.requestDuration.record(m.duration, attributes);

@@ -1,4 +1,6 @@
-// tuneserve.v1.TrainingService: Train, WatchJob, GetJob, ListJobs, CancelJob, ResumeJob.
+// tuneserve.v1.TrainingService: Train, WatchJob, GetJob, ListJobs, CancelJob, ResumeJob. A job belongs
+// to the tenant of the key that submitted it: only that tenant (or an admin) sees it; the dataset and
+// the starting adapter may be the tenant's own or shared ones.
 
 import { randomBytes } from 'node:crypto';
 import type {
@@ -16,6 +18,8 @@ import type {
   WatchJobRequest,
   WatchJobResponse,
 } from '../gen/tuneserve/v1/training.js';
+import { context as otelContext, trace } from '@opentelemetry/api';
+import { requireManage, requireUse } from './auth.js';
 import type { ServiceContext } from './context.js';
 import { invalidArgument, notFound } from './errors.js';
 import { resolveHyperparameters } from './hyperparameters.js';
@@ -24,7 +28,7 @@ import type { JobSubmission } from './job-queue.js';
 import type { JobState } from './job-store.js';
 import { JsonlChecker } from './jsonl-check.js';
 import { decodePageToken, encodePageToken, pageSize } from './paging.js';
-import type { RpcRunner } from './rpc.js';
+import type { CallContext, RpcRunner } from './rpc.js';
 import { storedJobState, toEvalResult, toJob, toJobEvent, toTrainingStep } from './wire.js';
 
 const SERVICE = 'TrainingService';
@@ -35,9 +39,10 @@ function newJobId(): string {
 }
 
 /** Validates a TrainRequest into a queue submission. */
-async function submissionOf(request: TrainRequest, context: ServiceContext): Promise<JobSubmission> {
+async function submissionOf(request: TrainRequest, context: ServiceContext, call: CallContext): Promise<JobSubmission> {
   const jobId = request.jobId === '' ? newJobId() : requireId(request.jobId, 'job_id');
   const adapterId = requireId(request.adapterId, 'adapter_id');
+  call.annotate({ 'tuneserve.job': jobId, 'tuneserve.adapter': adapterId });
   const hasDatasetId = request.datasetId !== undefined;
   const hasInline = request.inlineJsonl !== undefined;
   if (hasDatasetId === hasInline) throw invalidArgument('dataset', 'set exactly one of dataset_id or inline_jsonl');
@@ -57,12 +62,17 @@ async function submissionOf(request: TrainRequest, context: ServiceContext): Pro
     checker.finish();
     dataset = { inlineJsonl: bytes };
   } else {
-    dataset = { datasetId: requireId(request.datasetId ?? '', 'dataset_id') };
+    const datasetId = requireId(request.datasetId ?? '', 'dataset_id');
+    requireUse(call.principal, 'dataset', datasetId, await context.datasets.get(datasetId));
+    dataset = { datasetId };
   }
   const initAdapterId = request.initAdapterId === '' ? null : requireId(request.initAdapterId, 'init_adapter_id');
   const init = initAdapterId === null ? null : await context.adapters.get(initAdapterId);
+  if (init !== null && initAdapterId !== null) requireUse(call.principal, 'adapter', initAdapterId, init);
   return {
     jobId,
+    tenant: call.principal.tenant,
+    trace: trace.setSpan(otelContext.active(), call.span),
     adapterId,
     dataset,
     initAdapterId,
@@ -73,33 +83,37 @@ async function submissionOf(request: TrainRequest, context: ServiceContext): Pro
 /** The TrainingService handlers. */
 export function trainingService(context: ServiceContext, rpc: RpcRunner): TrainingServiceServer {
   const { queue, store } = context;
-  const jobOrNotFound = (jobId: string) => {
+  /** The job, when the caller's tenant owns it (or the caller is an admin). */
+  const ownJob = (jobId: string, call: CallContext) => {
+    call.annotate({ 'tuneserve.job': jobId });
     const job = store.get(jobId);
     if (!job) throw notFound('job', jobId);
+    requireManage(call.principal, 'job', jobId, job);
+    call.annotate({ 'tuneserve.adapter': job.adapterId });
     return job;
   };
 
   return {
-    train: rpc.serverStream<TrainRequest, TrainResponse>(SERVICE, 'Train', async (request, writer, _call, watch) => {
-      const submission = await submissionOf(request, context);
+    train: rpc.serverStream<TrainRequest, TrainResponse>(SERVICE, 'Train', async (request, writer, call) => {
+      const submission = await submissionOf(request, context, call);
       const job = await queue.submit(submission);
-      for await (const event of queue.follow(job.jobId, 0, watch.signal)) {
+      for await (const event of queue.follow(job.jobId, 0, call.signal)) {
         await writer.write({ event: toJobEvent(event) });
         if (request.detach && event.data.kind === 'queued') return;
       }
     }),
 
-    watchJob: rpc.serverStream<WatchJobRequest, WatchJobResponse>(SERVICE, 'WatchJob', async (request, writer, _call, watch) => {
+    watchJob: rpc.serverStream<WatchJobRequest, WatchJobResponse>(SERVICE, 'WatchJob', async (request, writer, call) => {
       const jobId = requireId(request.jobId, 'job_id');
-      jobOrNotFound(jobId);
-      for await (const event of queue.follow(jobId, request.afterSequence, watch.signal)) {
+      ownJob(jobId, call);
+      for await (const event of queue.follow(jobId, request.afterSequence, call.signal)) {
         await writer.write({ event: toJobEvent(event) });
       }
     }),
 
-    getJob: rpc.unary<GetJobRequest, GetJobResponse>(SERVICE, 'GetJob', async (request) => {
+    getJob: rpc.unary<GetJobRequest, GetJobResponse>(SERVICE, 'GetJob', async (request, call) => {
       const jobId = requireId(request.jobId, 'job_id');
-      const job = jobOrNotFound(jobId);
+      const job = ownJob(jobId, call);
       return {
         job: toJob(job, queue.queuePosition(jobId)),
         steps: request.includeHistory ? store.eventsOfKind(jobId, 'step').map((e) => toTrainingStep(e.data)) : [],
@@ -109,7 +123,7 @@ export function trainingService(context: ServiceContext, rpc: RpcRunner): Traini
       };
     }),
 
-    listJobs: rpc.unary<ListJobsRequest, ListJobsResponse>(SERVICE, 'ListJobs', async (request) => {
+    listJobs: rpc.unary<ListJobsRequest, ListJobsResponse>(SERVICE, 'ListJobs', async (request, call) => {
       const limit = pageSize(request.pageSize, 50, 1000);
       const beforeOrdinal = decodePageToken<number>(request.pageToken, 'number');
       const states: JobState[] = request.states.map((state, index) => {
@@ -117,7 +131,8 @@ export function trainingService(context: ServiceContext, rpc: RpcRunner): Traini
         if (stored === null) throw invalidArgument(`states[${index}]`, `is not a known JobState value (${state})`);
         return stored;
       });
-      const jobs = store.list({ states, limit: limit + 1, beforeOrdinal });
+      const tenant = call.principal.scopes.has('admin') ? {} : { tenant: call.principal.tenant };
+      const jobs = store.list({ states, limit: limit + 1, beforeOrdinal, ...tenant });
       const page = jobs.slice(0, limit);
       const last = page[page.length - 1];
       return {
@@ -126,14 +141,16 @@ export function trainingService(context: ServiceContext, rpc: RpcRunner): Traini
       };
     }),
 
-    cancelJob: rpc.unary<CancelJobRequest, CancelJobResponse>(SERVICE, 'CancelJob', async (request) => {
+    cancelJob: rpc.unary<CancelJobRequest, CancelJobResponse>(SERVICE, 'CancelJob', async (request, call) => {
       const jobId = requireId(request.jobId, 'job_id');
+      ownJob(jobId, call);
       const job = queue.cancel(jobId);
       return { job: toJob(job, queue.queuePosition(jobId)) };
     }),
 
-    resumeJob: rpc.unary<ResumeJobRequest, ResumeJobResponse>(SERVICE, 'ResumeJob', async (request) => {
+    resumeJob: rpc.unary<ResumeJobRequest, ResumeJobResponse>(SERVICE, 'ResumeJob', async (request, call) => {
       const jobId = requireId(request.jobId, 'job_id');
+      ownJob(jobId, call);
       const job = await queue.resume(jobId);
       return { job: toJob(job, queue.queuePosition(jobId)) };
     }),

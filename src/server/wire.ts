@@ -1,6 +1,7 @@
 // Conversions from the server's stored records to the generated tuneserve.v1 messages. Handlers
 // speak records internally and messages on the wire; this file is the only place they meet.
 
+import { tenantOf } from './auth.js';
 import { AdapterSource, type Adapter } from '../gen/tuneserve/v1/adapters.js';
 import type { TrainingMetrics } from '../gen/tuneserve/v1/common.js';
 import type { Dataset } from '../gen/tuneserve/v1/datasets.js';
@@ -249,6 +250,8 @@ export function toDataset(record: DatasetRecord): Dataset {
     sha256: record.sha256,
     rowCount: record.rowCount,
     createTime: new Date(record.createTime),
+    tenant: tenantOf(record),
+    shared: record.shared === true,
   };
 }
 
@@ -271,5 +274,7 @@ export function toAdapter(view: AdapterView, baseFingerprint: string): Adapter {
     jobId: view.jobId ?? '',
     metrics: view.metrics === null ? undefined : toTrainingMetrics(view.metrics),
     sizeBytes: view.sizeBytes,
+    tenant: tenantOf(view),
+    shared: view.shared === true,
   };
 }

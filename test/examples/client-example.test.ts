@@ -1,13 +1,15 @@
 // The README's TypeScript client example (examples/client.ts) type-checks and runs to the end
 // against a real server: the real engine over a tiny random Llama 3 model on 127.0.0.1, trained
-// for 3 steps (enough to show the event stream; the tiny model learns nothing in that time).
+// for 3 steps (enough to show the event stream; the tiny model learns nothing in that time). The
+// example imports 'tuneserve/client' (package.json "exports", i.e. dist/), so dist/ is rebuilt first
+// when stale and the example is imported after that.
 
 import { execFile } from 'node:child_process';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { main } from '../../examples/client.js';
+import { ensureDistFresh } from '../helpers/dist.js';
 import { startRealServer, type RealServer } from '../helpers/real-server.js';
 import { call, connect } from '../server/harness.js';
 
@@ -15,8 +17,11 @@ const ROOT = join(import.meta.dirname, '..', '..');
 
 describe('examples/client.ts', () => {
   let real: RealServer;
+  let main: typeof import('../../examples/client.js').main;
 
   beforeAll(async () => {
+    await ensureDistFresh();
+    ({ main } = await import('../../examples/client.js'));
     real = await startRealServer({ preset: 'tiny', seed: 3 });
   }, 300_000);
 

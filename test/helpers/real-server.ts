@@ -26,7 +26,7 @@ export async function startRealServer(options: { preset: ModelPreset; seed: numb
   await makeModel({ preset: options.preset, outDir: join(sandbox, 'model'), seed: options.seed });
   const engine = await NativeEnginePort.open(join(sandbox, 'model'), { quant: options.quant ?? 'nf4', device: 'cpu', log: () => {} });
   const logger = recordingLogger();
-  const server = await createServer({ engine, dataRoot: join(sandbox, 'data'), host: '127.0.0.1', port: 0, logger, shutdownGraceMs: 2000 });
+  const server = await createServer({ engine, dataRoot: join(sandbox, 'data'), host: '127.0.0.1', port: 0, transport: { plaintext: true }, logger, shutdownGraceMs: 2000 });
   await server.ready;
   return {
     sandbox, engine, server, logger, address: `127.0.0.1:${server.port}`,

@@ -13,7 +13,7 @@ import {
   statusDetailsOf,
   uploadDatasetFile,
   type TuneClients,
-} from '../../src/server/client.js';
+} from '../../src/client/index.js';
 import { writeDoubleAdapter } from './engine-double.js';
 import { startHarness, type Harness } from './harness.js';
 
@@ -28,8 +28,8 @@ describe('client helpers', () => {
   });
 
   it('upload, import and export through one authenticated channel', async () => {
-    harness = await startHarness({ server: { authTokens: ['t0ken'] } });
-    clients = createClients(`127.0.0.1:${harness.server.port}`, { token: 't0ken' });
+    harness = await startHarness({ server: { keys: { tokens: ['t0ken'] } } });
+    clients = createClients(`127.0.0.1:${harness.server.port}`, { apiKey: 't0ken', plaintext: true });
     const file = path.join(harness.sandbox, 'rows.jsonl');
     await fs.writeFile(file, '{"text":"one"}\n{"text":"two"}\n'.repeat(50_000));
     const dataset = await uploadDatasetFile(clients, 'rows', file);
@@ -50,7 +50,7 @@ describe('client helpers', () => {
 
   it('rejects promptly when the server refuses an upload mid-stream', async () => {
     harness = await startHarness({ server: { limits: { maxDatasetBytes: 1024 } } });
-    clients = createClients(`127.0.0.1:${harness.server.port}`);
+    clients = createClients(`127.0.0.1:${harness.server.port}`, { plaintext: true });
     const file = path.join(harness.sandbox, 'big.jsonl');
     await fs.writeFile(file, '{"text":"x"}\n'.repeat(2_000_000));
     const error = await uploadDatasetFile(clients, 'big', file).then(

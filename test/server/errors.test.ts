@@ -202,7 +202,7 @@ describe('error statuses', () => {
   });
 
   it('UNAUTHENTICATED without the bearer token when tokens are configured', async () => {
-    harness = await startHarness({ server: { authTokens: ['s3cret'] } });
+    harness = await startHarness({ server: { keys: { tokens: ['s3cret'] } } });
     const { clients } = harness;
     await expectStatus(call(clients.model.getModelInfo, clients.model, {}), status.UNAUTHENTICATED, { reason: 'UNAUTHENTICATED' });
     const wrong = new Metadata();

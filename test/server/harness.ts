@@ -10,8 +10,8 @@ import * as path from 'node:path';
 import { expect } from 'vitest';
 import type { ImportAdapterResponse } from '../../src/gen/tuneserve/v1/adapters.js';
 import type { UploadDatasetResponse } from '../../src/gen/tuneserve/v1/datasets.js';
-import type { Logger } from '../../src/server/logger.js';
-import { createClients, type TuneClients } from '../../src/server/client.js';
+import { createLogger, type Logger } from '../../src/server/logger.js';
+import { createClients, type TuneClients } from '../../src/client/index.js';
 import { createServer, type ServerOptions, type TuneServer } from '../../src/server/server.js';
 import { statusDetailsOf, type StatusDetails } from '../../src/server/status-details.js';
 import { doubleAdapterFiles, EngineDouble } from './engine-double.js';
@@ -23,16 +23,31 @@ export const hostileIds = ['../x', '/etc/passwd', 'a/b', '', 'x'.repeat(300), '.
 export type Clients = TuneClients;
 
 export function connect(port: number): Clients {
-  return createClients(`127.0.0.1:${port}`);
+  return createClients(`127.0.0.1:${port}`, { plaintext: true });
 }
 
-/** A logger that keeps every line (errors are how unknown failures show up). */
-export function recordingLogger(): Logger & { lines: { level: string; message: string; fields?: Record<string, unknown> }[] } {
-  const lines: { level: string; message: string; fields?: Record<string, unknown> }[] = [];
-  const log = (level: string) => (message: string, fields?: Record<string, unknown>) => {
-    lines.push({ level, message, ...(fields ? { fields } : {}) });
-  };
-  return { lines, info: log('info'), warn: log('warn'), error: log('error') };
+/** One line the server logged: level name, message, and the other fields. */
+export interface LoggedLine {
+  level: string;
+  message: string;
+  fields: Record<string, unknown>;
+  /** The JSON line exactly as pino wrote it. */
+  raw: string;
+}
+
+/** The server's own (pino) logger, writing into memory: every line is kept (errors are how unknown failures show up). */
+export function recordingLogger(): Logger & { lines: LoggedLine[] } {
+  const lines: LoggedLine[] = [];
+  const logger = createLogger({
+    level: 'debug',
+    destination: {
+      write(raw: string) {
+        const { level, msg, ...fields } = JSON.parse(raw) as Record<string, unknown>;
+        lines.push({ level: String(level), message: String(msg), fields, raw });
+      },
+    },
+  });
+  return Object.assign(logger, { lines });
 }
 
 /** A running test server and everything around it. */
@@ -68,7 +83,9 @@ export async function startHarness(
   const dataRoot = path.join(sandbox, 'data');
   const engine = options.engine ?? new EngineDouble();
   const logger = recordingLogger();
-  const server = await createServer({ engine, dataRoot, host: '127.0.0.1', port: 0, logger, shutdownGraceMs: 2000, ...options.server });
+  const server = await createServer({
+    engine, dataRoot, host: '127.0.0.1', port: 0, transport: { plaintext: true }, logger, shutdownGraceMs: 2000, ...options.server,
+  });
   const clients = connect(server.port);
   let stopped = false;
   const stop = async (): Promise<void> => {

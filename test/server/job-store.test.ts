@@ -28,13 +28,13 @@ describe('JobStore', () => {
     sandbox = await makeSandbox();
     const file = path.join(sandbox, 'jobs.db');
     const store = new JobStore(file);
-    store.insert({ jobId: 'a', adapterId: 'x', datasetId: 'd', datasetPath: 'datasets/d/data.jsonl', initAdapterId: null, config }, 0, 1000);
+    store.insert({ jobId: 'a', tenant: 'default', adapterId: 'x', datasetId: 'd', datasetPath: 'datasets/d/data.jsonl', initAdapterId: null, config }, 0, 1000);
     store.markRunning('a', 1001);
     store.append('a', { kind: 'started', totalSteps: 3, trainExamples: 3, evalExamples: 0 }, 1002);
     store.append('a', step(1), 1003);
     store.append('a', { kind: 'checkpoint', step: 1 }, 1004);
     store.append('a', step(2), 1005);
-    store.insert({ jobId: 'b', adapterId: 'y', datasetId: 'd', datasetPath: 'datasets/d/data.jsonl', initAdapterId: null, config }, 0, 1006);
+    store.insert({ jobId: 'b', tenant: 'default', adapterId: 'y', datasetId: 'd', datasetPath: 'datasets/d/data.jsonl', initAdapterId: null, config }, 0, 1006);
     store.close(); // a crash: no final event for 'a'
 
     const reopened = new JobStore(file, () => 2000);

@@ -81,6 +81,24 @@ app.kubernetes.io/component: server
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled=true" }}
 {{- end }}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (or (not .Values.tls.cert) (not .Values.tls.key)) }}
+{{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret) or tls.cert and tls.key (PEM)" }}
+{{- end }}
+{{- if and .Values.tls.clientAuth (not .Values.tls.enabled) }}
+{{- fail "tls.clientAuth needs tls.enabled=true (mutual TLS is TLS)" }}
+{{- end }}
+{{- if and .Values.tls.clientAuth (not .Values.tls.existingSecret) (not .Values.tls.clientCa) }}
+{{- fail "tls.clientAuth needs tls.clientCa (PEM), or ca.crt in tls.existingSecret" }}
+{{- end }}
+{{- if and .Values.tls.enabled (eq (int .Values.server.healthPort) (int .Values.server.port)) }}
+{{- fail "server.healthPort must differ from server.port" }}
+{{- end }}
+{{- if and .Values.auth.keys .Values.auth.existingKeysSecret }}
+{{- fail "auth: give auth.keys or auth.existingKeysSecret, not both" }}
+{{- end }}
+{{- if and .Values.auth.existingSecret (or .Values.auth.keys .Values.auth.existingKeysSecret) }}
+{{- fail "auth.existingSecret (deprecated tokens) cannot be combined with API keys; move the tokens to keys" }}
+{{- end }}
 {{- $budget := add .Values.shutdown.preStopSleepSeconds 10 }}
 {{- if lt (int .Values.shutdown.terminationGracePeriodSeconds) (int $budget) }}
 {{- fail (printf "shutdown.terminationGracePeriodSeconds must be at least preStopSleepSeconds + 10 (the server's drain); got %d" (int .Values.shutdown.terminationGracePeriodSeconds)) }}
@@ -128,5 +146,48 @@ type: RollingUpdate
 rollingUpdate:
   maxSurge: 0
   maxUnavailable: 1
+{{- end }}
+{{- end }}
+
+{{/* The keys Secret's name, or "" without API keys. */}}
+{{- define "tuneserve.keysSecretName" -}}
+{{- if .Values.auth.existingKeysSecret }}
+{{- .Values.auth.existingKeysSecret }}
+{{- else if .Values.auth.keys }}
+{{- printf "%s-keys" (include "tuneserve.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The TLS Secret's name (tls.enabled only). */}}
+{{- define "tuneserve.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "tuneserve.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
+{{/* The port the probes use: the gRPC port, or the plaintext health port when it has TLS. */}}
+{{- define "tuneserve.probePort" -}}
+{{- if .Values.tls.enabled }}{{ int .Values.server.healthPort }}{{ else }}{{ int .Values.server.port }}{{ end }}
+{{- end }}
+
+{{/* The server's drain budget, ms: what terminationGracePeriodSeconds leaves after the preStop sleep, less 5 s. */}}
+{{- define "tuneserve.graceMs" -}}
+{{- mul (sub (sub (int .Values.shutdown.terminationGracePeriodSeconds) (int .Values.shutdown.preStopSleepSeconds)) 5) 1000 }}
+{{- end }}
+
+{{/* The startup probe's failureThreshold: enough periods to cover modelLoadSeconds. */}}
+{{- define "tuneserve.startupFailureThreshold" -}}
+{{- $period := int .Values.probes.startup.periodSeconds }}
+{{- div (add (int .Values.probes.startup.modelLoadSeconds) (sub $period 1)) $period }}
+{{- end }}
+
+{{/* affinity: as given; with gpu.enabled and no nodeAffinity given, a required GPU-node affinity added. */}}
+{{- define "tuneserve.affinity" -}}
+{{- $affinity := deepCopy (.Values.affinity | default dict) }}
+{{- if and .Values.gpu.enabled .Values.gpu.nodeAffinity.enabled (not (hasKey $affinity "nodeAffinity")) }}
+{{- $expression := dict "key" .Values.gpu.nodeAffinity.key "operator" "In" "values" .Values.gpu.nodeAffinity.values }}
+{{- $term := dict "matchExpressions" (list $expression) }}
+{{- $_ := set $affinity "nodeAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (dict "nodeSelectorTerms" (list $term))) }}
+{{- end }}
+{{- if $affinity }}
+{{- toYaml $affinity }}
 {{- end }}
 {{- end }}

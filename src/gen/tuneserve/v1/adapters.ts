@@ -218,6 +218,27 @@ export interface Adapter {
     | undefined;
   /** Total size of its files in bytes. */
   sizeBytes: number;
+  /**
+   * The tenant that owns it (the tenant of the API key that trained or imported it; "default"
+   * when the server runs without keys).
+   */
+  tenant: string;
+  /** Whether every tenant may see and use it (SetAdapterShared); otherwise only its own tenant. */
+  shared: boolean;
+}
+
+/** SetAdapterShared's request. */
+export interface SetAdapterSharedRequest {
+  /** The adapter to change. */
+  adapterId: string;
+  /** true: every tenant may see and use it; false: only its own tenant. */
+  shared: boolean;
+}
+
+/** SetAdapterShared's response. */
+export interface SetAdapterSharedResponse {
+  /** The adapter as it is now. */
+  adapter?: Adapter | undefined;
 }
 
 /** A page of the adapter list. */
@@ -294,6 +315,8 @@ export interface ImportAdapterHeader {
    * Pickled weights (adapter_model.bin) are not accepted.
    */
   files: FileEntry[];
+  /** Whether every tenant may see and use the adapter (see SetAdapterShared). */
+  shared: boolean;
 }
 
 /** One message of an import stream. */
@@ -560,6 +583,8 @@ function createBaseAdapter(): Adapter {
     jobId: "",
     metrics: undefined,
     sizeBytes: 0,
+    tenant: "",
+    shared: false,
   };
 }
 
@@ -594,6 +619,12 @@ export const Adapter: MessageFns<Adapter> = {
     }
     if (message.sizeBytes !== 0) {
       writer.uint32(80).uint64(message.sizeBytes);
+    }
+    if (message.tenant !== "") {
+      writer.uint32(90).string(message.tenant);
+    }
+    if (message.shared !== false) {
+      writer.uint32(96).bool(message.shared);
     }
     return writer;
   },
@@ -691,6 +722,22 @@ export const Adapter: MessageFns<Adapter> = {
             message.sizeBytes = longToNumber(reader.uint64());
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.tenant = reader.string();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.shared = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -739,6 +786,8 @@ export const Adapter: MessageFns<Adapter> = {
         : isSet(object.size_bytes)
         ? globalThis.Number(object.size_bytes)
         : 0,
+      tenant: isSet(object.tenant) ? globalThis.String(object.tenant) : "",
+      shared: isSet(object.shared) ? globalThis.Boolean(object.shared) : false,
     };
   },
 
@@ -774,6 +823,12 @@ export const Adapter: MessageFns<Adapter> = {
     if (message.sizeBytes !== 0) {
       obj.sizeBytes = Math.round(message.sizeBytes);
     }
+    if (message.tenant !== "") {
+      obj.tenant = message.tenant;
+    }
+    if (message.shared !== false) {
+      obj.shared = message.shared;
+    }
     return obj;
   },
 
@@ -796,6 +851,166 @@ export const Adapter: MessageFns<Adapter> = {
       ? TrainingMetrics.fromPartial(object.metrics)
       : undefined;
     message.sizeBytes = object.sizeBytes ?? 0;
+    message.tenant = object.tenant ?? "";
+    message.shared = object.shared ?? false;
+    return message;
+  },
+};
+
+function createBaseSetAdapterSharedRequest(): SetAdapterSharedRequest {
+  return { adapterId: "", shared: false };
+}
+
+export const SetAdapterSharedRequest: MessageFns<SetAdapterSharedRequest> = {
+  encode(message: SetAdapterSharedRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.adapterId !== "") {
+      writer.uint32(10).string(message.adapterId);
+    }
+    if (message.shared !== false) {
+      writer.uint32(16).bool(message.shared);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetAdapterSharedRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetAdapterSharedRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.adapterId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.shared = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetAdapterSharedRequest {
+    return {
+      adapterId: isSet(object.adapterId)
+        ? globalThis.String(object.adapterId)
+        : isSet(object.adapter_id)
+        ? globalThis.String(object.adapter_id)
+        : "",
+      shared: isSet(object.shared) ? globalThis.Boolean(object.shared) : false,
+    };
+  },
+
+  toJSON(message: SetAdapterSharedRequest): unknown {
+    const obj: any = {};
+    if (message.adapterId !== "") {
+      obj.adapterId = message.adapterId;
+    }
+    if (message.shared !== false) {
+      obj.shared = message.shared;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetAdapterSharedRequest>): SetAdapterSharedRequest {
+    return SetAdapterSharedRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetAdapterSharedRequest>): SetAdapterSharedRequest {
+    const message = createBaseSetAdapterSharedRequest();
+    message.adapterId = object.adapterId ?? "";
+    message.shared = object.shared ?? false;
+    return message;
+  },
+};
+
+function createBaseSetAdapterSharedResponse(): SetAdapterSharedResponse {
+  return { adapter: undefined };
+}
+
+export const SetAdapterSharedResponse: MessageFns<SetAdapterSharedResponse> = {
+  encode(message: SetAdapterSharedResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.adapter !== undefined) {
+      Adapter.encode(message.adapter, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetAdapterSharedResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetAdapterSharedResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.adapter = Adapter.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetAdapterSharedResponse {
+    return { adapter: isSet(object.adapter) ? Adapter.fromJSON(object.adapter) : undefined };
+  },
+
+  toJSON(message: SetAdapterSharedResponse): unknown {
+    const obj: any = {};
+    if (message.adapter !== undefined) {
+      obj.adapter = Adapter.toJSON(message.adapter);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetAdapterSharedResponse>): SetAdapterSharedResponse {
+    return SetAdapterSharedResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetAdapterSharedResponse>): SetAdapterSharedResponse {
+    const message = createBaseSetAdapterSharedResponse();
+    message.adapter = (object.adapter !== undefined && object.adapter !== null)
+      ? Adapter.fromPartial(object.adapter)
+      : undefined;
     return message;
   },
 };
@@ -1554,7 +1769,7 @@ export const DeleteAdapterResponse: MessageFns<DeleteAdapterResponse> = {
 };
 
 function createBaseImportAdapterHeader(): ImportAdapterHeader {
-  return { adapterId: "", files: [] };
+  return { adapterId: "", files: [], shared: false };
 }
 
 export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
@@ -1564,6 +1779,9 @@ export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
     }
     for (const v of message.files) {
       FileEntry.encode(v!, writer.uint32(18).fork()).join();
+    }
+    if (message.shared !== false) {
+      writer.uint32(24).bool(message.shared);
     }
     return writer;
   },
@@ -1597,6 +1815,14 @@ export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
             message.files.push(FileEntry.decode(reader, reader.uint32()));
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.shared = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1617,6 +1843,7 @@ export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
         ? globalThis.String(object.adapter_id)
         : "",
       files: globalThis.Array.isArray(object?.files) ? object.files.map((e: any) => FileEntry.fromJSON(e)) : [],
+      shared: isSet(object.shared) ? globalThis.Boolean(object.shared) : false,
     };
   },
 
@@ -1628,6 +1855,9 @@ export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
     if (message.files?.length) {
       obj.files = message.files.map((e) => FileEntry.toJSON(e));
     }
+    if (message.shared !== false) {
+      obj.shared = message.shared;
+    }
     return obj;
   },
 
@@ -1638,6 +1868,7 @@ export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
     const message = createBaseImportAdapterHeader();
     message.adapterId = object.adapterId ?? "";
     message.files = object.files?.map((e) => FileEntry.fromPartial(e)) || [];
+    message.shared = object.shared ?? false;
     return message;
   },
 };
@@ -2842,6 +3073,21 @@ export const AdapterServiceService = {
       Buffer.from(MergeAndUnloadResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): MergeAndUnloadResponse => MergeAndUnloadResponse.decode(value),
   },
+  /**
+   * Marks an adapter shared (every tenant may see and use it) or private to its tenant. Only its
+   * own tenant or an admin key may. Errors: NOT_FOUND, PERMISSION_DENIED.
+   */
+  setAdapterShared: {
+    path: "/tuneserve.v1.AdapterService/SetAdapterShared" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SetAdapterSharedRequest): Buffer =>
+      Buffer.from(SetAdapterSharedRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SetAdapterSharedRequest => SetAdapterSharedRequest.decode(value),
+    responseSerialize: (value: SetAdapterSharedResponse): Buffer =>
+      Buffer.from(SetAdapterSharedResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SetAdapterSharedResponse => SetAdapterSharedResponse.decode(value),
+  },
 } as const;
 
 export interface AdapterServiceServer extends UntypedServiceImplementation {
@@ -2886,6 +3132,11 @@ export interface AdapterServiceServer extends UntypedServiceImplementation {
    * RetryInfo says when to retry), CANCELLED (the partial folder is removed).
    */
   mergeAndUnload: handleServerStreamingCall<MergeAndUnloadRequest, MergeAndUnloadResponse>;
+  /**
+   * Marks an adapter shared (every tenant may see and use it) or private to its tenant. Only its
+   * own tenant or an admin key may. Errors: NOT_FOUND, PERMISSION_DENIED.
+   */
+  setAdapterShared: handleUnaryCall<SetAdapterSharedRequest, SetAdapterSharedResponse>;
 }
 
 export interface AdapterServiceClient extends Client {
@@ -3031,6 +3282,25 @@ export interface AdapterServiceClient extends Client {
     metadata?: Metadata,
     options?: Partial<CallOptions>,
   ): ClientReadableStream<MergeAndUnloadResponse>;
+  /**
+   * Marks an adapter shared (every tenant may see and use it) or private to its tenant. Only its
+   * own tenant or an admin key may. Errors: NOT_FOUND, PERMISSION_DENIED.
+   */
+  setAdapterShared(
+    request: SetAdapterSharedRequest,
+    callback: (error: ServiceError | null, response: SetAdapterSharedResponse) => void,
+  ): ClientUnaryCall;
+  setAdapterShared(
+    request: SetAdapterSharedRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SetAdapterSharedResponse) => void,
+  ): ClientUnaryCall;
+  setAdapterShared(
+    request: SetAdapterSharedRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SetAdapterSharedResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const AdapterServiceClient = makeGenericClientConstructor(

@@ -42,7 +42,16 @@ export interface Dataset {
   /** Number of non-empty rows. */
   rowCount: number;
   /** When the upload completed. */
-  createTime?: Date | undefined;
+  createTime?:
+    | Date
+    | undefined;
+  /**
+   * The tenant that owns it (the tenant of the API key that uploaded it; "default" when the server
+   * runs without keys).
+   */
+  tenant: string;
+  /** Whether every tenant may see it and train on it; otherwise only its own tenant. */
+  shared: boolean;
 }
 
 /** The first message of an upload. */
@@ -56,6 +65,8 @@ export interface UploadDatasetHeader {
   sizeBytes: number;
   /** SHA-256 of the whole file, 64 lowercase hexadecimal characters. */
   sha256: string;
+  /** Whether every tenant may see the dataset and train on it. */
+  shared: boolean;
 }
 
 /** One message of an upload stream. */
@@ -125,7 +136,7 @@ export interface DeleteDatasetResponse {
 }
 
 function createBaseDataset(): Dataset {
-  return { datasetId: "", sizeBytes: 0, sha256: "", rowCount: 0, createTime: undefined };
+  return { datasetId: "", sizeBytes: 0, sha256: "", rowCount: 0, createTime: undefined, tenant: "", shared: false };
 }
 
 export const Dataset: MessageFns<Dataset> = {
@@ -144,6 +155,12 @@ export const Dataset: MessageFns<Dataset> = {
     }
     if (message.createTime !== undefined) {
       Timestamp.encode(toTimestamp(message.createTime), writer.uint32(42).fork()).join();
+    }
+    if (message.tenant !== "") {
+      writer.uint32(50).string(message.tenant);
+    }
+    if (message.shared !== false) {
+      writer.uint32(56).bool(message.shared);
     }
     return writer;
   },
@@ -201,6 +218,22 @@ export const Dataset: MessageFns<Dataset> = {
             message.createTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.tenant = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.shared = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -236,6 +269,8 @@ export const Dataset: MessageFns<Dataset> = {
         : isSet(object.create_time)
         ? fromJsonTimestamp(object.create_time)
         : undefined,
+      tenant: isSet(object.tenant) ? globalThis.String(object.tenant) : "",
+      shared: isSet(object.shared) ? globalThis.Boolean(object.shared) : false,
     };
   },
 
@@ -256,6 +291,12 @@ export const Dataset: MessageFns<Dataset> = {
     if (message.createTime !== undefined) {
       obj.createTime = message.createTime.toISOString();
     }
+    if (message.tenant !== "") {
+      obj.tenant = message.tenant;
+    }
+    if (message.shared !== false) {
+      obj.shared = message.shared;
+    }
     return obj;
   },
 
@@ -269,12 +310,14 @@ export const Dataset: MessageFns<Dataset> = {
     message.sha256 = object.sha256 ?? "";
     message.rowCount = object.rowCount ?? 0;
     message.createTime = object.createTime ?? undefined;
+    message.tenant = object.tenant ?? "";
+    message.shared = object.shared ?? false;
     return message;
   },
 };
 
 function createBaseUploadDatasetHeader(): UploadDatasetHeader {
-  return { datasetId: "", sizeBytes: 0, sha256: "" };
+  return { datasetId: "", sizeBytes: 0, sha256: "", shared: false };
 }
 
 export const UploadDatasetHeader: MessageFns<UploadDatasetHeader> = {
@@ -287,6 +330,9 @@ export const UploadDatasetHeader: MessageFns<UploadDatasetHeader> = {
     }
     if (message.sha256 !== "") {
       writer.uint32(26).string(message.sha256);
+    }
+    if (message.shared !== false) {
+      writer.uint32(32).bool(message.shared);
     }
     return writer;
   },
@@ -328,6 +374,14 @@ export const UploadDatasetHeader: MessageFns<UploadDatasetHeader> = {
             message.sha256 = reader.string();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.shared = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -353,6 +407,7 @@ export const UploadDatasetHeader: MessageFns<UploadDatasetHeader> = {
         ? globalThis.Number(object.size_bytes)
         : 0,
       sha256: isSet(object.sha256) ? globalThis.String(object.sha256) : "",
+      shared: isSet(object.shared) ? globalThis.Boolean(object.shared) : false,
     };
   },
 
@@ -367,6 +422,9 @@ export const UploadDatasetHeader: MessageFns<UploadDatasetHeader> = {
     if (message.sha256 !== "") {
       obj.sha256 = message.sha256;
     }
+    if (message.shared !== false) {
+      obj.shared = message.shared;
+    }
     return obj;
   },
 
@@ -378,6 +436,7 @@ export const UploadDatasetHeader: MessageFns<UploadDatasetHeader> = {
     message.datasetId = object.datasetId ?? "";
     message.sizeBytes = object.sizeBytes ?? 0;
     message.sha256 = object.sha256 ?? "";
+    message.shared = object.shared ?? false;
     return message;
   },
 };

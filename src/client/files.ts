@@ -1,82 +1,22 @@
-// The typed client side of the service, for the CLI's remote commands and for other TypeScript
-// services: one set of generated clients on one channel (optionally with a bearer token), and the
-// file transfers done right (chunked, with sizes and SHA-256 up front).
+// Moving files to and from a server with the client-streaming and server-streaming RPCs: a
+// dataset upload from a JSONL file, an adapter folder imported or exported. Sizes and SHA-256 go up
+// front, chunks of 1 MiB follow with backpressure, and an upload the server refuses mid-stream fails
+// at once instead of waiting for 'drain'. Each takes either the typed client or the generated clients.
 
-import {
-  credentials,
-  InterceptingCall,
-  type ChannelCredentials,
-  type ChannelOptions,
-  type ClientOptions as GrpcClientOptions,
-  type ClientWritableStream,
-  type Interceptor,
-} from '@grpc/grpc-js';
+import type { ClientWritableStream } from '@grpc/grpc-js';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
-import { AdapterServiceClient, type Adapter, type ExportAdapterResponse } from '../gen/tuneserve/v1/adapters.js';
+import type { Adapter, ExportAdapterResponse } from '../gen/tuneserve/v1/adapters.js';
 import type { FileEntry } from '../gen/tuneserve/v1/common.js';
-import { DatasetServiceClient, type Dataset } from '../gen/tuneserve/v1/datasets.js';
-import { GenerationServiceClient } from '../gen/tuneserve/v1/generation.js';
-import { ModelServiceClient } from '../gen/tuneserve/v1/model.js';
-import { TrainingServiceClient } from '../gen/tuneserve/v1/training.js';
-
-export { statusDetailsOf, type StatusDetails } from './status-details.js';
-
-/** The five service clients sharing one channel. */
-export interface TuneClients {
-  training: TrainingServiceClient;
-  datasets: DatasetServiceClient;
-  generation: GenerationServiceClient;
-  adapters: AdapterServiceClient;
-  model: ModelServiceClient;
-  /** Closes the channel. */
-  close(): void;
-}
-
-/** How to reach a server. */
-export interface ClientOptions {
-  /** Channel credentials; default insecure. */
-  credentials?: ChannelCredentials;
-  /** Bearer token sent as "authorization: Bearer <token>" metadata on every call. */
-  token?: string;
-  /** grpc-js channel options. */
-  channelOptions?: ChannelOptions;
-}
+import type { Dataset } from '../gen/tuneserve/v1/datasets.js';
+import type { TuneClient, TuneClients } from './connection.js';
 
 const CHUNK_BYTES = 1024 * 1024;
 
-/** Connects to a tuneserve server at "host:port". */
-export function createClients(address: string, options: ClientOptions = {}): TuneClients {
-  const channelCredentials = options.credentials ?? credentials.createInsecure();
-  const interceptors: Interceptor[] = [];
-  if (options.token !== undefined) {
-    // An interceptor rather than call credentials: grpc-js sends those only over TLS, and inside a
-    // mesh the hop to the server is often plaintext.
-    const authorization = `Bearer ${options.token}`;
-    interceptors.push(
-      (callOptions, nextCall) =>
-        new InterceptingCall(nextCall(callOptions), {
-          start(metadata, listener, next) {
-            metadata.set('authorization', authorization);
-            next(metadata, listener);
-          },
-        }),
-    );
-  }
-  const own: Partial<GrpcClientOptions> = { ...options.channelOptions, interceptors };
-  const training = new TrainingServiceClient(address, channelCredentials, own);
-  const shared: Partial<GrpcClientOptions> = { ...own, channelOverride: training.getChannel() };
-  return {
-    training,
-    datasets: new DatasetServiceClient(address, channelCredentials, shared),
-    generation: new GenerationServiceClient(address, channelCredentials, shared),
-    adapters: new AdapterServiceClient(address, channelCredentials, shared),
-    model: new ModelServiceClient(address, channelCredentials, shared),
-    close: () => training.close(),
-  };
-}
+/** The generated clients of either kind of client. */
+const generated = (clients: TuneClient | TuneClients): TuneClients => ('raw' in clients ? clients.raw : clients);
 
 /** SHA-256 (hex) and size of a file. */
 export async function describeFile(file: string): Promise<{ sizeBytes: number; sha256: string }> {
@@ -111,13 +51,14 @@ async function send<T>(stream: ClientWritableStream<T>, message: T, call: Promis
 }
 
 /** Uploads a JSONL file as a dataset. */
-export async function uploadDatasetFile(clients: TuneClients, datasetId: string, file: string): Promise<Dataset> {
+export async function uploadDatasetFile(client: TuneClient | TuneClients, datasetId: string, file: string, options: { shared?: boolean } = {}): Promise<Dataset> {
+  const clients = generated(client);
   const { sizeBytes, sha256 } = await describeFile(file);
   const reply = deferred<Dataset>();
   const stream = clients.datasets.uploadDataset((error, response) =>
     error ? reply.reject(error) : reply.resolve(response.dataset as Dataset),
   );
-  await send(stream, { header: { datasetId, sizeBytes, sha256 } }, reply.promise);
+  await send(stream, { header: { datasetId, sizeBytes, sha256, shared: options.shared === true } }, reply.promise);
   for await (const chunk of createReadStream(file, { highWaterMark: CHUNK_BYTES })) {
     await send(stream, { chunk: chunk as Buffer }, reply.promise);
   }
@@ -129,7 +70,8 @@ export async function uploadDatasetFile(clients: TuneClients, datasetId: string,
 const ADAPTER_FILES = ['adapter_config.json', 'adapter_model.safetensors', 'README.md'];
 
 /** Imports a PEFT adapter folder (adapter_config.json, adapter_model.safetensors, README.md if present). */
-export async function importAdapterFolder(clients: TuneClients, adapterId: string, folder: string): Promise<Adapter> {
+export async function importAdapterFolder(client: TuneClient | TuneClients, adapterId: string, folder: string, options: { shared?: boolean } = {}): Promise<Adapter> {
+  const clients = generated(client);
   const files: FileEntry[] = [];
   for (const name of ADAPTER_FILES) {
     const file = path.join(folder, name);
@@ -140,7 +82,7 @@ export async function importAdapterFolder(clients: TuneClients, adapterId: strin
   const stream = clients.adapters.importAdapter((error, response) =>
     error ? reply.reject(error) : reply.resolve(response.adapter as Adapter),
   );
-  await send(stream, { header: { adapterId, files } }, reply.promise);
+  await send(stream, { header: { adapterId, files, shared: options.shared === true } }, reply.promise);
   for (const { name } of files) {
     for await (const data of createReadStream(path.join(folder, name), { highWaterMark: CHUNK_BYTES })) {
       await send(stream, { chunk: { name, data: data as Buffer } }, reply.promise);
@@ -154,7 +96,8 @@ export async function importAdapterFolder(clients: TuneClients, adapterId: strin
  * Exports an adapter into `folder` (created; must not exist) as a PEFT folder, checking every
  * file against the manifest's size and SHA-256.
  */
-export async function exportAdapterFolder(clients: TuneClients, adapterId: string, folder: string): Promise<Adapter> {
+export async function exportAdapterFolder(client: TuneClient | TuneClients, adapterId: string, folder: string): Promise<Adapter> {
+  const clients = generated(client);
   await fs.mkdir(folder);
   const stream = clients.adapters.exportAdapter({ adapterId, chunkSize: 0 });
   let manifest: FileEntry[] = [];
