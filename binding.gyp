@@ -1,10 +1,15 @@
 # Builds the native engine (native/) as one node-addon-api module: build/Release/tuneserve_native.node.
 # CUDA sources compile only where nvcc is found (scripts/find-cuda.cjs); the CUDA runtime is linked
 # statically so the addon loads on machines with no GPU driver and falls back to the CPU backend.
+# TUNESERVE_SANITIZE=1 at configure time builds it with AddressSanitizer and UndefinedBehaviorSanitizer
+# (-O1 -g, no recovery: the first report aborts). Node itself is not instrumented, so such an addon is
+# loaded with LD_PRELOAD=$(gcc -print-file-name=libasan.so) and ASAN_OPTIONS=detect_leaks=0 (Node keeps
+# memory until exit by design); test/helpers/sanitizer.ts sets both up.
 {
   'variables': {
     'cuda_root': '<!(node scripts/find-cuda.cjs)',
     'has_cuda': '<!(node scripts/find-cuda.cjs has)',
+    'sanitize': '<!(node -p "process.env.TUNESERVE_SANITIZE === \'1\' ? 1 : 0")',
   },
   'targets': [{
     'target_name': 'tuneserve_native',
@@ -21,6 +26,11 @@
     'cflags_cc': ['-std=c++17', '-O3', '-fexceptions', '-frtti', '-fvisibility=hidden', '-Wall', '-Wno-unused-parameter', '-Wno-sign-compare'],
     'libraries': ['-ldl', '-lpthread'],
     'conditions': [
+      ['sanitize==1', {
+        'cflags_cc!': ['-O3'],
+        'cflags_cc+': ['-O1', '-g', '-fno-omit-frame-pointer', '-fsanitize=address,undefined', '-fno-sanitize-recover=all'],
+        'ldflags+': ['-fsanitize=address,undefined'],
+      }],
       ['has_cuda==1', {
         'sources': ['<!@(node scripts/list-sources.cjs cu)'],
         'defines': ['TUNESERVE_WITH_CUDA=1'],
