@@ -11,41 +11,13 @@
 // every op of the Backend interface was run, so an op dropped from the executable fails CI.
 // cmake is required (Debian's cmake package; CI installs it): a missing cmake fails the suite.
 
-import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 
+import { BUILD_TIMEOUT, buildNativeTests, runProgram as run } from './helpers/sanitizer.js';
+
 const ROOT = join(import.meta.dirname, '..');
-const SOURCE = join(ROOT, 'native', 'tests');
-const BUILD_TIMEOUT = 900_000; // a cold build of the engine takes a couple of minutes on 2 cores
-
-/** Runs a program to completion; its status and combined output. A program that cannot start throws. */
-function run(program: string, args: string[], timeoutMs: number): { status: number | null; output: string } {
-  const r = spawnSync(program, args, { cwd: ROOT, encoding: 'utf8', timeout: timeoutMs, maxBuffer: 64 << 20 });
-  if (r.error) {
-    const missing = (r.error as NodeJS.ErrnoException).code === 'ENOENT';
-    throw new Error(missing ? `${program} is not installed: the native op test needs it (apt-get install cmake)` : String(r.error));
-  }
-  return { status: r.status, output: `${r.stdout}${r.stderr}` };
-}
-
-/**
- * Configures native/tests into build/<dir> for one TS_CUDA variant and builds the given targets (not the
- * benchmarks the GPU check also builds there); throws with the log on failure.
- */
-function build(dir: string, tsCuda: 'off' | 'emu', targets: string[]): string {
-  const out = join(ROOT, 'build', dir);
-  for (const args of [
-    ['-S', SOURCE, '-B', out, `-DTS_CUDA=${tsCuda}`],
-    ['--build', out, '-j2', '--target', ...targets],
-  ]) {
-    const r = run('cmake', args, BUILD_TIMEOUT);
-    if (r.status !== 0) throw new Error(`cmake ${args.join(' ')} failed:\n${r.output.slice(-8000)}`);
-  }
-  return out;
-}
-
 /** The ops of the Backend interface: the virtual methods of core/backend.h's "model's ops" section. */
 function backendOps(): string[] {
   const header = readFileSync(join(ROOT, 'native', 'core', 'backend.h'), 'utf8');
@@ -63,7 +35,7 @@ function missingOps(output: string, backend: string, mode: string): string[] {
 describe('test-backend-ops: the CPU backend (the oracle)', () => {
   let bin: string;
   beforeAll(() => {
-    bin = join(build('native-tests', 'off', ['test-backend-ops']), 'test-backend-ops');
+    bin = join(buildNativeTests('native-tests', ['test-backend-ops']), 'test-backend-ops');
   }, BUILD_TIMEOUT);
 
   it('reads every op of the Backend interface from core/backend.h', () => {
@@ -98,7 +70,7 @@ describe('test-backend-ops: the CPU backend (the oracle)', () => {
 describe('test-backend-ops: the CUDA backend on the emulator', () => {
   let dir: string;
   beforeAll(() => {
-    dir = build('native-tests-emu', 'emu', ['test-backend-ops', 'emu-selftest', 'test-model-backends', 'attention-sample-test']);
+    dir = buildNativeTests('native-tests-emu', ['test-backend-ops', 'emu-selftest', 'test-model-backends', 'attention-sample-test'], { tsCuda: 'emu' });
   }, BUILD_TIMEOUT);
 
   it('the emulator passes its self-test', () => {

@@ -182,6 +182,13 @@ describe('header reader rejects malformed files (REFERENCE.md checks)', () => {
     ['truncated data', header('{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}', 8), /data section is 8 bytes but the tensors cover 16/],
     ['overflowing shape', header('{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}', 4), /overflows/],
     ['negative dim', header('{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}', 4), /bad shape/],
+    // Found by the reliability fuzzer (test/reliability/safetensors-fuzz.test.ts): JSON.parse accepted
+    // these, the native reader and the reference refuse them.
+    ['repeated __metadata__ key', header('{"__metadata__":{"a":"b","a":"c"}}'), /duplicate key "a" in "__metadata__"/],
+    ['repeated field in an entry', header('{"a":{"dtype":"F32","shape":[1],"dtype":"U8","data_offsets":[0,4]}}', 4), /duplicate key "dtype" in "a"/],
+    ['lone surrogate escape', header('{"\\ud800":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'), /lone UTF-16 surrogate/],
+    ['a dimension written 1.0', header('{"a":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}}', 4), /has a bad shape: 1.0 is not a plain non-negative integer/],
+    ['an offset written -0', header('{"a":{"dtype":"U8","shape":[0],"data_offsets":[-0,0]}}'), /has bad data_offsets: -0 is not a plain/],
   ];
   for (const [label, bytes, message] of cases) {
     it(label, async () => {

@@ -279,6 +279,11 @@ describe("safetensors reader rejects malformed files", () => {
     expectInvalid(writeRaw("array", "[]"), /header is not a JSON object/);
   });
 
+  it("rejects a field repeated inside a tensor entry (found by the reliability fuzzer)", () => {
+    const path = writeRaw("repeated-field", '{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"dtype":"U8"}}', Buffer.alloc(4));
+    expectInvalid(path, /tensor 'w': duplicate key 'dtype'/);
+  });
+
   it("rejects duplicate tensor names", () => {
     const path = writeRaw("duplicate", `{${f32("w", [1], 0, 4)},${f32("w", [1], 4, 8)}}`, Buffer.alloc(8));
     expectInvalid(path, /duplicate tensor name 'w'/);

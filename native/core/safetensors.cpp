@@ -134,6 +134,10 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
       }
       if (index_.count(name)) invalid(path, "duplicate tensor name " + quoted(name));
       if (!entry.is_object()) invalid(path, "tensor " + quoted(name) + ": entry is not a JSON object");
+      // json_parse keeps repeated keys; the reference refuses a repeated field ("dtype" twice).
+      std::set<std::string> fields;
+      for (const auto& member : entry.members)
+        if (!fields.insert(member.first).second) invalid(path, "tensor " + quoted(name) + ": duplicate key " + quoted(member.first));
 
       TensorInfo t;
       t.name = name;

@@ -358,9 +358,9 @@ function parseHeader(path: string, jsonBytes: Uint8Array, fileSize: number): Saf
     throw invalid(path, `header is not JSON: ${(error as Error).message}`);
   }
   if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) throw invalid(path, 'header is not a JSON object');
-  // JSON.parse silently keeps the last of duplicate keys; the reference reader refuses them.
-  const duplicate = firstDuplicateTopLevelKey(text);
-  if (duplicate !== null) throw invalid(path, `duplicate tensor name "${duplicate}"`);
+  // What JSON.parse lets through and the reference reader (and native/core/safetensors.cpp) refuses.
+  const problem = strictHeaderProblem(text);
+  if (problem !== null) throw invalid(path, problem);
   const dataStart = 8 + jsonBytes.byteLength;
   let metadata: Record<string, string> | null = null;
   const entries: Array<[string, TensorEntry]> = [];
@@ -386,30 +386,50 @@ function parseHeader(path: string, jsonBytes: Uint8Array, fileSize: number): Saf
   return { path, dataStart, fileSize, tensors: new Map(entries), metadata };
 }
 
-/** Walks the top-level keys of a text already known to be a JSON object; returns a repeated key. */
-function firstDuplicateTopLevelKey(text: string): string | null {
-  const seen = new Set<string>();
-  let depth = 0;
-  let expectingKey = false;
+/**
+ * The reference reader's rules that JSON.parse does not apply, checked on a header already known to be
+ * a JSON object: no repeated key at the top level, inside __metadata__ or inside a tensor entry
+ * (JSON.parse keeps the last silently); no lone UTF-16 surrogate escaped in a string (it is no Unicode
+ * text); shape and data_offsets written as plain non-negative integers (JSON.parse reads 1.0, 1e0 and -0
+ * as integers, the reference refuses them). Returns the first problem, or null.
+ */
+function strictHeaderProblem(text: string): string | null {
+  interface Frame { object: boolean; key: string | null; keys: Set<string>; awaitingKey: boolean; lastKey: string | null }
+  const stack: Frame[] = [];
+  const plainInteger = /^(0|[1-9][0-9]*)$/;
   for (let i = 0; i < text.length; i++) {
-    const char = text[i];
+    const char = text[i]!;
+    const frame = stack.at(-1);
     if (char === '"') {
       let end = i + 1;
       while (text[end] !== '"') end += text[end] === '\\' ? 2 : 1;
-      if (depth === 1 && expectingKey) {
-        const key = JSON.parse(text.slice(i, end + 1)) as string;
-        if (seen.has(key)) return key;
-        seen.add(key);
-        expectingKey = false;
+      const value = JSON.parse(text.slice(i, end + 1)) as string;
+      if (!(value as string & { isWellFormed(): boolean }).isWellFormed()) return `string ${JSON.stringify(value)} holds a lone UTF-16 surrogate`;
+      if (frame?.object && frame.awaitingKey) {
+        // Depth 1: tensor names; depth 2: __metadata__ keys or a tensor's fields.
+        if (stack.length <= 2 && frame.keys.has(value)) {
+          return stack.length === 1 ? `duplicate tensor name "${value}"` : `duplicate key "${value}" in ${JSON.stringify(frame.key)}`;
+        }
+        frame.keys.add(value);
+        frame.lastKey = value;
+        frame.awaitingKey = false;
       }
       i = end;
     } else if (char === '{' || char === '[') {
-      depth++;
-      if (depth === 1) expectingKey = true;
+      stack.push({ object: char === '{', key: frame?.object ? frame.lastKey : null, keys: new Set(), awaitingKey: char === '{', lastKey: null });
     } else if (char === '}' || char === ']') {
-      depth--;
-    } else if (char === ',' && depth === 1) {
-      expectingKey = true;
+      stack.pop();
+    } else if (char === ',' && frame?.object) {
+      frame.awaitingKey = true;
+    } else if (char === '-' || (char >= '0' && char <= '9')) {
+      let end = i;
+      while (end < text.length && /[-+.eE0-9]/.test(text[end]!)) end++;
+      const literal = text.slice(i, end);
+      const entry = stack[1];
+      if (stack.length === 3 && !frame!.object && (frame!.key === 'shape' || frame!.key === 'data_offsets') && entry?.key !== '__metadata__' && !plainInteger.test(literal)) {
+        return `tensor "${entry?.key}" has ${frame!.key === 'shape' ? 'a bad shape' : 'bad data_offsets'}: ${literal} is not a plain non-negative integer`;
+      }
+      i = end - 1;
     }
   }
   return null;
