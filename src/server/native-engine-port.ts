@@ -27,6 +27,9 @@ export interface NativeEnginePortOptions extends EngineOptions {
   maxSeqLen?: number;
 }
 
+/** dtypes of adapter weights the engine loads. */
+const ADAPTER_DTYPES = ['F32', 'BF16', 'F16', 'F64'];
+
 /** Engine pool slots beyond the serving slots: training jobs' adapters and merge fidelity probes. */
 const ENGINE_EXTRA_SLOTS = 8;
 
@@ -148,6 +151,10 @@ export class NativeEnginePort implements EnginePort {
         if (!t) throw new EngineError('ADAPTER_MISMATCH', `${ADAPTER_WEIGHTS_FILE}: tensor ${key} is missing`);
         if (t.shape.join(',') !== shape.join(',')) {
           throw new EngineError('ADAPTER_MISMATCH', `${ADAPTER_WEIGHTS_FILE}: tensor ${key} has shape [${t.shape.join(', ')}], this base needs [${shape.join(', ')}]`);
+        }
+        // What the native loader converts (core/safetensors.h read_f32); found by the reliability fuzzer.
+        if (!ADAPTER_DTYPES.includes(t.dtype)) {
+          throw new EngineError('UNSUPPORTED', `${ADAPTER_WEIGHTS_FILE}: tensor ${key} has dtype ${t.dtype}; adapter weights must be ${ADAPTER_DTYPES.join(', ')}`);
         }
       }
       for (const key of header.tensors.keys()) {
