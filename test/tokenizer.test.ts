@@ -358,3 +358,20 @@ describe('chat', () => {
     expect(() => tokenizer.encodeChat([], { addGenerationPrompt: false })).toThrow(/non-empty/);
   });
 });
+
+describe('files that load but break on use (found by test/reliability/tokenizer-fuzz.test.ts)', () => {
+  // Each of these constructed, then failed every encode or decode with a TypeError (an INTERNAL error
+  // per request); they are now refused at load.
+  const broken: Array<[string, Record<string, unknown>]> = [
+    ['a decoder sequence holding null', { decoder: { type: 'Sequence', decoders: [null] } }],
+    ['a post-processor sequence holding null', { post_processor: { type: 'Sequence', processors: [null] } }],
+    ['a TemplateProcessing post-processor without its fields', { post_processor: { type: 'TemplateProcessing' } }],
+  ];
+  for (const [name, change] of broken) {
+    it(name, () => {
+      expect(() => new LlamaTokenizer({ ...tokenizerJson, ...change }, tokenizerConfig)).toThrow(
+        expect.objectContaining({ code: 'INVALID_CONFIG', message: expect.stringMatching(/load but fail on a probe text/) }),
+      );
+    }, LOAD_TIMEOUT_MS);
+  }
+});

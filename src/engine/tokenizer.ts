@@ -88,6 +88,29 @@ export class LlamaTokenizer {
       if (typeof content === 'string' && content !== '' && typeof id === 'number') this.controlTokens.set(content, id);
     }
     this.controlIds = new Set(this.controlTokens.values());
+    this.probe();
+  }
+
+  /**
+   * Runs every operation once on probe inputs. Files that construct but break on use (a decoder or
+   * post-processor of the wrong shape, an added token too long for the control-token pattern) fail here
+   * as INVALID_CONFIG, at load, instead of failing every request with a library TypeError (found by
+   * test/reliability/tokenizer-fuzz.test.ts). EngineErrors are what a template may legitimately say
+   * about a conversation; they are left to the requests that meet them.
+   */
+  private probe(): void {
+    try {
+      const ids = [...this.encode('Hello world! <|eot_id|> é😀 12\n', { addBos: true }), ...this.encodeText('<|eot_id|> x', { addBos: true })];
+      this.decode([...ids, ...this.controlIds], { skipSpecialTokens: false });
+      this.decode(ids, { skipSpecialTokens: true });
+      const detokenizer = this.detokenizer({ skipSpecialTokens: true });
+      detokenizer.pushAll(ids);
+      detokenizer.flush();
+      this.encodeChat([{ role: 'user', content: 'Hi' }, { role: 'assistant', content: 'Hello.' }], { addGenerationPrompt: false });
+    } catch (error) {
+      if (error instanceof EngineError) return;
+      throw new EngineError('INVALID_CONFIG', `tokenizer.json / tokenizer_config.json load but fail on a probe text: ${(error as Error)?.message ?? String(error)}`, undefined, { cause: error });
+    }
   }
 
   /**
