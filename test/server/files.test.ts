@@ -78,6 +78,17 @@ describe('dataset uploads', () => {
     await expectStatus(headless, status.INVALID_ARGUMENT, { field: 'header' });
     expect(await leftovers()).toEqual([]);
   });
+
+  it('refuses what training would read differently: a byte order mark, a CR inside a row (found by the rows fuzzer)', async () => {
+    harness = await startHarness();
+    const bom = await expectStatus(upload(harness.clients, 'bom', `\ufeff${ROWS}\n`), status.INVALID_ARGUMENT, { field: 'chunk', reason: 'INVALID_DATASET' });
+    expect(bom.fieldViolations[0]?.description).toMatch(/^line 1: starts with a UTF-8 byte order mark/);
+    // \r between JSON tokens is JSON whitespace, but training's line reader ends a line there.
+    const cr = await expectStatus(upload(harness.clients, 'cr', `${ROWS}\n{"text":\r"split"}\n`), status.INVALID_ARGUMENT, { field: 'chunk', reason: 'INVALID_DATASET' });
+    expect(cr.fieldViolations[0]?.description).toMatch(/^line 4: has a carriage return \(CR\) at character 9/);
+    await upload(harness.clients, 'crlf', ROWS.split('\n').join('\r\n'));
+    expect(await leftovers()).toEqual(['crlf']);
+  });
 });
 
 describe('adapter files', () => {
