@@ -32,6 +32,8 @@ export interface EngineOptions {
   kvCacheBytes?: number;
   /** Where to send the one-line notices (device fallback). Default: stderr. */
   log?: (line: string) => void;
+  /** Check a stored folder against its manifest (integrity.ts); default true. */
+  verifyIntegrity?: boolean;
 }
 
 export function nativeConfig(c: LlamaConfig): NativeModelConfig {
@@ -171,7 +173,7 @@ export class Engine {
     const quant = options.quant ?? 'nf4';
     if (quant !== 'none' && quant !== 'nf4') throw new EngineError('INVALID_ARGUMENT', `quant must be nf4 or none, got ${String(quant)}`);
     const device = resolveDevice(options.device ?? 'auto', options.log);
-    const folder = await loadModelFolder(dir);
+    const folder = await loadModelFolder(dir, { verify: options.verifyIntegrity ?? true });
     const tokenizer = await LlamaTokenizer.fromFolder(folder.dir);
     const cudaCompute = options.cudaCompute ?? 'bf16';
     if (cudaCompute !== 'bf16' && cudaCompute !== 'f32') throw new EngineError('INVALID_ARGUMENT', `cuda compute must be bf16 or f32, got ${String(cudaCompute)}`, { field: 'cuda_compute' });

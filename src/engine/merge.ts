@@ -4,7 +4,7 @@
 // built beside its destination and renamed into place. mergeFidelity() then measures how far the
 // merged model's logits are from base + adapter on a probe prompt.
 
-import { copyFile, readFile, rm, stat } from 'node:fs/promises';
+import { readFile, rm, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 
 import { Engine, nativeConfig, nativeLora, type Adapter } from './engine.js';
@@ -15,6 +15,7 @@ import { native } from './native.js';
 import { ADAPTER_WEIGHTS_FILE, readAdapterConfig } from './peft-config.js';
 import { readSafetensorsHeader } from './safetensors.js';
 import { replaceFolder, tempFolderBeside, writeFileAtomic } from './atomic-file.js';
+import { writeModelManifest } from './integrity.js';
 
 export type MergeDtype = 'bf16' | 'f16' | 'f32';
 export type MergeInto = 'original' | 'dequantized';
@@ -75,7 +76,8 @@ export async function mergeAdapterFolder(
     await writeFileAtomic(join(tmp, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
     for (const name of COPIED_FILES) {
       const src = join(folder.dir, name);
-      if (await exists(src)) await copyFile(src, join(tmp, name));
+      // Written durably like the rest (a plain copy is not fsynced before the folder is published).
+      if (await exists(src)) await writeFileAtomic(join(tmp, name), await readFile(src));
     }
     if (result.files.length > 1 || (await exists(join(folder.dir, 'model.safetensors.index.json')))) {
       let totalSize = 0;
@@ -86,6 +88,8 @@ export async function mergeAdapterFolder(
       const weightMap = Object.fromEntries(Object.entries(result.weightMap).sort(([a], [b]) => a.localeCompare(b)));
       await writeFileAtomic(join(tmp, 'model.safetensors.index.json'), `${JSON.stringify({ metadata: { total_size: totalSize }, weight_map: weightMap }, null, 2)}\n`);
     }
+    // The manifest later loads are checked against (integrity.ts).
+    await writeModelManifest(tmp);
     await replaceFolder(tmp, target);
     return { outDir: target, files: result.files, bytes: result.bytes, tensors: result.tensors, mergedTensors: result.mergedTensors, dtype, into };
   } catch (e) {
@@ -121,6 +125,7 @@ export async function mergeFidelity(engine: Engine, adapter: Adapter, mergedDir:
   const merged = await Engine.load(mergedDir, {
     quant: 'none', device: engine.device, cudaCompute: engine.cudaCompute, maxActiveSequences: 1, adapterSlots: 1,
     maxSeqLen: ids.length, kvCacheBytes: PROBE_KV_CACHE_BYTES, log: () => {},
+    verifyIntegrity: false, // its manifest was just taken from these very bytes
   });
   try {
     const got = await merged.logits(ids, null);

@@ -6,6 +6,7 @@
 import { readFile, realpath, stat } from 'node:fs/promises';
 import { isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { EngineError } from './errors.js';
+import { verifyModelManifest } from './integrity.js';
 import { readSafetensorsHeader, type SafetensorsHeader } from './safetensors.js';
 
 export interface RopeScaling {
@@ -356,9 +357,11 @@ async function shardPathInside(dir: string, realDir: string, name: string, index
 /**
  * Loads and checks a model folder: config.json (+ generation_config.json), the weights (a single
  * model.safetensors or model.safetensors.index.json with its shards), every shard's header, and that
- * every tensor the config implies is present with the right shape.
+ * every tensor the config implies is present with the right shape. A folder tuneserve stored (it has
+ * tuneserve-manifest.json) is also checked byte for byte against its manifest (integrity.ts), unless
+ * `verify` is false (a caller that has just written and digested it).
  */
-export async function loadModelFolder(dirArgument: string): Promise<ModelFolder> {
+export async function loadModelFolder(dirArgument: string, options: { verify?: boolean } = {}): Promise<ModelFolder> {
   const dir = resolve(dirArgument);
   let realDir: string;
   try {
@@ -431,6 +434,8 @@ export async function loadModelFolder(dirArgument: string): Promise<ModelFolder>
       throw new EngineError('INVALID_MODEL', `${shard}: tensor "${tensor}" has dtype ${entry.dtype}; F32, BF16 or F16 are supported`, { tensor });
     }
   }
+
+  if (options.verify !== false) await verifyModelManifest(dir);
 
   const tokenizerFiles: string[] = [];
   for (const name of TOKENIZER_FILE_NAMES) {

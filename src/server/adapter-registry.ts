@@ -4,11 +4,10 @@
 // that ids are checked, loads of one id are not duplicated, and adapters in use by generations
 // are pinned against unloading. Eviction is never implicit.
 
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { publishFolder, writeFileAtomic } from '../engine/atomic-file.js';
+import { digestFiles, verifyFiles } from '../engine/integrity.js';
 import { DataRoot } from './data-root.js';
 import type { AdapterConfig, EnginePort } from './engine-port.js';
 import { alreadyExists, failedPrecondition, isEngineError, notFound, resourceExhausted } from './errors.js';
@@ -59,13 +58,6 @@ export interface AdapterLease {
   release(): void;
 }
 
-/** Hashes a file (SHA-256, hex). */
-export async function sha256File(file: string): Promise<string> {
-  const hash = createHash('sha256');
-  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
-  return hash.digest('hex');
-}
-
 /** The adapters on disk and the engine pool. */
 export class AdapterRegistry {
   /** Ids being produced (by a training job or an import): they count as taken. */
@@ -111,6 +103,23 @@ export class AdapterRegistry {
     const real = await this.dataRoot.realExisting(this.dataRoot.entry('adapters', id));
     if (real === null || this.reserved.has(id)) throw notFound('adapter', id);
     return real;
+  }
+
+  /**
+   * The stored adapter's folder after checking its files against the manifest in tuneserve.json
+   * (integrity.ts): INTEGRITY_MISMATCH (gRPC DATA_LOSS) when a file changed on
+   * disk since the adapter was stored. Every path that reads an adapter's weights comes through here.
+   */
+  async verifiedFolder(id: string, record?: AdapterRecord): Promise<string> {
+    const folder = await this.folder(id);
+    const files = (record ?? (await this.get(id))).files;
+    try {
+      await verifyFiles(folder, files, `adapter ${JSON.stringify(id)}`);
+    } catch (error) {
+      this.logger.warn({ adapterId: id, error: String(error) }, 'stored adapter failed its integrity check');
+      throw error;
+    }
+    return folder;
   }
 
   /** A stored adapter; NOT_FOUND when absent. */
@@ -159,12 +168,11 @@ export class AdapterRegistry {
     if (knownFiles) {
       files = knownFiles;
     } else {
+      const present: string[] = [];
       for (const name of [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, ADAPTER_README_FILE]) {
-        const file = path.join(folder, name);
-        const stat = await fs.stat(file).catch(() => null);
-        if (stat === null) continue;
-        files.push({ name, sizeBytes: stat.size, sha256: await sha256File(file) });
+        if ((await fs.stat(path.join(folder, name)).catch(() => null)) !== null) present.push(name);
       }
+      files = await digestFiles(folder, present);
     }
     const full: AdapterRecord = { ...record, files };
     await writeFileAtomic(path.join(folder, METADATA_FILE), JSON.stringify(full, null, 2));
@@ -209,8 +217,9 @@ export class AdapterRegistry {
     const load = (async () => {
       const adapter = await this.get(id);
       this.checkBase(adapter);
+      const folder = await this.verifiedFolder(id, adapter);
       try {
-        await engine.loadAdapter(id, await this.folder(id));
+        await engine.loadAdapter(id, folder);
       } catch (error) {
         if (isEngineError(error) && error.code === 'RESOURCE_EXHAUSTED') {
           const slots = engine.modelInfo().adapterSlots;

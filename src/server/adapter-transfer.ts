@@ -136,7 +136,8 @@ export async function exportAdapter(
   const chunkSize = request.chunkSize === 0 ? DEFAULT_EXPORT_CHUNK : request.chunkSize;
   if (chunkSize > MAX_CHUNK_BYTES) throw invalidArgument('chunk_size', `must be at most ${MAX_CHUNK_BYTES} bytes`);
   const view = await context.adapters.get(adapterId);
-  const folder = await context.adapters.folder(adapterId);
+  // A file changed on disk would reach the client under a manifest it no longer matches.
+  const folder = await context.adapters.verifiedFolder(adapterId, view);
   // Open every file before the header goes out, so a concurrent delete cannot cut the stream short.
   const handles = await Promise.all(view.files.map((file) => fs.open(context.dataRoot.file(folder, file.name), 'r')));
   try {

@@ -20,6 +20,8 @@ export const engineErrorCodes = [
   'ADAPTER_INVALID',
   /** An adapter's shapes or modules do not fit the loaded base. */
   'ADAPTER_MISMATCH',
+  /** A stored file's bytes changed on disk since it was stored (src/engine/integrity.ts). */
+  'INTEGRITY_MISMATCH',
   /** generate() named an adapter that is not in the pool. */
   'ADAPTER_NOT_LOADED',
   /** No free adapter slot, no KV-cache room now, or no memory for a training workspace (transient). */

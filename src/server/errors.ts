@@ -111,6 +111,7 @@ const engineCodeStatus: Record<EngineErrorCode, { code: status; retryAfterMs?: n
   INVALID_DATASET: { code: status.INVALID_ARGUMENT },
   ADAPTER_INVALID: { code: status.FAILED_PRECONDITION },
   ADAPTER_MISMATCH: { code: status.FAILED_PRECONDITION },
+  INTEGRITY_MISMATCH: { code: status.DATA_LOSS },
   ADAPTER_NOT_LOADED: { code: status.FAILED_PRECONDITION },
   RESOURCE_EXHAUSTED: { code: status.RESOURCE_EXHAUSTED, retryAfterMs: 1000 },
   CAPACITY_EXCEEDED: { code: status.RESOURCE_EXHAUSTED },  // no RetryInfo: a retry cannot fit either

@@ -446,7 +446,7 @@ export class JobQueue {
           datasetPath: path.join(dataRoot.root, job.datasetPath),
           outDir,
           checkpointDir: path.join(jobFolder, 'checkpoints'),
-          initAdapterDir: job.initAdapterId === null ? null : await adapters.folder(job.initAdapterId),
+          initAdapterDir: job.initAdapterId === null ? null : await adapters.verifiedFolder(job.initAdapterId),
         },
         {
           signal: running.controller.signal,

@@ -78,7 +78,7 @@ export async function mergeAndUnload(
   try {
     const progress = new CoalescingWriter<MergeAndUnloadResponse>(writer, (_older, newer) => newer);
     const result = await context.engine().merge(
-      { adapterDir: await adapters.folder(adapterId), outDir: work, dtype, into },
+      { adapterDir: await adapters.verifiedFolder(adapterId, adapter), outDir: work, dtype, into },
       {
         signal: watch.signal,
         onProgress: ({ tensor, index, total }) => {

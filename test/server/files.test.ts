@@ -5,7 +5,8 @@ import { status, type ClientReadableStream } from '@grpc/grpc-js';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { MergeBase, MergeDtype, type ExportAdapterResponse } from '../../src/gen/tuneserve/v1/adapters.js';
+import { MergeAndUnloadRequest, MergeBase, MergeDtype, type ExportAdapterResponse } from '../../src/gen/tuneserve/v1/adapters.js';
+import { GenerateRequest } from '../../src/gen/tuneserve/v1/generation.js';
 import { doubleAdapterFiles, EngineDouble } from './engine-double.js';
 import { call, collect, eventually, expectError, expectStatus, importAdapter, sha256, startHarness, upload, type Harness } from './harness.js';
 import { TestMetricReader } from './metric-reader.js';
@@ -174,6 +175,32 @@ describe('adapter files', () => {
     );
     expect(await fs.readdir(path.join(harness.dataRoot, 'adapters'))).toEqual([]);
     expect(await fs.readdir(path.join(harness.dataRoot, 'tmp'))).toEqual([]);
+  });
+
+  it('refuses an adapter whose bytes changed on disk since it was stored, at every load; others are unaffected', async () => {
+    harness = await startHarness({ engine: new EngineDouble({ mergeTensors: 2 }) });
+    const { clients, engine, dataRoot } = harness;
+    await importAdapter(clients, 'bad');
+    await importAdapter(clients, 'good');
+    // One bit of one byte, size unchanged: only the checksum can tell.
+    const weights = path.join(dataRoot, 'adapters', 'bad', 'adapter_model.safetensors');
+    const bytes = await fs.readFile(weights);
+    bytes[bytes.length - 1] ^= 0x01;
+    await fs.writeFile(weights, bytes);
+    const integrity = { reason: 'INTEGRITY_MISMATCH' };
+    const loaded = await expectStatus(call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'bad' }), status.DATA_LOSS, integrity);
+    expect(loaded.message).toMatch(/^adapter "bad": adapter_model\.safetensors has changed \(SHA-256 [0-9a-f]{12}…, stored [0-9a-f]{12}…\) since it was stored/);
+    const generated = await collect(clients.generation.generate(GenerateRequest.fromPartial({ text: 'hi', adapterId: 'bad', maxTokens: 2 })));
+    expect(generated.error?.code).toBe(status.DATA_LOSS);
+    const exported = await collect(clients.adapters.exportAdapter({ adapterId: 'bad', chunkSize: 0 }));
+    expect([exported.error?.code, exported.messages.length]).toEqual([status.DATA_LOSS, 0]);
+    const merged = await collect(clients.adapters.mergeAndUnload(MergeAndUnloadRequest.fromPartial({ adapterId: 'bad', outputName: 'm' })));
+    expect(merged.error?.code).toBe(status.DATA_LOSS);
+    expect(engine.loadedAdapters()).toEqual([]);
+    // The other adapter loads and serves.
+    await call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'good' });
+    expect((await collect(clients.generation.generate(GenerateRequest.fromPartial({ text: 'hi', adapterId: 'good', maxTokens: 2 })))).error).toBeNull();
+    expect(engine.loadedAdapters()).toEqual(['good']);
   });
 
   it('deletes an idle loaded adapter (unloading it first)', async () => {

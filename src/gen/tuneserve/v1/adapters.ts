@@ -2985,7 +2985,8 @@ export const AdapterServiceService = {
   /**
    * Loads an adapter into a device pool slot (no-op when loaded). Errors: NOT_FOUND,
    * FAILED_PRECONDITION (built for another base), RESOURCE_EXHAUSTED (every slot taken: unload
-   * one first; eviction is never implicit).
+   * one first; eviction is never implicit), DATA_LOSS (reason INTEGRITY_MISMATCH: a file of the
+   * adapter changed on disk since it was stored; it is not loaded).
    */
   loadAdapter: {
     path: "/tuneserve.v1.AdapterService/LoadAdapter" as const,
@@ -3042,7 +3043,7 @@ export const AdapterServiceService = {
   },
   /**
    * Exports an adapter as a PEFT folder: a header with the manifest, then the files' chunks.
-   * Errors: NOT_FOUND.
+   * Errors: NOT_FOUND, DATA_LOSS (INTEGRITY_MISMATCH: a file changed on disk since it was stored).
    */
   exportAdapter: {
     path: "/tuneserve.v1.AdapterService/ExportAdapter" as const,
@@ -3060,7 +3061,8 @@ export const AdapterServiceService = {
    * progress per tensor and ending with the folder's name, size and fidelity figures. One merge
    * runs at a time. Errors: INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS (output name taken),
    * FAILED_PRECONDITION (built for another base), RESOURCE_EXHAUSTED (a merge is running;
-   * RetryInfo says when to retry), CANCELLED (the partial folder is removed).
+   * RetryInfo says when to retry), CANCELLED (the partial folder is removed), DATA_LOSS
+   * (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
    */
   mergeAndUnload: {
     path: "/tuneserve.v1.AdapterService/MergeAndUnload" as const,
@@ -3098,7 +3100,8 @@ export interface AdapterServiceServer extends UntypedServiceImplementation {
   /**
    * Loads an adapter into a device pool slot (no-op when loaded). Errors: NOT_FOUND,
    * FAILED_PRECONDITION (built for another base), RESOURCE_EXHAUSTED (every slot taken: unload
-   * one first; eviction is never implicit).
+   * one first; eviction is never implicit), DATA_LOSS (reason INTEGRITY_MISMATCH: a file of the
+   * adapter changed on disk since it was stored; it is not loaded).
    */
   loadAdapter: handleUnaryCall<LoadAdapterRequest, LoadAdapterResponse>;
   /**
@@ -3120,7 +3123,7 @@ export interface AdapterServiceServer extends UntypedServiceImplementation {
   importAdapter: handleClientStreamingCall<ImportAdapterRequest, ImportAdapterResponse>;
   /**
    * Exports an adapter as a PEFT folder: a header with the manifest, then the files' chunks.
-   * Errors: NOT_FOUND.
+   * Errors: NOT_FOUND, DATA_LOSS (INTEGRITY_MISMATCH: a file changed on disk since it was stored).
    */
   exportAdapter: handleServerStreamingCall<ExportAdapterRequest, ExportAdapterResponse>;
   /**
@@ -3129,7 +3132,8 @@ export interface AdapterServiceServer extends UntypedServiceImplementation {
    * progress per tensor and ending with the folder's name, size and fidelity figures. One merge
    * runs at a time. Errors: INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS (output name taken),
    * FAILED_PRECONDITION (built for another base), RESOURCE_EXHAUSTED (a merge is running;
-   * RetryInfo says when to retry), CANCELLED (the partial folder is removed).
+   * RetryInfo says when to retry), CANCELLED (the partial folder is removed), DATA_LOSS
+   * (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
    */
   mergeAndUnload: handleServerStreamingCall<MergeAndUnloadRequest, MergeAndUnloadResponse>;
   /**
@@ -3175,7 +3179,8 @@ export interface AdapterServiceClient extends Client {
   /**
    * Loads an adapter into a device pool slot (no-op when loaded). Errors: NOT_FOUND,
    * FAILED_PRECONDITION (built for another base), RESOURCE_EXHAUSTED (every slot taken: unload
-   * one first; eviction is never implicit).
+   * one first; eviction is never implicit), DATA_LOSS (reason INTEGRITY_MISMATCH: a file of the
+   * adapter changed on disk since it was stored; it is not loaded).
    */
   loadAdapter(
     request: LoadAdapterRequest,
@@ -3254,7 +3259,7 @@ export interface AdapterServiceClient extends Client {
   ): ClientWritableStream<ImportAdapterRequest>;
   /**
    * Exports an adapter as a PEFT folder: a header with the manifest, then the files' chunks.
-   * Errors: NOT_FOUND.
+   * Errors: NOT_FOUND, DATA_LOSS (INTEGRITY_MISMATCH: a file changed on disk since it was stored).
    */
   exportAdapter(
     request: ExportAdapterRequest,
@@ -3271,7 +3276,8 @@ export interface AdapterServiceClient extends Client {
    * progress per tensor and ending with the folder's name, size and fidelity figures. One merge
    * runs at a time. Errors: INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS (output name taken),
    * FAILED_PRECONDITION (built for another base), RESOURCE_EXHAUSTED (a merge is running;
-   * RetryInfo says when to retry), CANCELLED (the partial folder is removed).
+   * RetryInfo says when to retry), CANCELLED (the partial folder is removed), DATA_LOSS
+   * (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
    */
   mergeAndUnload(
     request: MergeAndUnloadRequest,

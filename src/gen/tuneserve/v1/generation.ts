@@ -999,7 +999,8 @@ export const GenerationServiceService = {
    * Errors: INVALID_ARGUMENT, NOT_FOUND (adapter), FAILED_PRECONDITION (adapter built for another
    * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or the KV-cache
    * queue full, with RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo,
-   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED.
+   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED,
+   * DATA_LOSS (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
    */
   generate: {
     path: "/tuneserve.v1.GenerationService/Generate" as const,
@@ -1021,7 +1022,8 @@ export interface GenerationServiceServer extends UntypedServiceImplementation {
    * Errors: INVALID_ARGUMENT, NOT_FOUND (adapter), FAILED_PRECONDITION (adapter built for another
    * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or the KV-cache
    * queue full, with RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo,
-   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED.
+   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED,
+   * DATA_LOSS (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
    */
   generate: handleServerStreamingCall<GenerateRequest, GenerateResponse>;
 }
@@ -1035,7 +1037,8 @@ export interface GenerationServiceClient extends Client {
    * Errors: INVALID_ARGUMENT, NOT_FOUND (adapter), FAILED_PRECONDITION (adapter built for another
    * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or the KV-cache
    * queue full, with RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo,
-   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED.
+   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED,
+   * DATA_LOSS (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
    */
   generate(request: GenerateRequest, options?: Partial<CallOptions>): ClientReadableStream<GenerateResponse>;
   generate(
