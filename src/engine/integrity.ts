@@ -3,7 +3,8 @@
 // a merged model's tuneserve-manifest.json), and every later load compares the bytes on disk with it.
 // A file that changed since (bit rot, a partial copy, an edit in place, same size or not) is refused
 // with INTEGRITY_MISMATCH naming it; other files and folders are unaffected. Hashing reads each file
-// once (about 1–2 GB/s on one core), before the engine reads it again to load it.
+// once before the engine reads it again to load it: 0.25–0.5 GB/s measured on the 2-core CI machine
+// (about 0.3–0.7 s for a 168 MB rank-16 all-linear adapter of an 8B model).
 
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
@@ -26,7 +27,7 @@ export const MODEL_MANIFEST_FILE = 'tuneserve-manifest.json';
 /** SHA-256 (hex) of a file. */
 export async function sha256File(file: string): Promise<string> {
   const hash = createHash('sha256');
-  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
+  for await (const chunk of createReadStream(file, { highWaterMark: 1 << 20 })) hash.update(chunk as Buffer);
   return hash.digest('hex');
 }
 
