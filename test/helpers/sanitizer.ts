@@ -59,3 +59,9 @@ export function sanitizedAddonEnv(addon: string): NodeJS.ProcessEnv {
     UBSAN_OPTIONS: 'print_stacktrace=1:halt_on_error=1',
   };
 }
+
+/** The sanitizer variables of this process (set by scripts/reliability.mjs), for the processes it starts. */
+export function inheritedSanitizerEnv(): NodeJS.ProcessEnv {
+  const names = ['TUNESERVE_NATIVE_ADDON', 'LD_PRELOAD', 'ASAN_OPTIONS', 'UBSAN_OPTIONS'];
+  return Object.fromEntries(names.filter((name) => process.env[name] !== undefined).map((name) => [name, process.env[name]]));
+}

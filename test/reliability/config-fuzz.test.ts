@@ -24,7 +24,7 @@ import { caseCount, codedError, FULL, fuzz } from '../helpers/fuzz.js';
 import { mutateJson } from '../helpers/json-mutator.js';
 import type { Random } from '../helpers/random.js';
 
-interface RawTensor { name: string; dtype: string; shape: number[]; data: Buffer }
+interface RawTensor { name: string; dtype: string; shape: number[]; data: Buffer<ArrayBufferLike> }
 
 /** A safetensors file from raw tensors (any dtype, any shape: the bytes are what the caller gives). */
 function safetensorsBytes(tensors: RawTensor[]): Buffer {
