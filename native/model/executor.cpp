@@ -434,7 +434,7 @@ void Executor::training_step() {
         training_bytes_ = j->trainer->workspace_bytes();
       }
       StepReport report;
-      if (j->trainer->micro_step(&report)) {
+      if (!j->trainer->done() && j->trainer->micro_step(&report)) {  // resumed at its last step: nothing to run
         j->last = report;
         if (j->cb.on_step) j->cb.on_step(report);
       }

@@ -4,6 +4,7 @@
 // that ids are checked, loads of one id are not duplicated, and adapters in use by generations
 // are pinned against unloading. Eviction is never implicit.
 
+import { readFileSync } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { publishFolder, writeFileAtomic } from '../engine/atomic-file.js';
@@ -56,6 +57,20 @@ export interface AdapterView extends AdapterRecord {
 /** A pin on a loaded adapter, held by a generation; release exactly once. */
 export interface AdapterLease {
   release(): void;
+}
+
+/**
+ * The adapter a job published, when its tuneserve.json names that job (the folder appears whole, with
+ * tuneserve.json in it, or not at all); null otherwise. Synchronous: the job store asks while it opens,
+ * before the server serves, for jobs that were running when the process died.
+ */
+export function publishedAdapterOf(dataRoot: DataRoot, job: { jobId: string; adapterId: string }): { adapterId: string; metrics: TrainingMetricsRecord } | null {
+  try {
+    const record = JSON.parse(readFileSync(path.join(dataRoot.entry('adapters', job.adapterId), METADATA_FILE), 'utf8')) as AdapterRecord;
+    return record.jobId === job.jobId && record.metrics !== null ? { adapterId: job.adapterId, metrics: record.metrics } : null;
+  } catch {
+    return null;
+  }
 }
 
 /** The adapters on disk and the engine pool. */

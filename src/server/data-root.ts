@@ -51,8 +51,10 @@ export class DataRoot {
       await fs.mkdir(path.join(realRoot, folder), { recursive: true });
     }
     await dataRoot.emptyFolder(path.join(realRoot, 'tmp'));
+    // Merges in progress when the server stopped: the work folder (".tmp-<hex>") and the engine's own
+    // temp folder beside it ("..tmp-<hex>.tmp-<pid>-<hex>", atomic-file.ts's naming).
     for (const entry of await fs.readdir(dataRoot.exportRoot)) {
-      if (entry.startsWith('.tmp-')) await fs.rm(path.join(dataRoot.exportRoot, entry), { recursive: true, force: true });
+      if (entry.startsWith('.') && entry.includes('.tmp-')) await fs.rm(path.join(dataRoot.exportRoot, entry), { recursive: true, force: true });
     }
     return dataRoot;
   }

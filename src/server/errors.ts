@@ -88,6 +88,24 @@ export function unavailable(reason: string, message: string, retryAfterMs = 1000
   return new ServiceError(status.UNAVAILABLE, reason, message, { retryAfterMs });
 }
 
+/**
+ * Whether an error (or one of its causes) is the file system saying it is full: ENOSPC or EDQUOT from
+ * Node, the same from the engine's native writers (strerror text), SQLite's SQLITE_FULL.
+ */
+export function isStorageFull(error: unknown): boolean {
+  let current: unknown = error;
+  for (let depth = 0; current instanceof Error && depth < 8; depth++) {
+    const { code, details } = current as { code?: unknown; details?: { syscallCode?: unknown } };
+    if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'SQLITE_FULL' || details?.syscallCode === 'ENOSPC' || details?.syscallCode === 'EDQUOT') return true;
+    if (/no space left on device|disk quota exceeded|database or disk is full/i.test(current.message)) return true;
+    current = (current as { cause?: unknown }).cause;
+  }
+  return false;
+}
+
+/** The reason and message of a write the full data volume refused (RPCs and failed jobs alike). */
+export const STORAGE_FULL = { reason: 'STORAGE_FULL', message: "the server's storage is full: nothing was written; free space on its data volume, then retry" } as const;
+
 /** CANCELLED: the client went away or asked to stop. */
 export function cancelled(message = 'the call was cancelled'): ServiceError {
   return new ServiceError(status.CANCELLED, 'CANCELLED', message);
@@ -131,6 +149,10 @@ export function toServiceError(
   redact: (message: string) => string = (message) => message,
 ): ServiceError {
   if (error instanceof ServiceError) return error;
+  if (isStorageFull(error)) {
+    logger.warn({ context, error: error instanceof Error ? error.message : String(error) }, 'storage full');
+    return new ServiceError(status.RESOURCE_EXHAUSTED, STORAGE_FULL.reason, STORAGE_FULL.message, { retryAfterMs: 60_000 });
+  }
   if (isEngineError(error)) {
     const mapped = engineCodeStatus[error.code];
     if (error.code === 'IO_ERROR') {

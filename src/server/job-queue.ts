@@ -20,7 +20,9 @@ import {
   failedPrecondition,
   isEngineError,
   notFound,
+  isStorageFull,
   resourceExhausted,
+  STORAGE_FULL,
   unavailable,
 } from './errors.js';
 import {
@@ -577,6 +579,7 @@ function fromTrainEvent(event: TrainEvent): JobEventData {
 
 /** The reason and message a failed job records: engine codes as they are, the rest INTERNAL. */
 function failureOf(error: unknown, dataRoot: DataRoot): { reason: string; message: string } {
+  if (isStorageFull(error)) return { ...STORAGE_FULL };
   if (isEngineError(error)) {
     if (error.code === 'IO_ERROR') return { reason: 'IO_ERROR', message: 'the server failed to read or write a file' };
     return { reason: error.code, message: dataRoot.redact(error.message) };

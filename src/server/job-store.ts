@@ -176,8 +176,16 @@ export class JobStore {
   /** UPDATE statements by the set of columns they write. */
   private readonly updates = new Map<string, Database.Statement>();
 
-  /** Opens (creating when missing) the database and marks jobs that were running as interrupted. */
-  constructor(file: string, now: () => number = Date.now) {
+  /**
+   * Opens (creating when missing) the database and marks jobs that were running as interrupted, or as
+   * completed when `publishedBy(job)` finds that the job had already published its adapter (the process
+   * died between the adapter's publish and the completion record).
+   */
+  constructor(
+    file: string,
+    now: () => number = Date.now,
+    private readonly publishedBy: (job: JobRecord) => { adapterId: string; metrics: TrainingMetricsRecord } | null = () => null,
+  ) {
     this.db = new Database(file);
     this.db.pragma('journal_mode = WAL');
     this.db.pragma('synchronous = NORMAL');
@@ -318,6 +326,11 @@ export class JobStore {
 
   private interruptRunningJobs(time: number): void {
     for (const job of this.inState('running')) {
+      const published = this.publishedBy(job);
+      if (published !== null) {
+        this.append(job.jobId, { kind: 'completed', ...published }, time);
+        continue;
+      }
       this.append(
         job.jobId,
         { kind: 'interrupted', lastStep: job.lastStep?.step ?? 0, lastCheckpointStep: job.lastCheckpointStep },

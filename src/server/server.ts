@@ -14,7 +14,7 @@ import { DatasetServiceService } from '../gen/tuneserve/v1/datasets.js';
 import { GenerationServiceService } from '../gen/tuneserve/v1/generation.js';
 import { ModelServiceService } from '../gen/tuneserve/v1/model.js';
 import { TrainingServiceService } from '../gen/tuneserve/v1/training.js';
-import { AdapterRegistry } from './adapter-registry.js';
+import { AdapterRegistry, publishedAdapterOf } from './adapter-registry.js';
 import { KeyStore, type KeySource } from './auth.js';
 import { adapterService } from './adapter-service.js';
 import { defaultLimits, MAX_CHUNK_BYTES, type ServerLimits, type ServiceContext } from './context.js';
@@ -140,7 +140,7 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
   const logger = options.logger ?? createLogger();
   const limits: ServerLimits = { ...defaultLimits, ...options.limits };
   const dataRoot = await DataRoot.open(options.dataRoot, options.exportRoot);
-  const store = new JobStore(dataRoot.databasePath);
+  const store = new JobStore(dataRoot.databasePath, Date.now, (job) => publishedAdapterOf(dataRoot, job));
   const telemetry = await Telemetry.create(options.metrics ?? null, options.metricReaders ?? [], options.tracerProvider ?? null);
   const keys = options.keys ? KeyStore.open(options.keys, logger) : null;
   if (options.keys && 'tokens' in options.keys) {

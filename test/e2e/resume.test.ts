@@ -16,6 +16,7 @@ import { makeModel } from '../../src/engine/make-model.js';
 import { JobState, TrainingConfig } from '../../src/gen/tuneserve/v1/training.js';
 import { startServe, type ServeProcess } from '../helpers/serve-process.js';
 import { call, collect, eventually, upload } from '../server/harness.js';
+import { record } from '../helpers/fuzz.js';
 
 interface Served {
   process: ServeProcess;
@@ -82,6 +83,14 @@ describe('resume after SIGKILL (real serve processes)', () => {
     const history = await collect(c2.training.watchJob({ jobId: 'killed', afterSequence: 0 }));
     const events = history.messages.map((m) => m.event!);
     expect(events.at(-1)?.completed?.adapterId).toBe('resumed');
+    // The history written before the kill is intact: every event numbered 1, 2, 3... without a gap, the
+    // steps before the kill 1..k in order, then the restart's interrupted event naming the checkpoint.
+    expect(events.map((e) => e.sequence)).toEqual(events.map((_, i) => i + 1));
+    const interruptedAt = events.findIndex((e) => e.interrupted !== undefined);
+    const stepsBefore = events.slice(0, interruptedAt).filter((e) => e.step).map((e) => e.step!.step);
+    expect(stepsBefore).toEqual(Array.from({ length: stepsBefore.length }, (_, i) => i + 1));
+    expect(stepsBefore.length).toBeGreaterThanOrEqual(from);
+    expect(events[interruptedAt]?.interrupted?.lastCheckpointStep).toBe(from);
     const resumedAt = events.findIndex((e) => e.resumed !== undefined);
     expect(events[resumedAt]?.resumed?.checkpointStep).toBe(from);
     expect(events.slice(resumedAt).filter((e) => e.step).map((e) => e.step!.step)).toEqual(
@@ -93,5 +102,9 @@ describe('resume after SIGKILL (real serve processes)', () => {
     expect(got.length).toBe(want.length);
     expect(got.equals(want)).toBe(true);
     await stop(second, 'SIGTERM');
+    record('fault-sigkill-training', {
+      name: 'SIGKILL during training, restart, ResumeJob', trials: 1, survived: 1,
+      details: [`killed after step ${stepsBefore.length} (checkpoint ${from}); history intact; resumed from step ${from}; adapter byte-identical to the uninterrupted run`],
+    });
   }, 600_000);
 });

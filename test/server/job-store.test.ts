@@ -50,4 +50,24 @@ describe('JobStore', () => {
     expect(reopened.list({ states: [], limit: 10, beforeOrdinal: null }).map((j) => j.jobId)).toEqual(['b', 'a']);
     reopened.close();
   });
+
+  it('marks a job that had published its adapter before the crash as completed (found by the reliability faults suite)', async () => {
+    // SIGKILL between the adapter's publish and the completion record left the job interrupted with its
+    // adapter stored, and ResumeJob then refused it (ALREADY_EXISTS) for ever.
+    sandbox = await makeSandbox();
+    const file = path.join(sandbox, 'jobs.db');
+    const store = new JobStore(file);
+    for (const jobId of ['done', 'cut']) {
+      store.insert({ jobId, tenant: 'default', adapterId: `${jobId}-adapter`, datasetId: 'd', datasetPath: 'datasets/d/data.jsonl', initAdapterId: null, config }, 0, 1000);
+      store.markRunning(jobId, 1001);
+      store.append(jobId, step(1), 1002);
+    }
+    store.close();
+    const metrics = { finalLoss: 0.5, evalLoss: null, steps: 3, tokens: 30, trainSeconds: 2, stoppedEarly: false, bestStep: null, bestEvalLoss: null, forgettingBaseLoss: null, forgettingLoss: null, guardInterventions: 0 };
+    const reopened = new JobStore(file, () => 2000, (job) => (job.jobId === 'done' ? { adapterId: job.adapterId, metrics } : null));
+    expect(reopened.get('done')?.state).toBe('succeeded');
+    expect(reopened.eventsAfter('done', 0, 100).at(-1)?.data).toEqual({ kind: 'completed', adapterId: 'done-adapter', metrics });
+    expect(reopened.get('cut')?.state).toBe('interrupted');
+    reopened.close();
+  });
 });
