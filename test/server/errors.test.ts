@@ -8,6 +8,8 @@ import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { GenerateRequest } from '../../src/gen/tuneserve/v1/generation.js';
 import { LrScheduler, TrainingConfig, type TrainRequest } from '../../src/gen/tuneserve/v1/training.js';
+import { EngineError } from '../../src/engine/errors.js';
+import { isStorageFull, toServiceError } from '../../src/server/errors.js';
 import { EngineDouble } from './engine-double.js';
 import {
   call,
@@ -17,6 +19,7 @@ import {
   expectStatus,
   hostileIds,
   importAdapter,
+  recordingLogger,
   sha256,
   startHarness,
   tree,
@@ -293,5 +296,26 @@ describe('hostile ids', () => {
     // Failed imports and uploads left no residue.
     expect(await fs.readdir(path.join(dataRoot, 'tmp'))).toEqual([]);
     expect((await fs.readdir(path.join(dataRoot, 'adapters'))).sort()).toEqual(['good']);
+  });
+});
+
+describe('a full data volume', () => {
+  // Found by the reliability faults suite (test/reliability/faults.test.ts): ENOSPC was an INTERNAL
+  // "failed to read or write a file". Whatever layer meets it, the client gets one clear answer.
+  const logger = recordingLogger();
+  const full = [
+    Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' }),
+    new EngineError('IO_ERROR', '/data/x.safetensors.tmp-1-0: write failed: No space left on device'),
+    new EngineError('IO_ERROR', 'cannot write /data/x', { path: '/data/x' }, { cause: Object.assign(new Error('quota'), { code: 'EDQUOT' }) }),
+    Object.assign(new Error('database or disk is full'), { code: 'SQLITE_FULL' }),
+  ];
+  it.each(full.map((error) => [error.message, error]))('%s → RESOURCE_EXHAUSTED STORAGE_FULL with a retry hint', (_message, error) => {
+    const mapped = toServiceError(error, logger, 'test');
+    expect([mapped.code, mapped.reason, mapped.details.retryAfterMs]).toEqual([status.RESOURCE_EXHAUSTED, 'STORAGE_FULL', 60_000]);
+    expect(isStorageFull(error)).toBe(true);
+  });
+  it('other I/O errors stay INTERNAL IO_ERROR', () => {
+    const mapped = toServiceError(new EngineError('IO_ERROR', 'read failed: Input/output error'), logger, 'test');
+    expect([mapped.code, mapped.reason]).toEqual([status.INTERNAL, 'IO_ERROR']);
   });
 });
