@@ -11,9 +11,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { Engine, type TrainHyperparameters } from '../../src/engine/engine.js';
-import { makeModel } from '../../src/engine/make-model.js';
-import { createLoraConfig } from '../../src/engine/peft-config.js';
+import { Engine, type TrainHyperparameters } from '../src/engine/engine.js';
+import { makeModel } from '../src/engine/make-model.js';
+import { createLoraConfig } from '../src/engine/peft-config.js';
 
 describe('resuming from a checkpoint at the last step', () => {
   let dir: string;

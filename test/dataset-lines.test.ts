@@ -10,9 +10,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { loadDataset, parseDatasetText } from '../../src/engine/dataset.js';
-import { llama3TokenizerFiles } from '../../src/engine/make-model.js';
-import { LlamaTokenizer } from '../../src/engine/tokenizer.js';
+import { loadDataset, parseDatasetText } from '../src/engine/dataset.js';
+import { llama3TokenizerFiles } from '../src/engine/make-model.js';
+import { LlamaTokenizer } from '../src/engine/tokenizer.js';
 
 describe('dataset loaders agree on line ends', () => {
   let dir: string;
