@@ -76,6 +76,7 @@ Executor::Executor(std::unique_ptr<Backend> backend, std::shared_ptr<const Llama
       kv_(*backend_, model_.cfg(), plan_.kv_block_size, plan_.kv_blocks),
       workspace_(*backend_, plan_.workspace),
       arena_(workspace_.data(), workspace_.bytes(), backend_->device(), "inference step") {
+  model_.backend_scratch = plan_.backend_scratch;  // training plans count it as resident
   // A captured step bakes the rotary table's address: size it for the longest sequence up front.
   if (options_.step_graphs && backend_->supports_graphs()) model_.ensure_rope(plan_.max_seq_len);
   thread_ = std::thread([this] { run(); });
@@ -182,6 +183,7 @@ Executor::Stats Executor::stats() const {
     std::lock_guard<std::mutex> lock(mu_);
     s.queued_sequences = (int)queued_.size();
     s.training = !trainings_.empty();
+    s.training_plan = training_plan_;
   }
   s.active_sequences = active_count_.load();
   s.kv_blocks_total = kv_.usable_blocks();
@@ -432,6 +434,9 @@ void Executor::training_step() {
         j->trainer = std::make_unique<Trainer>(model_, pool_, j->adapter, std::move(j->examples), j->hyper,
                                                std::move(j->eval_examples), std::move(j->forgetting_examples));
         training_bytes_ = j->trainer->workspace_bytes();
+        auto plan = std::make_shared<const TrainingMemoryPlan>(j->trainer->memory_plan());
+        std::lock_guard<std::mutex> lock(mu_);
+        training_plan_ = std::move(plan);
       }
       StepReport report;
       if (j->trainer->micro_step(&report)) {
@@ -463,6 +468,7 @@ void Executor::training_step() {
     j->trainer.reset();
     training_bytes_ = 0;
     std::lock_guard<std::mutex> lock(mu_);
+    training_plan_.reset();
     trainings_.pop_front();
     cancel_flags_.erase(j->id);
   }
@@ -523,8 +529,10 @@ double Executor::train_pass(const AdapterPool::Handle& adapter, const TrainBatch
         backend_->fill_zero(d.dB, size_t(d.view.out) * d.view.r * sizeof(float));
       }
   }
-  const int rank = adapter ? adapter->host->spec.r : 0;
-  Buffer mem(*backend_, plan_train_workspace(model_, batch.B, batch.T, rank, opt));
+  LoraSpec lora;
+  lora.r = 0;
+  if (adapter) lora = adapter->host->spec;
+  Buffer mem(*backend_, plan_train_workspace(model_, batch.B, batch.T, lora, opt));
   Arena arena(mem.data(), mem.bytes(), backend_->device(), "training pass");
   const double loss = llama_train_pass(model_, adapter ? &adapter->tensors : nullptr, batch, opt, arena);
   if (adapter) pool_.sync_to_host(*adapter);
