@@ -77,6 +77,7 @@ Executor::Executor(std::unique_ptr<Backend> backend, std::shared_ptr<const Llama
       workspace_(*backend_, plan_.workspace),
       arena_(workspace_.data(), workspace_.bytes(), backend_->device(), "inference step") {
   model_.backend_scratch = plan_.backend_scratch;  // training plans count it as resident
+  model_.training_limit = options_.training_memory_bytes;
   // A captured step bakes the rotary table's address: size it for the longest sequence up front.
   if (options_.step_graphs && backend_->supports_graphs()) model_.ensure_rope(plan_.max_seq_len);
   thread_ = std::thread([this] { run(); });
@@ -421,6 +422,12 @@ Tensor Executor::run_step(InferenceBatch& batch, bool decode_only) {
 
 void Executor::training_step() {
   maintain_adapters();
+  // Before a job's final callback: whoever it wakes sees no running job.
+  auto clear_job = [this] {
+    training_bytes_ = 0;
+    std::lock_guard<std::mutex> lock(mu_);
+    training_plan_.reset();
+  };
   std::shared_ptr<TrainingJob> j;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -452,23 +459,29 @@ void Executor::training_step() {
       if (cancelled && j->trainer) j->last.checkpoint = j->trainer->checkpoint_now();
       j->trainer.reset();  // ends the adapter's training state, frees the workspace
       pool_.sync_to_host(*j->adapter);
+      clear_job();
       if (j->cb.on_done) j->cb.on_done(j->last, cancelled);
     }
   } catch (const EngineError& e) {
     finished = true;
+    j->trainer.reset();
+    clear_job();
     if (j->cb.on_error) j->cb.on_error(e.code, e.what());
   } catch (const std::bad_alloc&) {
     finished = true;
+    j->trainer.reset();
+    clear_job();
     if (j->cb.on_error) j->cb.on_error("RESOURCE_EXHAUSTED", "out of memory during training");
   } catch (const std::exception& e) {
     finished = true;
+    j->trainer.reset();
+    clear_job();
     if (j->cb.on_error) j->cb.on_error("INTERNAL", e.what());
   }
   if (finished || cancelled) {
     j->trainer.reset();
-    training_bytes_ = 0;
+    clear_job();
     std::lock_guard<std::mutex> lock(mu_);
-    training_plan_.reset();
     trainings_.pop_front();
     cancel_flags_.erase(j->id);
   }

@@ -68,6 +68,8 @@ class Executor {
   const BackendWeights& weights() const { return model_.w; }
   const ExecutorOptions& options() const { return options_; }
   const MemoryPlan& memory_plan() const { return plan_; }
+  // The memory plan a training job of `shape` would get now (any thread; the job makes its own at start).
+  TrainingMemoryPlan plan_training(const TrainingShape& shape) const { return plan_training_memory(model_, shape); }
   Backend& backend() { return *backend_; }
 
   // Adapters (see AdapterPool): ids > 0; add refuses ADAPTER_POOL_FULL / RESOURCE_EXHAUSTED at once.

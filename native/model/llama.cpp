@@ -121,7 +121,7 @@ struct LayerActs {
 // buffers then reuse its memory (and, with recompute, that of the MLP's activations).
 struct LayerGrads {
   Tensor dh;            // (M,I)
-  Tensor dxn_mlp;       // (M,H)
+  Tensor dxn_mlp;       // (M,H) in dh's memory when it fits
   Tensor datt, dq;      // (M,NH*D)
   Tensor dk, dv;        // (M,NKV*D)
   Tensor dxn_attn;      // (M,H)
@@ -221,7 +221,8 @@ TrainWorkspace carve_train(Arena& a, const LlamaConfig& c, DType act, int B, int
   if (opt.backward) {
     // MLP part, then the attention part over the same memory.
     w.grads.dh = a.take(M, c.I, act);
-    w.grads.dxn_mlp = a.take(M, c.H, act);
+    // dh is dead once SwiGLU's backward has read it, before dxn_mlp is first written.
+    w.grads.dxn_mlp = c.H <= c.I ? make_tensor(w.grads.dh.data, act, M, c.H, a.device()) : a.take(M, c.H, act);
     const size_t mlp_end = a.used();
     a.seek(mlp_begin);
     w.grads.datt = a.take(M, QD, act);

@@ -20,6 +20,7 @@ struct LlamaModel {
   RopeView rope;        // cos/sin (P, D/2) in backend memory
   Buffer rope_storage;
   uint64_t backend_scratch = 0;  // what the backend reserved for its own scratch (the memory plan)
+  uint64_t training_limit = 0;   // most a training job may take (0: what the backend has free)
   const LlamaConfig& cfg() const { return w.cfg; }
   // Makes the rotary tables cover [0, positions). Grows geometrically; a captured step graph bakes the
   // table's address, so whoever captures sizes it first for the longest sequence it will run.

@@ -146,7 +146,7 @@ TrainingMemoryPlan plan_training_memory(const LlamaModel& m, const TrainingShape
   p.base = m.w.bytes;
   p.backend_scratch = m.backend_scratch;
   const MemoryInfo mem = be.memory_info();
-  p.free = mem.free;
+  p.free = m.training_limit > 0 ? std::min<uint64_t>(mem.free, m.training_limit) : mem.free;
   p.in_use = mem.total > mem.free ? mem.total - mem.free : 0;
   p.peak = p.in_use + p.job;
   return p;

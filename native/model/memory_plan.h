@@ -26,6 +26,7 @@ struct ExecutorOptions {
   double kv_share = 0.0;          // share of the memory left after weights, adapters and workspace; 0: backend default
   int kv_block_size = 16;         // positions per KV block
   bool step_graphs = true;        // capture decode steps as graphs where the backend supports them
+  uint64_t training_memory_bytes = 0;  // most a training job may take (0: what the backend has free)
 };
 
 struct MemoryPlan {
@@ -83,7 +84,8 @@ struct TrainingMemoryPlan {
   uint64_t job = 0;               // adapter_state + workspace.total: what must be free when the job starts
   // The backend's memory when the plan was made.
   uint64_t in_use = 0;            // already in use (from the config alone: base + backend scratch + adapter)
-  uint64_t free = 0;              // free (0 when planned from the config alone)
+  uint64_t free = 0;              // free, or the engine's limit for training when lower (0 when planned
+                                  // from the config alone)
   uint64_t peak = 0;              // in_use + job
   bool fits() const { return job <= free; }
   std::string describe() const;   // every part, in MiB

@@ -9,13 +9,14 @@ import { fileURLToPath } from 'node:url';
 
 import { Engine, type Adapter, type EngineOptions } from '../engine/engine.js';
 import { loadDataset } from '../engine/dataset.js';
+import type { NativeTrainingPlan } from '../engine/native.js';
 import { EngineError, hasErrorCode } from '../engine/errors.js';
 import { mergeAdapterFolder, mergeFidelity } from '../engine/merge.js';
 import { ADAPTER_WEIGHTS_FILE, createLoraConfig, loraTensorShapes, readAdapterConfig, type LoraConfig } from '../engine/peft-config.js';
 import { readSafetensorsHeader } from '../engine/safetensors.js';
 import type {
   AdapterConfig, ChatMessage, EnginePort, GenerateResult, GenerateSpec, MergeResult, MergeSpec, ModelInfo,
-  ResumePoint, TokenizerPort, TrainEvent, TrainResult, TrainSpec,
+  ResumePoint, TokenizerPort, TrainEvent, TrainResult, TrainSpec, TrainingMemoryPlan,
 } from './engine-port.js';
 
 export interface NativeEnginePortOptions extends EngineOptions {
@@ -34,6 +35,17 @@ const SCHEDULING =
   'One executor thread runs all model work: each turn advances every active generation by one token ' +
   '(continuous batching, each sequence with its own adapter), then runs one training micro-batch, so ' +
   'generation keeps streaming while a job trains.';
+
+function portTrainingPlan(p: NativeTrainingPlan): TrainingMemoryPlan {
+  return {
+    batchSize: p.batchSize, seqLen: p.seqLen, rank: p.rank, targetModules: p.targets, recompute: p.recompute,
+    baseBytes: p.baseBytes, backendScratchBytes: p.backendScratchBytes, dequantBufferBytes: p.dequantBufferBytes,
+    adapterWeightsBytes: p.adapterWeightsBytes, adapterStateBytes: p.adapterStateBytes, workspaceBytes: p.workspaceBytes,
+    inputsBytes: p.inputsBytes, savedActivationsBytes: p.savedActivationsBytes, layerWorkingSetBytes: p.layerWorkingSetBytes,
+    headBytes: p.headBytes, headSharedBytes: p.headSharedBytes, jobBytes: p.jobBytes, peakBytes: p.peakBytes,
+    freeBytes: p.freeBytes, description: p.description,
+  };
+}
 
 function toPortConfig(l: LoraConfig): AdapterConfig {
   return { rank: l.r, alpha: l.alpha, dropout: l.dropout, targetModules: [...l.targets], useRslora: l.useRslora };
@@ -130,6 +142,7 @@ export class NativeEnginePort implements EnginePort {
         deviceFreeBytes: stats.deviceFreeBytes, stepWorkspaceBytes: plan.workspaceBytes,
         backendScratchBytes: plan.backendScratchBytes, kvCacheBlocks: plan.kvBlocks, kvBlockSize: plan.kvBlockSize,
         kvCacheBlocksUsed: stats.kvBlocksUsed,
+        ...(stats.trainingPlan ? { trainingPlan: portTrainingPlan(stats.trainingPlan) } : {}),
       },
       fingerprint: this.fingerprint,
       maxSeqLen: this.maxSeqLen,
