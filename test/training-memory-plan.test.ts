@@ -72,8 +72,9 @@ function handPlan(options: { targets: string[]; dropout: number; recompute: bool
 
   // The job: gradients and both AdamW moments of A and B, float32.
   const adapterState = 3 * adapterWeights;
-  // Inputs: ids, positions, scored rows, scored targets (int32 per row) and the loss sum (a double).
-  const inputs = 4 * M * I32 + 8;
+  // Inputs: ids, positions, document starts (packing), scored rows, scored targets (int32 per row) and
+  // the loss sum (a double).
+  const inputs = 5 * M * I32 + 8;
   // One layer's activations, in halves: what the attention part's backward reads, and the MLP's.
   const attentionActs = M * H * BF16 /* xn1 */ + M * F32 /* rstd1 */ + M * QD * BF16 /* q */ + 2 * M * KVD * BF16 /* k, v */
     + M * QD * BF16 /* att */ + B * NH * T * F32 /* lse */;

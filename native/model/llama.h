@@ -34,10 +34,15 @@ void rope_tables(const LlamaConfig& cfg, int64_t P, std::vector<float>* cos, std
 // B sequences of T tokens (right-padded by the caller; padding positions carry label -100).
 // labels use Hugging Face's convention: same length as ids, unshifted; position t is trained to
 // predict labels[t + 1]; -100 ignored.
+// Packing: with doc_start, a sequence holds several documents; row t belongs to the document starting
+// at doc_start[t], attends only within it (block-diagonal causal mask), has position t - doc_start[t],
+// and a document's last row is not scored against the next document's first token. Each document's
+// loss and gradients are then those of the document alone.
 struct TrainBatch {
   int B = 0, T = 0;
-  std::vector<int32_t> ids;     // (B*T)
-  std::vector<int32_t> labels;  // (B*T)
+  std::vector<int32_t> ids;        // (B*T)
+  std::vector<int32_t> labels;     // (B*T)
+  std::vector<int32_t> doc_start;  // (B*T), or empty: one document per sequence
   int64_t count_targets() const;
 };
 
@@ -52,7 +57,8 @@ struct TrainPassOptions {
 // The parts of a training pass's workspace in bytes, as the pass lays it out (one arena; see
 // model/memory_plan.h for the whole job).
 struct TrainWorkspaceParts {
-  size_t inputs = 0;             // token ids, positions, scored rows and targets (M each), the loss sum
+  size_t inputs = 0;             // token ids, positions, document starts, scored rows and targets (M each),
+                                 // the loss sum
   size_t saved_activations = 0;  // the input of each layer and the final stream, (L+1)·M·H; without
                                  // recompute every layer's activations too
   size_t layer_working_set = 0;  // the stream's gradient (M,H), the LoRA scratch, one layer's activations

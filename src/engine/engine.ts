@@ -8,7 +8,7 @@ import { join, resolve } from 'node:path';
 
 import { EngineError, toEngineError } from './errors.js';
 import { loadModelFolder, type LlamaConfig, type ModelFolder } from './model-folder.js';
-import { native, type GuardPolicy, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativeStepReport, type NativeTrainHyper, type NativeTrainingPlan } from './native.js';
+import { native, type GuardPolicy, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativeStepReport, type NativeTrainExample, type NativeTrainHyper, type NativeTrainingPlan } from './native.js';
 import { ADAPTER_WEIGHTS_FILE, adapterConfigJson, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
 import { LlamaTokenizer } from './tokenizer.js';
 import { awaitCancellable } from './cancel.js';
@@ -258,7 +258,7 @@ export class Engine {
    */
   async train(
     adapter: Adapter,
-    examples: readonly { ids: Int32Array; labels: Int32Array }[],
+    examples: readonly NativeTrainExample[],
     hyper: TrainHyperparameters,
     handlers: { onStep?: (event: StepEvent) => void; signal?: AbortSignal } = {},
   ): Promise<TrainSummary> {
@@ -312,7 +312,7 @@ export class Engine {
     let interventions = 0;
     const job = this.native.train({
       slot: adapter.slot,
-      examples: examples.map((e) => ({ ids: e.ids, labels: e.labels })),
+      examples: examples.map((e) => ({ ids: e.ids, labels: e.labels, ...(e.docStart ? { docStart: e.docStart } : {}) })),
       evalExamples: (hyper.evalExamples ?? []).map((e) => ({ ids: e.ids, labels: e.labels })),
       forgettingExamples: (hyper.forgettingExamples ?? []).map((e) => ({ ids: e.ids, labels: e.labels })),
       hyper: nativeHyper,
@@ -406,13 +406,19 @@ export function trainingConfigHash(lora: LoraConfig, h: TrainHyperparameters): s
   return createHash('sha256').update(JSON.stringify(relevant)).digest('hex');
 }
 
-/** A fingerprint of the training examples as the engine sees them (ids and labels, in order). */
-export function examplesHash(examples: readonly { ids: Int32Array; labels: Int32Array }[]): string {
+/** A fingerprint of the training examples as the engine sees them (ids, labels and packing, in order). */
+export function examplesHash(examples: readonly NativeTrainExample[]): string {
   const hash = createHash('sha256');
   for (const e of examples) {
     hash.update(new Uint8Array(new Int32Array([e.ids.length]).buffer));
     hash.update(new Uint8Array(e.ids.buffer, e.ids.byteOffset, e.ids.byteLength));
     hash.update(new Uint8Array(e.labels.buffer, e.labels.byteOffset, e.labels.byteLength));
+    // Unpacked examples hash as before, so checkpoints of jobs from before packing still resume.
+    // A packed example adds a marker no length can equal, then its document starts.
+    if (e.docStart) {
+      hash.update(new Uint8Array(new Int32Array([-1]).buffer));
+      hash.update(new Uint8Array(e.docStart.buffer, e.docStart.byteOffset, e.docStart.byteLength));
+    }
   }
   return hash.digest('hex');
 }

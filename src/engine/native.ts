@@ -88,6 +88,12 @@ export interface NativeGenerateResult {
 
 export interface NativeJob<T> { id: number; promise: Promise<T> }
 
+/**
+ * One training sequence. docStart (packed sequences, see packing.ts) gives, per token, the index of
+ * the first token of its document: attention, positions and loss stay within each document.
+ */
+export interface NativeTrainExample { ids: Int32Array; labels: Int32Array; docStart?: Int32Array }
+
 /** The memory plan the engine made at start (native/model/memory_plan.h), in bytes. */
 export interface NativeMemoryPlan {
   totalBytes: number; freeBytesAtStart: number; weightsBytes: number; backendScratchBytes: number;
@@ -137,11 +143,11 @@ export interface NativeEngine {
   adapterTensors(slot: number, grads?: boolean): Promise<Record<string, Float32Array>>;
   logits(ids: Int32Array, slot: number): Promise<Float32Array>;
   trainPass(
-    batch: { B: number; T: number; ids: Int32Array; labels: Int32Array },
+    batch: { B: number; T: number; ids: Int32Array; labels: Int32Array; docStart?: Int32Array },
     slot: number,
     options?: { backward?: boolean; recompute?: boolean; lossScale?: number; dropout?: number; dropoutSeed?: number; dropoutStep?: number },
   ): Promise<{ loss: number; targets: number; grads?: Record<string, Float32Array> }>;
-  train(spec: { slot: number; examples: { ids: Int32Array; labels: Int32Array }[]; evalExamples?: { ids: Int32Array; labels: Int32Array }[]; forgettingExamples?: { ids: Int32Array; labels: Int32Array }[]; hyper: NativeTrainHyper }, onStep: (r: NativeStepReport) => void): NativeJob<NativeStepReport & { cancelled: boolean }>;
+  train(spec: { slot: number; examples: NativeTrainExample[]; evalExamples?: NativeTrainExample[]; forgettingExamples?: NativeTrainExample[]; hyper: NativeTrainHyper }, onStep: (r: NativeStepReport) => void): NativeJob<NativeStepReport & { cancelled: boolean }>;
   generate(spec: NativeGenerateSpec, onTokens: (ids: Int32Array) => void): NativeJob<NativeGenerateResult>;
   cancel(id: number): void;
   close(): void;

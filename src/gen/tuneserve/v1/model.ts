@@ -160,7 +160,7 @@ export interface TrainingMemoryPlan {
    * head_shared.
    */
   workspaceBytes: number;
-  /** Token ids, positions, scored rows and targets of a micro-batch. */
+  /** Token ids, positions, document starts, scored rows and targets of a micro-batch. */
   inputsBytes: number;
   /** What the backward keeps: each layer's input (and, without recompute, every layer's activations). */
   savedActivationsBytes: number;
