@@ -13,6 +13,9 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { Engine, nativeConfig } from '../src/engine/engine.js';
+import type { ModelInfo, TrainingMemoryPlan } from '../src/server/engine-port.js';
+import { EngineDouble } from './server/engine-double.js';
+import { call, startHarness } from './server/harness.js';
 import { makeModel } from '../src/engine/make-model.js';
 import { native, type NativeModelConfig, type NativeTrainingPlan } from '../src/engine/native.js';
 import { createLoraConfig } from '../src/engine/peft-config.js';
@@ -234,6 +237,39 @@ describe('training memory plan of a running engine (tiny model, CPU)', () => {
       expect(message).toContain(`layer working set ${mib(plan.layerWorkingSetBytes)}`);
     } finally {
       limited.close();
+    }
+  });
+});
+
+describe('GetModelInfo', () => {
+  it('carries the running job\'s memory plan in memory.training_plan, every field', async () => {
+    const p = plan8b();
+    const plan: TrainingMemoryPlan = {
+      batchSize: p.batchSize, seqLen: p.seqLen, rank: p.rank, targetModules: p.targets, recompute: p.recompute,
+      baseBytes: p.baseBytes, backendScratchBytes: p.backendScratchBytes, dequantBufferBytes: p.dequantBufferBytes,
+      adapterWeightsBytes: p.adapterWeightsBytes, adapterStateBytes: p.adapterStateBytes, workspaceBytes: p.workspaceBytes,
+      inputsBytes: p.inputsBytes, savedActivationsBytes: p.savedActivationsBytes, layerWorkingSetBytes: p.layerWorkingSetBytes,
+      headBytes: p.headBytes, headSharedBytes: p.headSharedBytes, jobBytes: p.jobBytes, peakBytes: p.peakBytes,
+      freeBytes: 80 * GiB, description: p.description,
+    };
+    class Training extends EngineDouble {
+      override modelInfo(): ModelInfo {
+        const info = super.modelInfo();
+        return { ...info, memory: { ...info.memory, trainingPlan: plan } };
+      }
+    }
+    const harness = await startHarness({ engine: new Training() });
+    try {
+      const info = await call(harness.clients.model.getModelInfo, harness.clients.model, {});
+      expect(info.memory?.trainingPlan).toEqual(plan);
+      const idle = await startHarness();
+      try {
+        expect((await call(idle.clients.model.getModelInfo, idle.clients.model, {})).memory?.trainingPlan).toBeUndefined();
+      } finally {
+        await idle.stop();
+      }
+    } finally {
+      await harness.stop();
     }
   });
 });
