@@ -8,7 +8,7 @@ import { join, resolve } from 'node:path';
 
 import { EngineError, toEngineError } from './errors.js';
 import { loadModelFolder, type LlamaConfig, type ModelFolder } from './model-folder.js';
-import { native, type GuardPolicy, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativeStepReport, type NativeTrainExample, type NativeTrainHyper, type NativeTrainingPlan } from './native.js';
+import { native, type GuardSettings, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativeStepReport, type NativeTrainExample, type NativeTrainHyper, type NativeTrainingPlan } from './native.js';
 import { ADAPTER_WEIGHTS_FILE, adapterConfigJson, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
 import { LlamaTokenizer } from './tokenizer.js';
 import { awaitCancellable } from './cancel.js';
@@ -59,7 +59,8 @@ export interface Adapter {
   readonly config: LoraConfig;
 }
 
-export interface TrainHyperparameters {
+/** A training run's settings; the guard's are GuardSettings. */
+export interface TrainHyperparameters extends GuardSettings {
   lr: number;
   steps?: number; // > 0 overrides epochs
   epochs: number;
@@ -93,14 +94,6 @@ export interface TrainHyperparameters {
   checkpointDir?: string;
   /** A checkpoint folder to continue from; `adapter` must be loaded from it (resumeAdapter). */
   resumeFrom?: string;
-  /** The guard: what to do on a non-finite loss or gradient, and on a loss spike (spikeFactor × the recent mean; 0 = off). */
-  nonfinitePolicy?: GuardPolicy;
-  spikeFactor?: number;
-  spikePolicy?: GuardPolicy;
-  rollbackLrFactor?: number;
-  maxInterventions?: number;
-  /** Fault injection for tests: poison the gradients of this optimizer step, once. */
-  injectNonfiniteStep?: number;
 }
 
 export interface StepEvent extends NativeStepReport {

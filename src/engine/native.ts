@@ -23,7 +23,20 @@ export interface NativeLoraSpec {
 
 export type GuardPolicy = 'fail' | 'skip' | 'rollback';
 
-export interface NativeTrainHyper {
+/** The training guard: what to do on a non-finite loss or gradient, and on a loss spike (spikeFactor × the recent mean; 0 = off). */
+export interface GuardSettings {
+  nonfinitePolicy?: GuardPolicy;
+  spikeFactor?: number;
+  spikePolicy?: GuardPolicy;
+  /** Each rollback multiplies the learning rate by this. */
+  rollbackLrFactor?: number;
+  /** More interventions than this fail the job. */
+  maxInterventions?: number;
+  /** Fault injection for tests: poison the gradients of this optimizer step, once. */
+  injectNonfiniteStep?: number;
+}
+
+export interface NativeTrainHyper extends GuardSettings {
   lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; maxGradNorm: number;
   scheduler: 'constant' | 'linear' | 'cosine'; warmupSteps: number; batchSize: number; gradAccum: number;
   epochs: number; maxSteps: number; seed: number; shuffle: boolean; recompute: boolean; padId: number;
@@ -43,13 +56,6 @@ export interface NativeTrainHyper {
   dataHash?: string;
   /** A checkpoint folder to continue from (the adapter must have been loaded from it). */
   resumeFrom?: string;
-  nonfinitePolicy?: GuardPolicy;
-  spikeFactor?: number;
-  spikePolicy?: GuardPolicy;
-  rollbackLrFactor?: number;
-  maxInterventions?: number;
-  /** Fault injection for tests: poison the gradients of this step, once. */
-  injectNonfiniteStep?: number;
 }
 
 export interface NativeStepReport {
