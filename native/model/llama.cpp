@@ -435,8 +435,8 @@ double llama_train_pass(LlamaModel& m, const AdapterTensors* adapter, const Trai
   be.fill_zero(w.loss_sum, sizeof(double));
 
   const bool backward_adapter = opt.backward && adapter != nullptr;
-  TrainContext tc{m, be, c, AttentionShape{B, T, c.NH, c.NKV, c.D, packed ? w.doc_start : nullptr}, M, w.pos, adapter, backward_adapter,
-                  opt.dropout, w.lora};
+  const AttentionShape shape{B, T, c.NH, c.NKV, c.D, packed ? w.doc_start : nullptr};
+  TrainContext tc{m, be, c, shape, M, w.pos, adapter, backward_adapter, opt.dropout, w.lora};
 
   // Forward. layer_in[l] holds the input of layer l (and layer_in[L] the final residual stream).
   be.embedding(w.layer_in[0], w.ids, m.w.embed);
