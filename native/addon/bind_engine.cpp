@@ -101,6 +101,68 @@ TrainHyper hyper_from_js(const Napi::Object& h) {
   return p;
 }
 
+// {batchSize, seqLen, lora, recompute?} of a training memory plan.
+TrainingShape shape_from_js(const Napi::Object& o) {
+  TrainingShape s;
+  s.B = (int)num(o, "batchSize", 0);
+  s.T = (int)num(o, "seqLen", 0);
+  require(o.Get("lora").IsObject(), "INVALID_ARGUMENT", "lora must be an object");
+  s.lora = lora_spec_from_js(o.Get("lora").As<Napi::Object>());
+  s.recompute = flag(o, "recompute", s.recompute);
+  return s;
+}
+
+Napi::Object plan_to_js(Napi::Env env, const TrainingMemoryPlan& p) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("batchSize", p.shape.B);
+  o.Set("seqLen", p.shape.T);
+  o.Set("rank", p.shape.lora.r);
+  Napi::Array targets = Napi::Array::New(env);
+  for (int t = 0; t < NUM_TARGETS; t++)
+    if ((p.shape.lora.target_mask >> t) & 1u) targets.Set(targets.Length(), target_name(t));
+  o.Set("targets", targets);
+  o.Set("recompute", p.shape.recompute);
+  o.Set("computeDtype", dtype_name(p.act));
+  o.Set("baseBytes", (double)p.base);
+  o.Set("backendScratchBytes", (double)p.backend_scratch);
+  o.Set("dequantBufferBytes", (double)p.dequant_buffer);
+  o.Set("adapterWeightsBytes", (double)p.adapter_weights);
+  o.Set("adapterStateBytes", (double)p.adapter_state);
+  o.Set("inputsBytes", (double)p.workspace.inputs);
+  o.Set("savedActivationsBytes", (double)p.workspace.saved_activations);
+  o.Set("layerWorkingSetBytes", (double)p.workspace.layer_working_set);
+  o.Set("headBytes", (double)p.workspace.head);
+  o.Set("headSharedBytes", (double)p.workspace.head_shared);
+  o.Set("workspaceBytes", (double)p.workspace.total);
+  o.Set("jobBytes", (double)p.job);
+  o.Set("inUseBytes", (double)p.in_use);
+  o.Set("freeBytes", (double)p.free);
+  o.Set("peakBytes", (double)p.peak);
+  o.Set("fits", p.fits());
+  o.Set("description", p.describe());
+  return o;
+}
+
+// planTrainingMemory({config, quant, device, computeDtype, batchSize, seqLen, lora, recompute?,
+//                     backendScratchBytes?}) -> plan, from the config alone (no model, no device).
+Napi::Value plan_training_memory_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guard(env, [&]() -> Napi::Value {
+    Napi::Object spec = info[0].As<Napi::Object>();
+    const LlamaConfig cfg = config_from_js(spec.Get("config").As<Napi::Object>());
+    const std::string quant = text(spec, "quant", "nf4"), device = text(spec, "device", "cpu"),
+                      dtype = text(spec, "computeDtype", "f32");
+    require(device == "cpu" || device == "cuda", "INVALID_ARGUMENT", "device must be cpu or cuda, got " + device);
+    require(dtype == "f32" || dtype == "bf16", "INVALID_ARGUMENT", "computeDtype must be f32 or bf16, got " + dtype);
+    require(quant == "nf4" || quant == "none", "INVALID_ARGUMENT", "quant must be nf4 or none, got " + quant);
+    const TrainingMemoryPlan p =
+        plan_training_memory(cfg, device == "cuda" ? DeviceKind::CUDA : DeviceKind::CPU,
+                             dtype == "bf16" ? DType::BF16 : DType::F32, quant, shape_from_js(spec),
+                             (uint64_t)num(spec, "backendScratchBytes", 0));
+    return plan_to_js(env, p);
+  });
+}
+
 Napi::Object step_to_js(Napi::Env env, const StepReport& r) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("step", (double)r.step);
@@ -148,6 +210,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                                        InstanceMethod("logits", &EngineWrap::logits),
                                        InstanceMethod("trainPass", &EngineWrap::train_pass),
                                        InstanceMethod("train", &EngineWrap::train),
+                                       InstanceMethod("planTraining", &EngineWrap::plan_training),
                                        InstanceMethod("generate", &EngineWrap::generate),
                                        InstanceMethod("cancel", &EngineWrap::cancel),
                                        InstanceMethod("close", &EngineWrap::close),
@@ -222,7 +285,16 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     o.Set("deviceTotalBytes", (double)mem.total);
     o.Set("deviceFreeBytes", (double)mem.free);
     o.Set("adapters", e.adapter_count());
+    if (s.training_plan) o.Set("trainingPlan", plan_to_js(env, *s.training_plan));
     return o;
+  }
+
+  // planTraining({batchSize, seqLen, lora, recompute?}) -> the plan such a job would get now.
+  Napi::Value plan_training(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      return plan_to_js(env, engine(env).plan_training(shape_from_js(info[0].As<Napi::Object>())));
+    });
   }
 
   // createAdapter(lora, seed) -> id
@@ -329,7 +401,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     });
   }
 
-  // trainPass({B, T, ids, labels}, id, {backward, recompute, lossScale, dropout, dropoutSeed, dropoutStep})
+  // trainPass({B, T, ids, labels, docStart?}, id, {backward, recompute, lossScale, dropout, dropoutSeed, dropoutStep})
   //   -> Promise<{loss, grads?: {peftKey: Float32Array}}>  (one pass, no optimizer step; for tests)
   Napi::Value train_pass(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -340,6 +412,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       batch.T = b.Get("T").As<Napi::Number>().Int32Value();
       batch.ids = to_ids(b.Get("ids"), "ids");
       batch.labels = to_ids(b.Get("labels"), "labels");
+      if (b.Has("docStart") && !b.Get("docStart").IsUndefined()) batch.doc_start = to_ids(b.Get("docStart"), "docStart");
       auto adapter = adapter_or_null(env, info[1]);
       Napi::Object o = info.Length() > 2 && info[2].IsObject() ? info[2].As<Napi::Object>() : Napi::Object::New(env);
       TrainPassOptions opt;
@@ -364,7 +437,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     });
   }
 
-  // train({slot, examples: [{ids, labels}], evalExamples?, forgettingExamples?, hyper}, onStep) -> {id, promise}
+  // train({slot, examples: [{ids, labels, docStart?}], evalExamples?, forgettingExamples?, hyper}, onStep) -> {id, promise}
   Napi::Value train(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
@@ -379,6 +452,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
           Napi::Object r = rows.Get(i).As<Napi::Object>();
           out[i].ids = to_ids(r.Get("ids"), "examples[].ids");
           out[i].labels = to_ids(r.Get("labels"), "examples[].labels");
+          if (r.Has("docStart") && !r.Get("docStart").IsUndefined()) out[i].doc_start = to_ids(r.Get("docStart"), "examples[].docStart");
         }
         return out;
       };
@@ -466,7 +540,8 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
 Napi::FunctionReference EngineWrap::ctor;
 
 // loadModel({config, files, quant, device, float32Compute?, threads?, maxActiveSequences?, prefillChunk?,
-//            maxSeqLen?, adapterSlots?, maxLoraRank?, kvCacheBytes?, stepGraphs?}) -> Promise<NativeEngine>
+//            maxSeqLen?, adapterSlots?, maxLoraRank?, kvCacheBytes?, stepGraphs?, trainingMemoryBytes?})
+//   -> Promise<NativeEngine>
 // device: "cpu" or "cuda" (the caller resolved "auto"). The weights are read on a loader thread.
 Napi::Value load_model(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -490,6 +565,7 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
     options.max_lora_rank = (int)num(spec, "maxLoraRank", options.max_lora_rank);
     options.kv_cache_bytes = (uint64_t)num(spec, "kvCacheBytes", 0);
     options.step_graphs = flag(spec, "stepGraphs", options.step_graphs);
+    options.training_memory_bytes = (uint64_t)num(spec, "trainingMemoryBytes", 0);
     auto ch = JsChannel::create(env, env.Undefined(), "tuneserve.loadModel");
     std::thread([cfg, files, quant, device, cuda_options, options, ch] {
       try {
@@ -517,6 +593,7 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
 void init_engine(Napi::Env env, Napi::Object exports) {
   EngineWrap::define(env, exports);
   exports.Set("loadModel", Napi::Function::New(env, load_model));
+  exports.Set("planTrainingMemory", Napi::Function::New(env, plan_training_memory_js));
   exports.Set("lrMultiplier", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
                 return guard(info.Env(), [&]() -> Napi::Value {
                   return Napi::Number::New(info.Env(), lr_multiplier(info[0].As<Napi::String>().Utf8Value(),

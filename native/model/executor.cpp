@@ -76,6 +76,8 @@ Executor::Executor(std::unique_ptr<Backend> backend, std::shared_ptr<const Llama
       kv_(*backend_, model_.cfg(), plan_.kv_block_size, plan_.kv_blocks),
       workspace_(*backend_, plan_.workspace),
       arena_(workspace_.data(), workspace_.bytes(), backend_->device(), "inference step") {
+  model_.backend_scratch = plan_.backend_scratch;  // training plans count it as resident
+  model_.training_limit = options_.training_memory_bytes;
   // A captured step bakes the rotary table's address: size it for the longest sequence up front.
   if (options_.step_graphs && backend_->supports_graphs()) model_.ensure_rope(plan_.max_seq_len);
   thread_ = std::thread([this] { run(); });
@@ -182,6 +184,7 @@ Executor::Stats Executor::stats() const {
     std::lock_guard<std::mutex> lock(mu_);
     s.queued_sequences = (int)queued_.size();
     s.training = !trainings_.empty();
+    s.training_plan = training_plan_;
   }
   s.active_sequences = active_count_.load();
   s.kv_blocks_total = kv_.usable_blocks();
@@ -419,6 +422,12 @@ Tensor Executor::run_step(InferenceBatch& batch, bool decode_only) {
 
 void Executor::training_step() {
   maintain_adapters();
+  // Before a job's final callback: whoever it wakes sees no running job.
+  auto clear_job = [this] {
+    training_bytes_ = 0;
+    std::lock_guard<std::mutex> lock(mu_);
+    training_plan_.reset();
+  };
   std::shared_ptr<TrainingJob> j;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -432,6 +441,9 @@ void Executor::training_step() {
         j->trainer = std::make_unique<Trainer>(model_, pool_, j->adapter, std::move(j->examples), j->hyper,
                                                std::move(j->eval_examples), std::move(j->forgetting_examples));
         training_bytes_ = j->trainer->workspace_bytes();
+        auto plan = std::make_shared<const TrainingMemoryPlan>(j->trainer->memory_plan());
+        std::lock_guard<std::mutex> lock(mu_);
+        training_plan_ = std::move(plan);
       }
       StepReport report;
       if (!j->trainer->done() && j->trainer->micro_step(&report)) {  // resumed at its last step: nothing to run
@@ -447,21 +459,28 @@ void Executor::training_step() {
       if (cancelled && j->trainer) j->last.checkpoint = j->trainer->checkpoint_now();
       j->trainer.reset();  // ends the adapter's training state, frees the workspace
       pool_.sync_to_host(*j->adapter);
+      clear_job();
       if (j->cb.on_done) j->cb.on_done(j->last, cancelled);
     }
   } catch (const EngineError& e) {
     finished = true;
+    j->trainer.reset();
+    clear_job();
     if (j->cb.on_error) j->cb.on_error(e.code, e.what());
   } catch (const std::bad_alloc&) {
     finished = true;
+    j->trainer.reset();
+    clear_job();
     if (j->cb.on_error) j->cb.on_error("RESOURCE_EXHAUSTED", "out of memory during training");
   } catch (const std::exception& e) {
     finished = true;
+    j->trainer.reset();
+    clear_job();
     if (j->cb.on_error) j->cb.on_error("INTERNAL", e.what());
   }
   if (finished || cancelled) {
     j->trainer.reset();
-    training_bytes_ = 0;
+    clear_job();
     std::lock_guard<std::mutex> lock(mu_);
     trainings_.pop_front();
     cancel_flags_.erase(j->id);
@@ -523,8 +542,10 @@ double Executor::train_pass(const AdapterPool::Handle& adapter, const TrainBatch
         backend_->fill_zero(d.dB, size_t(d.view.out) * d.view.r * sizeof(float));
       }
   }
-  const int rank = adapter ? adapter->host->spec.r : 0;
-  Buffer mem(*backend_, plan_train_workspace(model_, batch.B, batch.T, rank, opt));
+  LoraSpec lora;
+  lora.r = 0;
+  if (adapter) lora = adapter->host->spec;
+  Buffer mem(*backend_, plan_train_workspace(model_, batch.B, batch.T, lora, opt));
   Arena arena(mem.data(), mem.bytes(), backend_->device(), "training pass");
   const double loss = llama_train_pass(model_, adapter ? &adapter->tensors : nullptr, batch, opt, arena);
   if (adapter) pool_.sync_to_host(*adapter);

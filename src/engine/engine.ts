@@ -8,7 +8,7 @@ import { join, resolve } from 'node:path';
 
 import { EngineError, toEngineError } from './errors.js';
 import { loadModelFolder, type LlamaConfig, type ModelFolder } from './model-folder.js';
-import { native, type GuardPolicy, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativeStepReport, type NativeTrainHyper } from './native.js';
+import { native, type GuardSettings, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativeStepReport, type NativeTrainExample, type NativeTrainHyper, type NativeTrainingPlan } from './native.js';
 import { ADAPTER_WEIGHTS_FILE, adapterConfigJson, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
 import { LlamaTokenizer } from './tokenizer.js';
 import { awaitCancellable } from './cancel.js';
@@ -30,6 +30,8 @@ export interface EngineOptions {
   adapterSlots?: number;
   /** Size of the paged KV cache; default: a share of the memory left after weights and workspace. */
   kvCacheBytes?: number;
+  /** Most a training job may take; default: what the device has free beside the serving pool. */
+  trainingMemoryBytes?: number;
   /** Where to send the one-line notices (device fallback). Default: stderr. */
   log?: (line: string) => void;
   /** Check a stored folder against its manifest (integrity.ts); default true. */
@@ -59,7 +61,8 @@ export interface Adapter {
   readonly config: LoraConfig;
 }
 
-export interface TrainHyperparameters {
+/** A training run's settings; the guard's are GuardSettings. */
+export interface TrainHyperparameters extends GuardSettings {
   lr: number;
   steps?: number; // > 0 overrides epochs
   epochs: number;
@@ -93,14 +96,6 @@ export interface TrainHyperparameters {
   checkpointDir?: string;
   /** A checkpoint folder to continue from; `adapter` must be loaded from it (resumeAdapter). */
   resumeFrom?: string;
-  /** The guard: what to do on a non-finite loss or gradient, and on a loss spike (spikeFactor × the recent mean; 0 = off). */
-  nonfinitePolicy?: GuardPolicy;
-  spikeFactor?: number;
-  spikePolicy?: GuardPolicy;
-  rollbackLrFactor?: number;
-  maxInterventions?: number;
-  /** Fault injection for tests: poison the gradients of this optimizer step, once. */
-  injectNonfiniteStep?: number;
 }
 
 export interface StepEvent extends NativeStepReport {
@@ -184,6 +179,7 @@ export class Engine {
       ...(options.maxSeqLen ? { maxSeqLen: Math.min(options.maxSeqLen, folder.config.maxPositionEmbeddings) } : {}),
       ...(options.adapterSlots ? { adapterSlots: options.adapterSlots } : {}),
       ...(options.kvCacheBytes ? { kvCacheBytes: options.kvCacheBytes } : {}),
+      ...(options.trainingMemoryBytes ? { trainingMemoryBytes: options.trainingMemoryBytes } : {}),
     };
     const engine = await native().loadModel(spec).catch((e: unknown) => { throw toEngineError(e); });
     return new Engine(folder, tokenizer, engine, quant, device, cudaCompute);
@@ -191,6 +187,17 @@ export class Engine {
 
   info() {
     return { ...this.native.info(), ...this.native.stats(), config: this.config, modelDir: this.folder.dir };
+  }
+
+  /**
+   * The memory plan a training job would get now: batches of batchSize rows of seqLen tokens (the
+   * longest), an adapter of `config`. A job whose plan does not fit is refused with RESOURCE_EXHAUSTED.
+   */
+  planTraining(config: LoraConfig, shape: { batchSize: number; seqLen: number; recompute?: boolean }): NativeTrainingPlan {
+    for (const [field, v] of [['batch_size', shape.batchSize], ['seq_len', shape.seqLen]] as const) {
+      if (!Number.isSafeInteger(v) || v <= 0) throw new EngineError('INVALID_ARGUMENT', `${field} must be a positive integer, got ${v}`, { field });
+    }
+    return this.call(() => this.native.planTraining({ ...shape, lora: nativeLora(config) }));
   }
 
   /** A fresh adapter (A kaiming-uniform from seed, B zero) in a new slot. */
@@ -246,7 +253,7 @@ export class Engine {
    */
   async train(
     adapter: Adapter,
-    examples: readonly { ids: Int32Array; labels: Int32Array }[],
+    examples: readonly NativeTrainExample[],
     hyper: TrainHyperparameters,
     handlers: { onStep?: (event: StepEvent) => void; signal?: AbortSignal } = {},
   ): Promise<TrainSummary> {
@@ -300,7 +307,7 @@ export class Engine {
     let interventions = 0;
     const job = this.native.train({
       slot: adapter.slot,
-      examples: examples.map((e) => ({ ids: e.ids, labels: e.labels })),
+      examples: examples.map((e) => ({ ids: e.ids, labels: e.labels, ...(e.docStart ? { docStart: e.docStart } : {}) })),
       evalExamples: (hyper.evalExamples ?? []).map((e) => ({ ids: e.ids, labels: e.labels })),
       forgettingExamples: (hyper.forgettingExamples ?? []).map((e) => ({ ids: e.ids, labels: e.labels })),
       hyper: nativeHyper,
@@ -394,13 +401,19 @@ export function trainingConfigHash(lora: LoraConfig, h: TrainHyperparameters): s
   return createHash('sha256').update(JSON.stringify(relevant)).digest('hex');
 }
 
-/** A fingerprint of the training examples as the engine sees them (ids and labels, in order). */
-export function examplesHash(examples: readonly { ids: Int32Array; labels: Int32Array }[]): string {
+/** A fingerprint of the training examples as the engine sees them (ids, labels and packing, in order). */
+export function examplesHash(examples: readonly NativeTrainExample[]): string {
   const hash = createHash('sha256');
   for (const e of examples) {
     hash.update(new Uint8Array(new Int32Array([e.ids.length]).buffer));
     hash.update(new Uint8Array(e.ids.buffer, e.ids.byteOffset, e.ids.byteLength));
     hash.update(new Uint8Array(e.labels.buffer, e.labels.byteOffset, e.labels.byteLength));
+    // Unpacked examples hash as before, so checkpoints of jobs from before packing still resume.
+    // A packed example adds a marker no length can equal, then its document starts.
+    if (e.docStart) {
+      hash.update(new Uint8Array(new Int32Array([-1]).buffer));
+      hash.update(new Uint8Array(e.docStart.buffer, e.docStart.byteOffset, e.docStart.byteLength));
+    }
   }
   return hash.digest('hex');
 }

@@ -23,7 +23,20 @@ export interface NativeLoraSpec {
 
 export type GuardPolicy = 'fail' | 'skip' | 'rollback';
 
-export interface NativeTrainHyper {
+/** The training guard: what to do on a non-finite loss or gradient, and on a loss spike (spikeFactor × the recent mean; 0 = off). */
+export interface GuardSettings {
+  nonfinitePolicy?: GuardPolicy;
+  spikeFactor?: number;
+  spikePolicy?: GuardPolicy;
+  /** Each rollback multiplies the learning rate by this. */
+  rollbackLrFactor?: number;
+  /** More interventions than this fail the job. */
+  maxInterventions?: number;
+  /** Fault injection for tests: poison the gradients of this optimizer step, once. */
+  injectNonfiniteStep?: number;
+}
+
+export interface NativeTrainHyper extends GuardSettings {
   lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; maxGradNorm: number;
   scheduler: 'constant' | 'linear' | 'cosine'; warmupSteps: number; batchSize: number; gradAccum: number;
   epochs: number; maxSteps: number; seed: number; shuffle: boolean; recompute: boolean; padId: number;
@@ -43,13 +56,6 @@ export interface NativeTrainHyper {
   dataHash?: string;
   /** A checkpoint folder to continue from (the adapter must have been loaded from it). */
   resumeFrom?: string;
-  nonfinitePolicy?: GuardPolicy;
-  spikeFactor?: number;
-  spikePolicy?: GuardPolicy;
-  rollbackLrFactor?: number;
-  maxInterventions?: number;
-  /** Fault injection for tests: poison the gradients of this step, once. */
-  injectNonfiniteStep?: number;
 }
 
 export interface NativeStepReport {
@@ -88,12 +94,38 @@ export interface NativeGenerateResult {
 
 export interface NativeJob<T> { id: number; promise: Promise<T> }
 
+/**
+ * One training sequence. docStart (packed sequences, see packing.ts) gives, per token, the index of
+ * the first token of its document: attention, positions and loss stay within each document.
+ */
+export interface NativeTrainExample { ids: Int32Array; labels: Int32Array; docStart?: Int32Array }
+
 /** The memory plan the engine made at start (native/model/memory_plan.h), in bytes. */
 export interface NativeMemoryPlan {
   totalBytes: number; freeBytesAtStart: number; weightsBytes: number; backendScratchBytes: number;
   adapterSlots: number; adapterPoolBytes: number; workspaceBytes: number;
   kvBlockSize: number; kvBlocks: number; kvBlockBytes: number; kvCacheBytes: number;
 }
+
+/**
+ * The memory plan of one training job (native/model/memory_plan.h TrainingMemoryPlan), in bytes. The
+ * base, the backend's scratch and the adapter's A/B are resident and shared with serving; the job
+ * needs jobBytes more: the adapter's gradients and AdamW moments plus its workspace, whose parts are
+ * inputs, saved activations, the layer working set and the lm_head + cross-entropy chunk (headBytes,
+ * of which headSharedBytes lie over the layer working set).
+ */
+export interface NativeTrainingPlan {
+  batchSize: number; seqLen: number; rank: number; targets: string[]; recompute: boolean; computeDtype: 'F32' | 'BF16';
+  baseBytes: number; backendScratchBytes: number; dequantBufferBytes: number; adapterWeightsBytes: number;
+  adapterStateBytes: number; inputsBytes: number; savedActivationsBytes: number; layerWorkingSetBytes: number;
+  headBytes: number; headSharedBytes: number; workspaceBytes: number; jobBytes: number;
+  inUseBytes: number; freeBytes: number; peakBytes: number; fits: boolean;
+  /** Every part in one line, as the refusal of a job that does not fit names them. */
+  description: string;
+}
+
+/** The shape a training plan is made for: the largest pass (batch x tokens) and the adapter. */
+export interface NativeTrainingShape { batchSize: number; seqLen: number; lora: NativeLoraSpec; recompute?: boolean }
 
 export interface NativeEngine {
   info(): {
@@ -105,7 +137,11 @@ export interface NativeEngine {
     activeSequences: number; queuedSequences: number; training: boolean; kvBytes: number; kvBlocksUsed: number;
     kvBlocksTotal: number; trainingWorkspaceBytes: number; graphSteps: number; eagerSteps: number;
     deviceTotalBytes: number; deviceFreeBytes: number; adapters: number;
+    /** The memory plan of the running training job, when one runs. */
+    trainingPlan?: NativeTrainingPlan;
   };
+  /** The memory plan a training job of this shape would get now. */
+  planTraining(shape: NativeTrainingShape): NativeTrainingPlan;
   createAdapter(lora: NativeLoraSpec, seed: number): number;
   loadAdapter(lora: NativeLoraSpec, file: string): Promise<number>;
   saveAdapter(slot: number, file: string): Promise<void>;
@@ -113,11 +149,11 @@ export interface NativeEngine {
   adapterTensors(slot: number, grads?: boolean): Promise<Record<string, Float32Array>>;
   logits(ids: Int32Array, slot: number): Promise<Float32Array>;
   trainPass(
-    batch: { B: number; T: number; ids: Int32Array; labels: Int32Array },
+    batch: { B: number; T: number; ids: Int32Array; labels: Int32Array; docStart?: Int32Array },
     slot: number,
     options?: { backward?: boolean; recompute?: boolean; lossScale?: number; dropout?: number; dropoutSeed?: number; dropoutStep?: number },
   ): Promise<{ loss: number; targets: number; grads?: Record<string, Float32Array> }>;
-  train(spec: { slot: number; examples: { ids: Int32Array; labels: Int32Array }[]; evalExamples?: { ids: Int32Array; labels: Int32Array }[]; forgettingExamples?: { ids: Int32Array; labels: Int32Array }[]; hyper: NativeTrainHyper }, onStep: (r: NativeStepReport) => void): NativeJob<NativeStepReport & { cancelled: boolean }>;
+  train(spec: { slot: number; examples: NativeTrainExample[]; evalExamples?: NativeTrainExample[]; forgettingExamples?: NativeTrainExample[]; hyper: NativeTrainHyper }, onStep: (r: NativeStepReport) => void): NativeJob<NativeStepReport & { cancelled: boolean }>;
   generate(spec: NativeGenerateSpec, onTokens: (ids: Int32Array) => void): NativeJob<NativeGenerateResult>;
   cancel(id: number): void;
   close(): void;
@@ -155,7 +191,15 @@ export interface NativeAddon {
     float32Compute?: boolean;
     threads?: number; maxActiveSequences?: number; prefillChunk?: number; maxSeqLen?: number; adapterSlots?: number;
     maxLoraRank?: number; kvCacheBytes?: number; stepGraphs?: boolean;
+    /** Most a training job may take (default: what the device has free beside the serving pool). */
+    trainingMemoryBytes?: number;
   }): Promise<NativeEngine>;
+  /** A training job's memory plan from the config alone (no weights, no device); freeBytes is 0. */
+  planTrainingMemory(spec: NativeTrainingShape & {
+    config: NativeModelConfig; quant: 'none' | 'nf4'; device: 'cpu' | 'cuda'; computeDtype: 'f32' | 'bf16';
+    /** The backend's own scratch; default: the dequantization buffer alone. */
+    backendScratchBytes?: number;
+  }): NativeTrainingPlan;
   lrMultiplier(scheduler: string, step: number, warmup: number, total: number): number;
   mergeAdapter(spec: NativeMergeSpec, onProgress: (p: { tensor: string; index: number; total: number; merged: boolean }) => void): { promise: Promise<NativeMergeResult>; cancel(): void };
   sampleToken(logits: Float32Array, params: { temperature: number; topK: number; topP: number; repetitionPenalty: number; seed: number }, context: Int32Array, draws: number): Int32Array;

@@ -90,6 +90,35 @@ export interface MemoryUsage {
   kvCacheBlocks: number;
   kvBlockSize: number;
   kvCacheBlocksUsed: number;
+  /** The memory plan of the running training job; absent when none runs. */
+  trainingPlan?: TrainingMemoryPlan;
+}
+
+/**
+ * The memory plan of one training job in bytes (proto TrainingMemoryPlan): the base, the backend's
+ * scratch and the adapter's weights are resident and shared with serving; the job needs jobBytes more.
+ */
+export interface TrainingMemoryPlan {
+  batchSize: number;
+  seqLen: number;
+  rank: number;
+  targetModules: string[];
+  recompute: boolean;
+  baseBytes: number;
+  backendScratchBytes: number;
+  dequantBufferBytes: number;
+  adapterWeightsBytes: number;
+  adapterStateBytes: number;
+  workspaceBytes: number;
+  inputsBytes: number;
+  savedActivationsBytes: number;
+  layerWorkingSetBytes: number;
+  headBytes: number;
+  headSharedBytes: number;
+  jobBytes: number;
+  peakBytes: number;
+  freeBytes: number;
+  description: string;
 }
 
 /** Facts about the loaded base model. memory is read fresh on every call. */
@@ -209,6 +238,8 @@ export interface TrainSpec {
   /** Score the general-text set with the base and the adapter (the forgetting check). */
   forgettingCheck: boolean;
   forgettingWarnThreshold: number;
+  /** Packing of short rows (src/engine/packing.ts); jobs stored before it existed have none and run unpacked. */
+  packing?: 'auto' | 'on' | 'off';
 }
 
 /** What the guard does with a step that went wrong. */
@@ -246,6 +277,8 @@ export interface DatasetReport {
   longestRow: { tokens: number; line: number };
   /** Per row scored / (tokens − 1): the lowest (and its line) and the mean. */
   scoredFraction: { min: number; minLine: number; mean: number };
+  /** The packing decision for the training rows (src/engine/packing.ts's PackingReport has this shape). */
+  packing?: { enabled: boolean; reason: string; sequences: number; rows: number; fill: number };
 }
 
 /**

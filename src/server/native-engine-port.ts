@@ -9,13 +9,15 @@ import { fileURLToPath } from 'node:url';
 
 import { Engine, type Adapter, type EngineOptions } from '../engine/engine.js';
 import { loadDataset } from '../engine/dataset.js';
+import type { NativeTrainingPlan } from '../engine/native.js';
+import { applyPacking } from '../engine/packing.js';
 import { EngineError, hasErrorCode } from '../engine/errors.js';
 import { mergeAdapterFolder, mergeFidelity } from '../engine/merge.js';
 import { ADAPTER_WEIGHTS_FILE, createLoraConfig, loraTensorShapes, readAdapterConfig, type LoraConfig } from '../engine/peft-config.js';
 import { readSafetensorsHeader } from '../engine/safetensors.js';
 import type {
   AdapterConfig, ChatMessage, EnginePort, GenerateResult, GenerateSpec, MergeResult, MergeSpec, ModelInfo,
-  ResumePoint, TokenizerPort, TrainEvent, TrainResult, TrainSpec,
+  ResumePoint, TokenizerPort, TrainEvent, TrainResult, TrainSpec, TrainingMemoryPlan,
 } from './engine-port.js';
 
 export interface NativeEnginePortOptions extends EngineOptions {
@@ -37,6 +39,17 @@ const SCHEDULING =
   'One executor thread runs all model work: each turn advances every active generation by one token ' +
   '(continuous batching, each sequence with its own adapter), then runs one training micro-batch, so ' +
   'generation keeps streaming while a job trains.';
+
+function portTrainingPlan(p: NativeTrainingPlan): TrainingMemoryPlan {
+  return {
+    batchSize: p.batchSize, seqLen: p.seqLen, rank: p.rank, targetModules: p.targets, recompute: p.recompute,
+    baseBytes: p.baseBytes, backendScratchBytes: p.backendScratchBytes, dequantBufferBytes: p.dequantBufferBytes,
+    adapterWeightsBytes: p.adapterWeightsBytes, adapterStateBytes: p.adapterStateBytes, workspaceBytes: p.workspaceBytes,
+    inputsBytes: p.inputsBytes, savedActivationsBytes: p.savedActivationsBytes, layerWorkingSetBytes: p.layerWorkingSetBytes,
+    headBytes: p.headBytes, headSharedBytes: p.headSharedBytes, jobBytes: p.jobBytes, peakBytes: p.peakBytes,
+    freeBytes: p.freeBytes, description: p.description,
+  };
+}
 
 function toPortConfig(l: LoraConfig): AdapterConfig {
   return { rank: l.r, alpha: l.alpha, dropout: l.dropout, targetModules: [...l.targets], useRslora: l.useRslora };
@@ -133,6 +146,7 @@ export class NativeEnginePort implements EnginePort {
         deviceFreeBytes: stats.deviceFreeBytes, stepWorkspaceBytes: plan.workspaceBytes,
         backendScratchBytes: plan.backendScratchBytes, kvCacheBlocks: plan.kvBlocks, kvBlockSize: plan.kvBlockSize,
         kvCacheBlocksUsed: stats.kvBlocksUsed,
+        ...(stats.trainingPlan ? { trainingPlan: portTrainingPlan(stats.trainingPlan) } : {}),
       },
       fingerprint: this.fingerprint,
       maxSeqLen: this.maxSeqLen,
@@ -199,7 +213,6 @@ export class NativeEnginePort implements EnginePort {
     } catch (e) {
       throw portError(e, 'dataset');
     }
-    options.onEvent({ kind: 'dataset', report: dataset.report });
     // Hold out a seeded random evalFraction of the rows (at least one train row stays).
     const order = dataset.examples.map((_, i) => i);
     let state = (spec.seed >>> 0) || 1;
@@ -210,8 +223,16 @@ export class NativeEnginePort implements EnginePort {
     }
     const nEval = spec.evalFraction > 0 ? Math.min(order.length - 1, Math.max(1, Math.round(order.length * spec.evalFraction))) : 0;
     const evalSet = new Set(order.slice(0, nEval));
-    const trainExamples = dataset.examples.filter((_, i) => !evalSet.has(i));
+    const trainRows = dataset.examples.filter((_, i) => !evalSet.has(i));
     const evalExamples = dataset.examples.filter((_, i) => evalSet.has(i));
+    // Packing after the split: held-out rows stay whole rows, and the report says what the job trains on.
+    const maxSeqLen = dataset.report.maxSeqLen;
+    const packing = applyPacking(trainRows, {
+      packing: spec.packing === 'on' ? true : spec.packing === 'auto' ? undefined : false,
+      maxSeqLen, sequencesPerStep: spec.batchSize * spec.gradAccum, fixedSteps: spec.maxSteps > 0,
+    });
+    const trainExamples = packing.examples;
+    options.onEvent({ kind: 'dataset', report: { ...dataset.report, packing: packing.report } });
     const forgettingExamples = spec.forgettingCheck ? await this.generalText() : [];
 
     let adapter: Adapter;
@@ -225,7 +246,7 @@ export class NativeEnginePort implements EnginePort {
     try {
       const stepsPerEpoch = Math.ceil(Math.ceil(trainExamples.length / spec.batchSize) / spec.gradAccum);
       const totalSteps = spec.maxSteps > 0 ? spec.maxSteps : stepsPerEpoch * spec.epochs;
-      options.onEvent({ kind: 'started', totalSteps, trainExamples: trainExamples.length, evalExamples: evalExamples.length });
+      options.onEvent({ kind: 'started', totalSteps, trainExamples: trainRows.length, evalExamples: evalExamples.length });
       let warnedForgetting = false;
       const summary = await engine.train(adapter, trainExamples, {
         lr: spec.learningRate, ...(spec.maxSteps > 0 ? { steps: spec.maxSteps } : {}), epochs: spec.epochs,
