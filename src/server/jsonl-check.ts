@@ -11,9 +11,8 @@ export const MAX_LINE_BYTES = 16 * 1024 * 1024;
 
 /** Checks rows as bytes arrive; throws INVALID_ARGUMENT (reason INVALID_DATASET) naming `field`. */
 export class JsonlChecker {
-  // ignoreBOM keeps a byte order mark in the text, so it is refused below rather than dropped here and
-  // then met by training's reader as the first character of line 1.
-  private readonly decoder = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+  // A byte order mark is dropped here, as training's reader (dataset.ts) drops it.
+  private readonly decoder = new TextDecoder('utf-8', { fatal: true });
   private partial = '';
   private partialBytes = 0;
   private line = 0;
@@ -63,12 +62,6 @@ export class JsonlChecker {
   private completeLine(raw: string): void {
     this.line += 1;
     const text = raw.endsWith('\r') ? raw.slice(0, -1) : raw;
-    // Both found by test/reliability/rows-fuzz.test.ts: files accepted here that training then
-    // refused. Training reads lines with node:readline, which also ends a line at a lone CR (legal JSON
-    // whitespace inside a row), and keeps a BOM as the first character of line 1.
-    if (this.line === 1 && text.startsWith('\ufeff')) throw this.fail(1, 'starts with a UTF-8 byte order mark (BOM); save the file without one');
-    const cr = text.indexOf('\r');
-    if (cr !== -1) throw this.fail(this.line, `has a carriage return (CR) at character ${cr + 1} that does not end the line; rows end with LF or CRLF and hold no other CR (write it as \\r inside strings)`);
     if (text.trim() === '') return;
     try {
       parseRowLine(text, this.vocabSize);

@@ -17,6 +17,7 @@ import { JobState, TrainingConfig } from '../../src/gen/tuneserve/v1/training.js
 import { startServe, type ServeProcess } from '../helpers/serve-process.js';
 import { call, collect, eventually, upload } from '../server/harness.js';
 import { record } from '../helpers/fuzz.js';
+import { inheritedSanitizerEnv } from '../helpers/sanitizer.js';
 
 interface Served {
   process: ServeProcess;
@@ -25,7 +26,7 @@ interface Served {
 
 /** Starts `tuneserve serve` (plaintext, on a free port) over a model and a data root. */
 async function serve(model: string, dataRoot: string): Promise<Served> {
-  const process = await startServe(['--model', model, '--data-root', dataRoot, '--host', '127.0.0.1', '--plaintext', '--device', 'cpu', '--threads', '2'], {});
+  const process = await startServe(['--model', model, '--data-root', dataRoot, '--host', '127.0.0.1', '--plaintext', '--device', 'cpu', '--threads', '2'], inheritedSanitizerEnv());
   return { process, clients: createClients(`127.0.0.1:${process.port}`, { plaintext: true }) };
 }
 

@@ -3,9 +3,9 @@
 // anywhere, inside characters too) and the training loader (src/engine/dataset.ts, with the real
 // Llama 3 tokenizer). Rows of every format, valid or mutated field by field, with every JSON
 // whitespace, unicode escapes (lone surrogates included), control-token text, CRLF, blank lines and
-// bytes that are not UTF-8. Oracles: the upload check refuses a file exactly when a line fails the
-// validator (or the bytes are not UTF-8), naming that line; a file it accepts gets the same verdict and
-// the same examples from the file loader as from the in-memory parser.
+// bytes that are not UTF-8, a byte order mark. Oracles: the upload check refuses a file exactly when a
+// line fails the validator (or the bytes are not UTF-8), naming that line; a file it accepts gets the
+// same verdict and the same examples from the file loader as from the in-memory parser.
 
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -76,16 +76,12 @@ function file(random: Random): Buffer {
 const rowError = (error: unknown): string | null => (error instanceof RowError && error.message.length > 0 ? 'ROW_INVALID' : null);
 const serviceError = (error: unknown): string | null => (error instanceof ServiceError && error.message.length > 0 ? error.reason : codedError(error));
 
-/**
- * The first line (1-based) the upload check must refuse, or null: one the validator refuses, a BOM
- * on line 1, or a CR inside a line (which training's line reader would split the row at).
- */
+/** The first line (1-based) the validator refuses, or null (a BOM before line 1 is no part of it). */
 function firstBadLine(bytes: Buffer): number | null {
-  const lines = bytes.toString('utf8').split('\n');
+  const lines = bytes.toString('utf8').replace(/^\ufeff/, '').split('\n');
   if (lines.at(-1) === '') lines.pop();
   for (let i = 0; i < lines.length; i++) {
     const l = lines[i]!.endsWith('\r') ? lines[i]!.slice(0, -1) : lines[i]!;
-    if ((i === 0 && l.startsWith('\ufeff')) || l.includes('\r')) return i + 1;
     if (l.trim() === '') continue;
     try {
       parseRowLine(l, VOCAB);
