@@ -1,10 +1,10 @@
 // Native test executables (native/tests, built with CMake outside node-gyp) and the sanitizer builds:
 // building a set of targets into build/<dir>, running a program, recognising a sanitizer report, and
-// the environment that loads the addon built with TUNESERVE_SANITIZE=1 into Node (libasan preloaded,
-// since Node itself is not instrumented; leak checking off, since Node keeps memory until exit).
+// passing on the variables with which scripts/reliability.mjs loads the addon built with
+// TUNESERVE_SANITIZE=1 (libasan preloaded, since Node itself is not instrumented) to the processes a
+// suite starts.
 
 import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -12,7 +12,7 @@ const SOURCE = join(ROOT, 'native', 'tests');
 export const BUILD_TIMEOUT = 900_000; // a cold build of the engine takes a couple of minutes on 2 cores
 
 /** What AddressSanitizer and UndefinedBehaviorSanitizer print when they find something. */
-export const SANITIZER_REPORT = /ERROR: (AddressSanitizer|LeakSanitizer)|runtime error: |SUMMARY: UndefinedBehaviorSanitizer/g;
+export { SANITIZER_REPORT } from '../../scripts/reliability-report.mjs';
 
 /** Runs a program to completion; its status and combined output. A program that cannot start throws. */
 export function runProgram(program: string, args: string[], timeoutMs: number, env?: NodeJS.ProcessEnv): { status: number | null; output: string } {
@@ -38,26 +38,6 @@ export function buildNativeTests(dir: string, targets: string[], options: { tsCu
     if (r.status !== 0) throw new Error(`cmake ${args.join(' ')} failed:\n${r.output.slice(-8000)}`);
   }
   return out;
-}
-
-/** libasan's path as the compiler that built the addon knows it. */
-export function libasanPath(): string {
-  const r = spawnSync('gcc', ['-print-file-name=libasan.so'], { encoding: 'utf8' });
-  const path = r.stdout?.trim() ?? '';
-  if (r.status !== 0 || !path.startsWith('/') || !existsSync(path)) throw new Error('libasan.so not found (gcc -print-file-name=libasan.so): install gcc with its sanitizer runtimes');
-  return path;
-}
-
-/** Variables that make a Node process load the sanitized addon at `addon` (scripts/build-sanitized-addon.mjs). */
-export function sanitizedAddonEnv(addon: string): NodeJS.ProcessEnv {
-  return {
-    TUNESERVE_NATIVE_ADDON: addon,
-    LD_PRELOAD: libasanPath(),
-    // abort_on_error: a report ends the process at once (a crash the suite sees), not an exit code a
-    // library might swallow. Node's own allocations are not tracked, so leaks are not meaningful here.
-    ASAN_OPTIONS: 'detect_leaks=0:abort_on_error=1:allocator_may_return_null=1',
-    UBSAN_OPTIONS: 'print_stacktrace=1:halt_on_error=1',
-  };
 }
 
 /** The sanitizer variables of this process (set by scripts/reliability.mjs), for the processes it starts. */
