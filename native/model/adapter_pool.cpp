@@ -287,6 +287,7 @@ void AdapterPool::loader() {
       if (host) {
         e->bytes = adapter_bytes(*host);
         e->host = std::move(host);
+        e->fresh = true;
         host_bytes_ += e->bytes;
         e->stats.loads++;
         e->stats.load_seconds += dt;
@@ -315,6 +316,7 @@ void AdapterPool::load_now(const Handle& e) {
   if (e->host) return;  // the loader finished first
   e->bytes = adapter_bytes(*host);
   e->host = std::move(host);
+  e->fresh = true;
   host_bytes_ += e->bytes;
   e->stats.loads++;
   e->stats.load_seconds += dt;
@@ -363,8 +365,10 @@ AdapterPool::Acquire AdapterPool::acquire(const Handle& hp, bool count, std::str
     *message = e.failure;
     return Acquire::FAILED;
   }
+  e.wanted = true;
   if (e.placed) {
     if (e.draining) return Acquire::WAIT;  // its slot is promised to a waiter
+    e.wanted = false;
     e.users++;
     e.last_used = ++tick_;
     if (count) e.stats.hits++;
@@ -407,11 +411,18 @@ AdapterPool::Acquire AdapterPool::acquire(const Handle& hp, bool count, std::str
   e.stats.placements++;
   e.stats.place_seconds += dt;
   e.stats.last_place_seconds = dt;
-  if (count) e.stats.host_hits++;
+  if (count && !e.fresh) e.stats.host_hits++;
+  e.fresh = false;
+  e.wanted = false;
   e.users++;
   e.last_used = ++tick_;
   table_dirty_ = true;
   return Acquire::READY;
+}
+
+void AdapterPool::begin_pass() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& [id, e] : entries_) e->wanted = false;
 }
 
 void AdapterPool::release(Entry& e) {
@@ -422,7 +433,23 @@ void AdapterPool::release(Entry& e) {
 
 void AdapterPool::settle(int waiting) {
   std::vector<Handle> keep;  // declared before the lock: a last handle's ~Entry takes it
+  std::vector<std::shared_ptr<LoraAdapter>> dropped;  // freed outside the lock
   std::lock_guard<std::mutex> lock(mu_);
+  // Here, at the end of a turn, `wanted` marks every adapter a waiter asked for this turn.
+  // The host tier over its budget: drop the least recently used idle copies that can be read again.
+  while (host_budget_ > 0 && host_bytes_ > host_budget_) {
+    Entry* victim = nullptr;
+    for (const auto& [id, e] : entries_) {
+      if (!e->host || e->placed || e->users > 0 || e->loading || e->pinned || e->training || e->wanted ||
+          e->file.empty())
+        continue;
+      if (!victim || e->last_used < victim->last_used) victim = e.get();
+    }
+    if (!victim) break;
+    dropped.push_back(std::move(victim->host));
+    host_bytes_ -= victim->bytes;
+    victim->stats.host_evictions++;
+  }
   keep = residents_locked();
   std::vector<Entry*> resident;
   int draining = 0;
@@ -497,28 +524,14 @@ void AdapterPool::place(Entry& e) {
 
 void AdapterPool::maintain() {
   std::vector<Buffer> dead;
-  std::vector<std::shared_ptr<LoraAdapter>> dropped;  // freed outside the lock
   bool rebuild = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     dead.swap(graveyard_);
-    // The host tier over its budget: drop the least recently used idle copies that can be read again.
-    while (host_budget_ > 0 && host_bytes_ > host_budget_) {
-      Entry* victim = nullptr;
-      for (const auto& [id, e] : entries_) {
-        if (!e->host || e->placed || e->users > 0 || e->loading || e->pinned || e->training || e->file.empty()) continue;
-        if (!victim || e->last_used < victim->last_used) victim = e.get();
-      }
-      if (!victim) break;
-      dropped.push_back(std::move(victim->host));
-      host_bytes_ -= victim->bytes;
-      victim->stats.host_evictions++;
-    }
     rebuild = table_dirty_;
     table_dirty_ = false;
   }
   dead.clear();  // frees device memory of released adapters, here on the executor thread
-  dropped.clear();
   if (!rebuild) return;
   // Handles are taken under the lock but used (and dropped) outside it: dropping the last one of an
   // adapter runs ~Entry, which takes the lock.

@@ -11,8 +11,8 @@
 //   device -> host  eviction: only adapters with no users (sequences, training jobs, probes), not
 //                   pinned and not training; when a waiter finds no idle slot, settle() marks busy
 //                   ones as draining (no new users) so that one frees up;
-//   host -> disk    trim in maintain(): least recently used idle host copies that have a file, while the
-//                   host tier is over its budget.
+//   host -> disk    trim in settle(): least recently used idle host copies that have a file and that no
+//                   waiter asked for, while the host tier is over its budget.
 // Pinned adapters are never evicted from either tier. Every adapter keeps counters (requests, tokens,
 // hits, loads and their time, evictions).
 //
@@ -71,6 +71,8 @@ class AdapterPool {
     std::string failure_code, failure;  // a failed load; sticky, as the file of a version never changes
     int users = 0;                      // sequences, jobs and probes holding its slot (executor thread)
     bool pinned = false, draining = false;
+    bool wanted = false;                // a waiter asked for it this pass: the host tier keeps it
+    bool fresh = false;                 // just read from its file: its next placement is no host hit
     uint64_t last_used = 0;
     AdapterStats stats;
     AdapterPool* pool = nullptr;
@@ -127,11 +129,14 @@ class AdapterPool {
   // `count`: a generation's acquisition, counted as a hit (found in a slot) or a host hit.
   Acquire acquire(const Handle& e, bool count, std::string* code, std::string* message);
   void release(Entry& e);
+  // Starts an admission pass: the adapters waiters want are marked again by acquire().
+  void begin_pass();
   // Reads the file of an adapter in the disk tier now (probes and tests that cannot wait).
   void load_now(const Handle& e);
-  // `waiting` distinct adapters could not get a slot this turn: mark as many busy ones draining.
+  // End of a turn: `waiting` distinct adapters could not get a slot, so mark as many busy ones draining;
+  // trim the host tier to its budget.
   void settle(int waiting);
-  // Frees released device memory, trims the host tier, refreshes the slot table.
+  // Frees released device memory, refreshes the slot table.
   void maintain();
   const LoraModuleView* slot_table() const { return static_cast<const LoraModuleView*>(table_.data()); }
 

@@ -319,13 +319,7 @@ void Executor::run() {
     const bool generated = generation_step();
     if (generated) account(false, seconds_since(t0));
     progress |= generated;
-    if (training_allowed(!active_.empty())) {
-      const auto t1 = std::chrono::steady_clock::now();
-      if (training_step()) {
-        account(true, seconds_since(t1));
-        progress = true;
-      }
-    }
+    if (training_allowed(!active_.empty()) && training_step()) progress = true;
     pool_.settle(waiting_adapters_);
     idle = !progress;
   }
@@ -411,6 +405,7 @@ void Executor::admit() {
   auto note_waiting = [&](const AdapterPool::Entry* e) {
     if (std::find(waiting.begin(), waiting.end(), e) == waiting.end()) waiting.push_back(e);
   };
+  pool_.begin_pass();
   {
     std::lock_guard<std::mutex> lock(mu_);
     // Requests cancelled while waiting leave the queue at once, wherever they stand.
@@ -714,7 +709,10 @@ bool Executor::training_step() {
       }
       StepReport report;
       stepped = true;
-      if (j->trainer->micro_step(&report)) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const bool step_done = j->trainer->micro_step(&report);
+      account(true, seconds_since(t0));
+      if (step_done) {
         j->last = report;
         ShareReport share;
         {
@@ -723,7 +721,6 @@ bool Executor::training_step() {
           share = since_step_;
           since_step_ = ShareReport{};
         }
-        // This micro-step's own time is accounted after it returns: count it here too.
         const double busy = share.training_seconds + share.generation_seconds;
         share.share = busy > 0 ? share.training_seconds / busy : 1;
         if (j->cb.on_share) j->cb.on_share(share);
