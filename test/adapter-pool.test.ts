@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { Engine, type Adapter } from '../src/engine/engine.js';
+import { Engine, type Adapter, type StepEvent } from '../src/engine/engine.js';
 import { makeModel } from '../src/engine/make-model.js';
 import { createLoraConfig, type LoraConfig } from '../src/engine/peft-config.js';
 import { randomAdapterFiles, type RandomAdapterOptions } from '../src/loadgen/adapters.js';
@@ -228,7 +228,7 @@ describe('adapter pool', () => {
       const stop = new AbortController();
       const decoding = engine.generate({ promptIds: promptOf(6, 9), maxTokens: 4000, ...GREEDY }, { signal: stop.signal });
       const adapter = engine.createAdapter(createLoraConfig({ r: 4, alpha: 8, targets: 'q_proj,v_proj' }), 1);
-      const shares: { share: number; generationSteps: number; deferredMicroSteps: number }[] = [];
+      const shares: NonNullable<StepEvent['share']>[] = [];
       await engine.train(adapter, examples, hyper, { onStep: (e) => shares.push(e.share!) });
       stop.abort();
       await decoding;

@@ -101,7 +101,7 @@ export async function mergeAndUnload(
     let unloaded = false;
     if (request.unloadAdapter) {
       try {
-        await adapters.unload(adapterId);
+        await adapters.unload({ adapterId, version: null, alias: null });
         unloaded = true;
       } catch (error) {
         if (!(error instanceof ServiceError && error.code === status.FAILED_PRECONDITION)) throw error;
