@@ -239,11 +239,11 @@ export class AdapterRegistry {
     if (ref.version !== null) version = ref.version;
     else if (ref.alias !== null) {
       const alias = line.aliases[ref.alias];
-      if (alias === undefined) throw notFound('adapter alias', formatAdapterRef(ref));
+      if (alias === undefined) throw notFound('adapter_alias', formatAdapterRef(ref));
       version = alias.version;
     } else version = this.latest(line).version;
     const record = line.versions.get(version);
-    if (record === undefined) throw notFound('adapter version', formatAdapterRef(ref));
+    if (record === undefined) throw notFound('adapter_version', formatAdapterRef(ref));
     return record;
   }
 
@@ -329,7 +329,7 @@ export class AdapterRegistry {
   async setAlias(id: string, alias: string, version: number): Promise<AdapterView> {
     await this.change(id, async () => {
       const line = await this.line(id);
-      if (!line.versions.has(version)) throw notFound('adapter version', `${id}@v${version}`);
+      if (!line.versions.has(version)) throw notFound('adapter_version', `${id}@v${version}`);
       const old = line.aliases[alias];
       const history = old === undefined ? [] : old.version === version ? old.history : [...old.history, old.version];
       await this.writeAliases(id, line, { ...line.aliases, [alias]: { version, history } });
@@ -344,7 +344,7 @@ export class AdapterRegistry {
     await this.change(id, async () => {
       const line = await this.line(id);
       const old = line.aliases[alias];
-      if (old === undefined) throw notFound('adapter alias', `${id}@${alias}`);
+      if (old === undefined) throw notFound('adapter_alias', `${id}@${alias}`);
       const previous = old.history[old.history.length - 1];
       if (previous === undefined) {
         throw failedPrecondition('NO_ALIAS_HISTORY', `alias ${JSON.stringify(`${id}@${alias}`)} has never pointed anywhere else`, { adapter_id: id, alias });
@@ -360,7 +360,7 @@ export class AdapterRegistry {
   async deleteAlias(id: string, alias: string): Promise<AdapterView> {
     await this.change(id, async () => {
       const line = await this.line(id);
-      if (line.aliases[alias] === undefined) throw notFound('adapter alias', `${id}@${alias}`);
+      if (line.aliases[alias] === undefined) throw notFound('adapter_alias', `${id}@${alias}`);
       const aliases = { ...line.aliases };
       delete aliases[alias];
       await this.writeAliases(id, line, aliases);

@@ -41,7 +41,7 @@ export interface AdapterRef {
 
 /** Checks an alias name (not a version, not "latest"); INVALID_ARGUMENT naming `field`. */
 export function requireAlias(value: string, field: string): string {
-  if (!ALIAS_PATTERN.test(value) || VERSION_PATTERN.test(value) || value === 'latest') {
+  if (!ALIAS_PATTERN.test(value) || /^v[0-9]+$/.test(value) || value === 'latest') {
     throw invalidArgument(field, `${JSON.stringify(value.slice(0, 80))} is not a valid alias: must match ${ALIAS_PATTERN.source}, and "latest" and v<N> are reserved`);
   }
   return value;
