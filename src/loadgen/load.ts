@@ -22,9 +22,10 @@ export interface LoadOptions {
   /** Most streams open at once; arrivals beyond wait on the client (time to first token counts from the send). */
   streams: number;
   seed: number;
-  /** Prompt length in tokens, uniform in [min, max]; ids drawn from [1000, 1000 + idRange). */
+  /** Prompt length in tokens, uniform in [min, max]; ids drawn from [idBase, idBase + idRange) (default 1000, 50,000). */
   promptTokens: { min: number; max: number };
   maxTokens: { min: number; max: number };
+  idBase?: number;
   idRange?: number;
   /** Share of requests the client cancels after a random number of tokens. */
   cancelFraction?: number;
@@ -105,7 +106,7 @@ const statusNames = new Map(Object.entries(status).filter(([, v]) => typeof v ==
 export async function runLoad(options: LoadOptions): Promise<LoadReport> {
   const random = seededRandom(options.seed);
   const between = (range: { min: number; max: number }) => range.min + Math.floor(random() * (range.max - range.min + 1));
-  const idRange = options.idRange ?? 50_000;
+  const idBase = options.idBase ?? 1000, idRange = options.idRange ?? 50_000;
   const grace = options.hungGraceMs ?? 30_000;
   const perToken = options.expectedMsPerToken ?? 1000;
   const records: RequestRecord[] = [];
@@ -114,7 +115,7 @@ export async function runLoad(options: LoadOptions): Promise<LoadReport> {
   const plan = Array.from({ length: options.requests }, () => {
     const wait = -Math.log(1 - random()) / options.ratePerSecond;
     const adapter = options.adapters[Math.floor(random() * options.adapters.length)] ?? '';
-    const prompt = Array.from({ length: between(options.promptTokens) }, () => 1000 + Math.floor(random() * idRange));
+    const prompt = Array.from({ length: between(options.promptTokens) }, () => idBase + Math.floor(random() * idRange));
     const maxTokens = between(options.maxTokens);
     const cancel = random() < (options.cancelFraction ?? 0);
     const cancelAfter = cancel ? 1 + Math.floor(random() * Math.max(1, maxTokens - 1)) : null;
