@@ -484,7 +484,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     });
   }
 
-  // trainPass({B, T, ids, labels}, id, {backward, recompute, lossScale, dropout, dropoutSeed, dropoutStep})
+  // trainPass({B, T, ids, labels, docStart?}, id, {backward, recompute, lossScale, dropout, dropoutSeed, dropoutStep})
   //   -> Promise<{loss, grads?: {peftKey: Float32Array}}>  (one pass, no optimizer step; for tests)
   Napi::Value train_pass(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -495,6 +495,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       batch.T = b.Get("T").As<Napi::Number>().Int32Value();
       batch.ids = to_ids(b.Get("ids"), "ids");
       batch.labels = to_ids(b.Get("labels"), "labels");
+      if (b.Has("docStart") && !b.Get("docStart").IsUndefined()) batch.doc_start = to_ids(b.Get("docStart"), "docStart");
       auto adapter = adapter_or_null(env, info[1]);
       Napi::Object o = info.Length() > 2 && info[2].IsObject() ? info[2].As<Napi::Object>() : Napi::Object::New(env);
       TrainPassOptions opt;
@@ -519,7 +520,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     });
   }
 
-  // train({slot, examples: [{ids, labels}], evalExamples?, forgettingExamples?, hyper}, onStep) -> {id, promise}
+  // train({slot, examples: [{ids, labels, docStart?}], evalExamples?, forgettingExamples?, hyper}, onStep) -> {id, promise}
   Napi::Value train(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return guard(env, [&]() -> Napi::Value {
@@ -534,6 +535,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
           Napi::Object r = rows.Get(i).As<Napi::Object>();
           out[i].ids = to_ids(r.Get("ids"), "examples[].ids");
           out[i].labels = to_ids(r.Get("labels"), "examples[].labels");
+          if (r.Has("docStart") && !r.Get("docStart").IsUndefined()) out[i].doc_start = to_ids(r.Get("docStart"), "examples[].docStart");
         }
         return out;
       };

@@ -97,7 +97,10 @@ void project(Backend& be, Tensor y, Tensor x, const LinearView& w, const LoraApp
 int64_t TrainBatch::count_targets() const {
   int64_t n = 0;
   for (int b = 0; b < B; b++)
-    for (int t = 1; t < T; t++) n += labels[(size_t)b * T + t] != -100;
+    for (int t = 1; t < T; t++) {
+      const size_t i = (size_t)b * T + t;
+      n += labels[i] != -100 && (doc_start.empty() || doc_start[i] != t);
+    }
   return n;
 }
 
@@ -127,6 +130,7 @@ struct LayerGrads {
 // Everything a training pass uses, carved in one order (the plan measures exactly this).
 struct TrainWorkspace {
   int32_t *ids, *pos, *scored_rows, *scored_targets;  // (M) each
+  int32_t* doc_start;                                // (M): packed batches only
   double* loss_sum;
   std::vector<Tensor> layer_in;   // (L+1) x (M,H): the input of each layer, and the final stream
   std::vector<LayerActs> acts;    // L when every layer's activations are kept, else 1 (recompute)
@@ -146,6 +150,7 @@ TrainWorkspace carve_train(Arena& a, const LlamaConfig& c, DType act, int B, int
   TrainWorkspace w;
   w.ids = a.take_array<int32_t>(M);
   w.pos = a.take_array<int32_t>(M);
+  w.doc_start = a.take_array<int32_t>(M);
   w.scored_rows = a.take_array<int32_t>(M);
   w.scored_targets = a.take_array<int32_t>(M);
   w.loss_sum = a.take_array<double>(1);
@@ -277,6 +282,21 @@ void layer_backward(TrainContext& tc, int l, const LayerActs& a, Tensor x_in, Te
   be.rmsnorm_backward(dx, g.dxn, x_in, lw.attn_norm, a.rstd1, true);  // dx = dL/dx_in
 }
 
+// A packed row is documents one after another: doc_start[t] is 0 at t = 0, and either t (a new
+// document) or doc_start[t - 1] (the same one) after.
+void check_doc_starts(const TrainBatch& batch) {
+  require((int64_t)batch.doc_start.size() == (int64_t)batch.B * batch.T, "INVALID_ARGUMENT",
+          "train batch doc_start must have B*T entries");
+  for (int b = 0; b < batch.B; b++)
+    for (int t = 0; t < batch.T; t++) {
+      const int32_t s = batch.doc_start[(size_t)b * batch.T + t];
+      const bool ok = t == 0 ? s == 0 : s == t || s == batch.doc_start[(size_t)b * batch.T + t - 1];
+      require(ok, "INVALID_ARGUMENT",
+              "train batch doc_start[" + std::to_string(b) + "][" + std::to_string(t) + "] = " + std::to_string(s) +
+                  " does not start a document there nor continue the previous one");
+    }
+}
+
 void check_ids(const int32_t* ids, int64_t n, int V) {
   for (int64_t m = 0; m < n; m++)
     require(ids[m] >= 0 && ids[m] < V, "INVALID_ARGUMENT",
@@ -314,25 +334,30 @@ double llama_train_pass(LlamaModel& m, const AdapterTensors* adapter, const Trai
 
   // Host inputs: positions, and the rows that have a target. Position t predicts labels[t + 1] (the
   // shift Hugging Face applies inside the loss); prompt and padding rows are skipped: their logits are
-  // never computed.
+  // never computed. A packed batch restarts positions at every document and never scores a document's
+  // last row against the next document's first token.
+  const bool packed = !batch.doc_start.empty();
+  if (packed) check_doc_starts(batch);
   std::vector<int32_t> pos(M), scored_rows, scored_targets;
-  for (int64_t i = 0; i < M; i++) pos[i] = (int32_t)(i % T);
+  for (int64_t i = 0; i < M; i++) pos[i] = (int32_t)(i % T) - (packed ? batch.doc_start[i] : 0);
   for (int b = 0; b < B; b++)
     for (int t = 0; t + 1 < T; t++) {
-      const int32_t y = batch.labels[(int64_t)b * T + t + 1];
-      if (y == -100) continue;
+      const int64_t next = (int64_t)b * T + t + 1;
+      const int32_t y = batch.labels[next];
+      if (y == -100 || (packed && batch.doc_start[next] == t + 1)) continue;
       scored_rows.push_back(b * T + t);
       scored_targets.push_back(y);
     }
   const int64_t n_scored = (int64_t)scored_rows.size();
   be.upload(w.ids, batch.ids.data(), M * sizeof(int32_t));
   be.upload(w.pos, pos.data(), M * sizeof(int32_t));
+  if (packed) be.upload(w.doc_start, batch.doc_start.data(), M * sizeof(int32_t));
   be.upload(w.scored_rows, scored_rows.data(), n_scored * sizeof(int32_t));
   be.upload(w.scored_targets, scored_targets.data(), n_scored * sizeof(int32_t));
   be.fill_zero(w.loss_sum, sizeof(double));
 
   const bool backward_adapter = opt.backward && adapter != nullptr;
-  TrainContext tc{m, be, c, AttentionShape{B, T, c.NH, c.NKV, c.D, nullptr}, M, w.pos, adapter, backward_adapter,
+  TrainContext tc{m, be, c, AttentionShape{B, T, c.NH, c.NKV, c.D, packed ? w.doc_start : nullptr}, M, w.pos, adapter, backward_adapter,
                   opt.dropout, w.lora};
 
   // Forward. layer_in[l] holds the input of layer l (and layer_in[L] the final residual stream).

@@ -32,10 +32,15 @@ void rope_tables(const LlamaConfig& cfg, int64_t P, std::vector<float>* cos, std
 // B sequences of T tokens (right-padded by the caller; padding positions carry label -100).
 // labels use Hugging Face's convention: same length as ids, unshifted; position t is trained to
 // predict labels[t + 1]; -100 ignored.
+// Packing: with doc_start, a sequence holds several documents; row t belongs to the document starting
+// at doc_start[t], attends only within it (block-diagonal causal mask), has position t - doc_start[t],
+// and a document's last row is not scored against the next document's first token. Each document's
+// loss and gradients are then those of the document alone.
 struct TrainBatch {
   int B = 0, T = 0;
-  std::vector<int32_t> ids;     // (B*T)
-  std::vector<int32_t> labels;  // (B*T)
+  std::vector<int32_t> ids;        // (B*T)
+  std::vector<int32_t> labels;     // (B*T)
+  std::vector<int32_t> doc_start;  // (B*T), or empty: one document per sequence
   int64_t count_targets() const;
 };
 

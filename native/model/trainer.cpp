@@ -31,18 +31,38 @@ namespace {
 constexpr size_t SPIKE_WINDOW = 8;  // steps whose mean loss a spike is measured against
 
 // Stacks examples into one batch, right-padded with pad_id and label -100 (causal attention never
-// looks at the padding, so no mask is needed).
+// looks at the padding, so no mask is needed). When any example is packed, the batch carries
+// doc_start for every row: unpacked examples are one document, padding continues the last one.
 TrainBatch pad_batch(const std::vector<const TrainExample*>& rows, int32_t pad_id) {
   TrainBatch b;
   b.B = (int)rows.size();
-  for (const TrainExample* e : rows) b.T = std::max<int>(b.T, (int)e->ids.size());
+  bool packed = false;
+  for (const TrainExample* e : rows) {
+    b.T = std::max<int>(b.T, (int)e->ids.size());
+    packed = packed || !e->doc_start.empty();
+  }
   b.ids.assign((size_t)b.B * b.T, pad_id);
   b.labels.assign((size_t)b.B * b.T, -100);
+  if (packed) b.doc_start.assign((size_t)b.B * b.T, 0);
   for (int i = 0; i < b.B; i++) {
-    std::copy(rows[i]->ids.begin(), rows[i]->ids.end(), b.ids.begin() + (size_t)i * b.T);
-    std::copy(rows[i]->labels.begin(), rows[i]->labels.end(), b.labels.begin() + (size_t)i * b.T);
+    const TrainExample& e = *rows[i];
+    std::copy(e.ids.begin(), e.ids.end(), b.ids.begin() + (size_t)i * b.T);
+    std::copy(e.labels.begin(), e.labels.end(), b.labels.begin() + (size_t)i * b.T);
+    if (packed && !e.doc_start.empty()) {
+      int32_t* row = b.doc_start.data() + (size_t)i * b.T;
+      std::copy(e.doc_start.begin(), e.doc_start.end(), row);
+      std::fill(row + e.doc_start.size(), row + b.T, e.doc_start.back());
+    }
   }
   return b;
+}
+
+// Targets an example trains: labels other than -100 after position 0, except a packed document's
+// first token (no row of the document before predicts it).
+int64_t example_targets(const TrainExample& e) {
+  int64_t n = 0;
+  for (size_t t = 1; t < e.labels.size(); t++) n += e.labels[t] != -100 && (e.doc_start.empty() || e.doc_start[t] != (int32_t)t);
+  return n;
 }
 
 void check_policy(const std::string& p, const char* field) {
@@ -71,6 +91,8 @@ Trainer::Trainer(LlamaModel& model, AdapterPool& pool, AdapterPool::Handle adapt
   for (const auto* set : {&examples_, &eval_examples_, &forgetting_examples_})
     for (const auto& e : *set) {
       require(e.ids.size() == e.labels.size() && !e.ids.empty(), "INVALID_DATASET", "an example has mismatched ids/labels");
+      require(e.doc_start.empty() || e.doc_start.size() == e.ids.size(), "INVALID_DATASET",
+              "a packed example's doc_start must have one entry per token");
       longest = std::max(longest, int(e.ids.size()));
     }
   micro_batches_per_epoch_ = ((int64_t)examples_.size() + hyper_.batch_size - 1) / hyper_.batch_size;
@@ -162,7 +184,7 @@ void Trainer::plan_step() {
     for (int64_t e : ids) {
       const auto& ex = examples_[e];
       planned_tokens_ += (int64_t)ex.ids.size();
-      for (size_t t = 1; t < ex.labels.size(); t++) planned_targets_ += ex.labels[t] != -100;
+      planned_targets_ += example_targets(ex);
     }
     planned_.push_back(std::move(ids));
   }

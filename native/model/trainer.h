@@ -23,8 +23,9 @@
 namespace ts {
 
 struct TrainExample {
-  std::vector<int32_t> ids;     // (T)
-  std::vector<int32_t> labels;  // (T) Hugging Face convention, -100 ignored
+  std::vector<int32_t> ids;        // (T)
+  std::vector<int32_t> labels;     // (T) Hugging Face convention, -100 ignored
+  std::vector<int32_t> doc_start;  // (T) when several documents are packed (see TrainBatch); else empty
 };
 
 struct TrainHyper {

@@ -5,7 +5,7 @@
 //   2. greedy generation of a mixed batch (base + two adapters, different prompt lengths): prefill
 //      steps, then decode steps (captured as graphs where the backend has them); the ids must be equal
 //      in the float32-compute mode;
-//   3. one training pass: the loss and every LoRA gradient;
+//   3. one training pass: the loss and every LoRA gradient, unpacked and packed;
 //   4. a few optimizer steps through the trainer: the loss curves and the final adapters.
 // Runs wherever the backend exists: CI runs it on the CUDA emulator (cuda-emu); the GPU check runs the
 // same program on the device (cuda). Prints one line per check and exits 1 on any failure.
@@ -345,6 +345,28 @@ void run_mode(const std::string& backend, bool f32, const Preset& p, const std::
   report(loss_err <= logit_tol, tag + "training pass loss", fmt("%.6f vs %.6f", loss_got, loss_want));
   compare_adapters(*dev.exec->adapter(dev.adapters[1])->host, *cpu.exec->adapter(cpu.adapters[1])->host, true, grad_tol,
                    tag + "LoRA gradients (all 7 targets, dropout 0.1)");
+
+  // 3b. the same batch packed: several documents per sequence (block-diagonal mask, positions reset).
+  TrainBatch packed = batch;
+  for (int b = 0; b < batch.B; b++)
+    for (int t = 0; t < batch.T; t++) {
+      const int starts[2][3] = {{0, 9, 17}, {0, 12, 12}};
+      int s = 0;
+      for (int k : starts[b]) s = t >= k ? k : s;
+      packed.doc_start.push_back(s);
+      if (t == s) packed.labels[size_t(b) * batch.T + t] = packed.ids[size_t(b) * batch.T + t];  // a document start's label is never a target
+    }
+  const double packed_want = on_executor<double>(*cpu.exec, [&](Executor& e) {
+    return e.train_pass(e.adapter(cpu.adapters[1]), packed, opt);
+  });
+  const double packed_got = on_executor<double>(*dev.exec, [&](Executor& e) {
+    return e.train_pass(e.adapter(dev.adapters[1]), packed, opt);
+  });
+  const double packed_err = std::fabs(packed_got - packed_want) / std::fabs(packed_want);
+  report(packed_err <= logit_tol && std::fabs(packed_want - loss_want) > 1e-3 * std::fabs(loss_want),
+         tag + "packed training pass loss", fmt("%.6f vs %.6f", packed_got, packed_want) + fmt(" (unpacked %.6f)", loss_want));
+  compare_adapters(*dev.exec->adapter(dev.adapters[1])->host, *cpu.exec->adapter(cpu.adapters[1])->host, true, grad_tol,
+                   tag + "LoRA gradients of the packed batch");
 
   // 4. optimizer steps through the trainer
   std::vector<TrainExample> examples;

@@ -8,6 +8,7 @@ import { parseArgs } from 'node:util';
 import { Engine, type Adapter } from '../engine/engine.js';
 import { EngineError } from '../engine/errors.js';
 import { loadDataset, type DatasetReport } from '../engine/dataset.js';
+import { applyPacking, type PackingReport } from '../engine/packing.js';
 import { makeModel, MODEL_PRESETS, type ModelPreset } from '../engine/make-model.js';
 import { mergeAdapterFolder, mergeFidelity, type MergeDtype, type MergeInto } from '../engine/merge.js';
 import { readLlamaConfig, type LlamaConfig } from '../engine/model-folder.js';
@@ -67,6 +68,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
       'no-gradient-checkpointing': { type: 'boolean' }, json: { type: 'boolean' },
       'checkpoint-dir': { type: 'string' }, 'checkpoint-every': { type: 'string' }, resume: { type: 'string' },
       'nonfinite-policy': { type: 'string' }, 'spike-factor': { type: 'string' }, 'spike-policy': { type: 'string' },
+      packing: { type: 'string' },
       ...ENGINE_FLAGS,
     },
   });
@@ -91,6 +93,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
     spikePolicy: oneOf(values, 'spike-policy', ['fail', 'skip', 'rollback'] as const, 'skip'),
   };
   checkTrainHyperparameters(hyper);
+  const packingMode = oneOf(values, 'packing', ['auto', 'on', 'off'] as const, 'auto');
   // --resume CHECKPOINT: continue a run that was stopped (Ctrl-C writes a checkpoint when
   // --checkpoint-dir is given); the same flags and data as that run are required.
   const resumeFrom = str(values, 'resume');
@@ -110,7 +113,10 @@ export async function trainCommand(argv: string[]): Promise<void> {
     const dataset = await loadDataset(dataFile, engine.tokenizer, { maxSeqLen, vocabSize: engine.config.vocabSize });
     // With --init-adapter (or --resume), that adapter's rank, alpha and targets apply.
     const adapter: Adapter = resumeFrom ? await engine.resumeAdapter(resumeFrom) : lora ? engine.createAdapter(lora, seed) : await engine.loadAdapter(init!);
-    const report = dataset.report;
+    const packed = applyPacking(dataset.examples, {
+      packing: packingMode === 'auto' ? undefined : packingMode === 'on', maxSeqLen, sequencesPerStep: hyper.batchSize * hyper.gradAccum, fixedSteps: steps > 0,
+    });
+    const report = { ...dataset.report, packing: packed.report };
     if (values.json) process.stdout.write(`${JSON.stringify({ dataset_report: report })}\n`);
     else process.stderr.write(`${formatDatasetReport(report)}\n`);
     process.stderr.write(`training on ${report.rows} examples, LoRA r=${adapter.config.r} alpha=${adapter.config.alpha} on ${adapter.config.targets.join(',')}, ${engine.quant} base on ${engine.device}\n`);
@@ -118,7 +124,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
     const controller = new AbortController();
     const onSigint = () => controller.abort();
     process.once('SIGINT', onSigint);
-    const summary = await engine.train(adapter, dataset.examples, { ...hyper, ...(resumeFrom ? { resumeFrom: resolve(resumeFrom) } : {}) }, {
+    const summary = await engine.train(adapter, packed.examples, { ...hyper, ...(resumeFrom ? { resumeFrom: resolve(resumeFrom) } : {}) }, {
       signal: controller.signal,
       onStep: (e) => {
         if (e.guardAction) process.stderr.write(`\nguard: ${e.guardAction} at step ${e.step} (${e.guardReason})${e.guardAction === 'rollback' ? `, continuing from step ${e.rolledBackTo}` : ''}\n`);
@@ -172,13 +178,15 @@ function withFlagNames<T>(build: () => T): T {
 }
 
 /** The dataset report in a few human lines. */
-export function formatDatasetReport(report: DatasetReport): string {
+export function formatDatasetReport(report: DatasetReport & { packing?: PackingReport }): string {
   const kinds = Object.entries(report.rowsByKind).filter(([, n]) => n > 0).map(([kind, n]) => `${n} ${kind}`).join(', ');
   const percent = (fraction: number) => `${(fraction * 100).toFixed(1)}%`;
+  const p = report.packing;
   return [
     `dataset: ${report.rows} rows (${kinds}), ${report.tokens} tokens, ${report.scoredTokens} scored`,
     `  longest row ${report.longestRow.tokens} tokens (line ${report.longestRow.line}); ${report.truncatedRows} rows truncated to ${report.maxSeqLen} (${report.truncatedTokens} tokens cut)`,
     `  scored per row: mean ${percent(report.scoredFraction.mean)}, min ${percent(report.scoredFraction.min)} (line ${report.scoredFraction.minLine})`,
+    ...(p ? [`  packing ${p.enabled ? 'on' : 'off'} (${p.reason}): ${p.rows} rows in ${p.sequences} sequences, ${percent(p.fill)} full`] : []),
   ].join('\n');
 }
 

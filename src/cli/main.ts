@@ -9,7 +9,7 @@ engine commands:
              --lr --steps --epochs --batch-size --grad-accum --max-seq-len --scheduler constant|linear|cosine
              --warmup-steps --weight-decay --max-grad-norm --seed --no-shuffle --init-adapter DIR
              --no-gradient-checkpointing --checkpoint-dir DIR --checkpoint-every N --resume CHECKPOINT
-             --nonfinite-policy fail|skip|rollback --spike-factor X --spike-policy fail|skip|rollback
+             --nonfinite-policy fail|skip|rollback --spike-factor X --spike-policy fail|skip|rollback --packing auto|on|off
              --quant nf4|none --device cpu|cuda|auto --cuda-compute bf16|f32 --threads N --json]
   generate   --model DIR [--adapter DIR] (--prompt TEXT [--chat] | --prompt-ids 1,2,3) [--max-tokens --temperature
              --top-k --top-p --repetition-penalty --seed --ignore-eos --quant --device --threads --json]

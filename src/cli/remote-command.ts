@@ -24,11 +24,11 @@ export const REMOTE_USAGE = `usage: tuneserve remote <command> [--addr host:port
   train     (--dataset-file FILE.jsonl | --dataset ID) --adapter-id NAME [--job-id ID] [--init-adapter NAME]
             [--rank --alpha --dropout --targets LIST|all-linear --lr --steps --epochs --batch-size --grad-accum
              --max-seq-len --scheduler constant|linear|cosine --warmup-steps --weight-decay --max-grad-norm --seed
-             --no-shuffle --eval-fraction --eval-every --checkpoint-every] [--detach]
+             --no-shuffle --eval-fraction --eval-every --checkpoint-every --packing auto|on|off] [--detach]
   generate  (--prompt TEXT [--chat] | --messages JSON | --prompt-ids 1,2,3) [--adapter NAME] [--max-tokens N]
             [--temperature 0] [--top-k --top-p --repetition-penalty --seed --stop TEXT (repeatable) --ignore-eos]
   merge     --adapter NAME --out-name NAME [--dtype bf16|f16|f32] [--into original|dequantized] [--unload]
-  jobs      list [--state queued,running,...] [--limit N] | get ID [--history] | watch ID [--after N] | cancel ID
+  jobs      list [--state queued,running,...] [--limit N] | get ID [--history] | watch ID [--after N] | cancel ID | resume ID
   adapters  list [--loaded] | get ID | load ID | unload ID | delete ID | import ID DIR | export ID DIR
   datasets  list | upload FILE.jsonl [--dataset-id ID] | delete ID
 

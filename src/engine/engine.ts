@@ -9,8 +9,8 @@ import { join, resolve } from 'node:path';
 import { EngineError, toEngineError } from './errors.js';
 import { loadModelFolder, type LlamaConfig, type ModelFolder } from './model-folder.js';
 import {
-  native, type GuardPolicy, type NativeAdapterState, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativePoolStats,
-  type NativeServingPolicy, type NativeStepReport, type NativeTrainHyper,
+  native, type GuardSettings, type NativeAdapterState, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativePoolStats,
+  type NativeServingPolicy, type NativeStepReport, type NativeTrainExample, type NativeTrainHyper,
 } from './native.js';
 import { ADAPTER_WEIGHTS_FILE, adapterConfigJson, loraTensorShapes, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
 import { encodeSafetensors } from './safetensors.js';
@@ -65,7 +65,8 @@ export interface Adapter {
   readonly config: LoraConfig;
 }
 
-export interface TrainHyperparameters {
+/** A training run's settings; the guard's are GuardSettings. */
+export interface TrainHyperparameters extends GuardSettings {
   lr: number;
   steps?: number; // > 0 overrides epochs
   epochs: number;
@@ -99,14 +100,6 @@ export interface TrainHyperparameters {
   checkpointDir?: string;
   /** A checkpoint folder to continue from; `adapter` must be loaded from it (resumeAdapter). */
   resumeFrom?: string;
-  /** The guard: what to do on a non-finite loss or gradient, and on a loss spike (spikeFactor × the recent mean; 0 = off). */
-  nonfinitePolicy?: GuardPolicy;
-  spikeFactor?: number;
-  spikePolicy?: GuardPolicy;
-  rollbackLrFactor?: number;
-  maxInterventions?: number;
-  /** Fault injection for tests: poison the gradients of this optimizer step, once. */
-  injectNonfiniteStep?: number;
 }
 
 export interface StepEvent extends NativeStepReport {
@@ -312,7 +305,7 @@ export class Engine {
    */
   async train(
     adapter: Adapter,
-    examples: readonly { ids: Int32Array; labels: Int32Array }[],
+    examples: readonly NativeTrainExample[],
     hyper: TrainHyperparameters,
     handlers: { onStep?: (event: StepEvent) => void; signal?: AbortSignal } = {},
   ): Promise<TrainSummary> {
@@ -366,7 +359,7 @@ export class Engine {
     let interventions = 0;
     const job = this.native.train({
       slot: adapter.slot,
-      examples: examples.map((e) => ({ ids: e.ids, labels: e.labels })),
+      examples: examples.map((e) => ({ ids: e.ids, labels: e.labels, ...(e.docStart ? { docStart: e.docStart } : {}) })),
       evalExamples: (hyper.evalExamples ?? []).map((e) => ({ ids: e.ids, labels: e.labels })),
       forgettingExamples: (hyper.forgettingExamples ?? []).map((e) => ({ ids: e.ids, labels: e.labels })),
       hyper: nativeHyper,
@@ -460,13 +453,19 @@ export function trainingConfigHash(lora: LoraConfig, h: TrainHyperparameters): s
   return createHash('sha256').update(JSON.stringify(relevant)).digest('hex');
 }
 
-/** A fingerprint of the training examples as the engine sees them (ids and labels, in order). */
-export function examplesHash(examples: readonly { ids: Int32Array; labels: Int32Array }[]): string {
+/** A fingerprint of the training examples as the engine sees them (ids, labels and packing, in order). */
+export function examplesHash(examples: readonly NativeTrainExample[]): string {
   const hash = createHash('sha256');
   for (const e of examples) {
     hash.update(new Uint8Array(new Int32Array([e.ids.length]).buffer));
     hash.update(new Uint8Array(e.ids.buffer, e.ids.byteOffset, e.ids.byteLength));
     hash.update(new Uint8Array(e.labels.buffer, e.labels.byteOffset, e.labels.byteLength));
+    // Unpacked examples hash as before, so checkpoints of jobs from before packing still resume.
+    // A packed example adds a marker no length can equal, then its document starts.
+    if (e.docStart) {
+      hash.update(new Uint8Array(new Int32Array([-1]).buffer));
+      hash.update(new Uint8Array(e.docStart.buffer, e.docStart.byteOffset, e.docStart.byteLength));
+    }
   }
   return hash.digest('hex');
 }

@@ -23,7 +23,20 @@ export interface NativeLoraSpec {
 
 export type GuardPolicy = 'fail' | 'skip' | 'rollback';
 
-export interface NativeTrainHyper {
+/** The training guard: what to do on a non-finite loss or gradient, and on a loss spike (spikeFactor × the recent mean; 0 = off). */
+export interface GuardSettings {
+  nonfinitePolicy?: GuardPolicy;
+  spikeFactor?: number;
+  spikePolicy?: GuardPolicy;
+  /** Each rollback multiplies the learning rate by this. */
+  rollbackLrFactor?: number;
+  /** More interventions than this fail the job. */
+  maxInterventions?: number;
+  /** Fault injection for tests: poison the gradients of this optimizer step, once. */
+  injectNonfiniteStep?: number;
+}
+
+export interface NativeTrainHyper extends GuardSettings {
   lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; maxGradNorm: number;
   scheduler: 'constant' | 'linear' | 'cosine'; warmupSteps: number; batchSize: number; gradAccum: number;
   epochs: number; maxSteps: number; seed: number; shuffle: boolean; recompute: boolean; padId: number;
@@ -43,13 +56,6 @@ export interface NativeTrainHyper {
   dataHash?: string;
   /** A checkpoint folder to continue from (the adapter must have been loaded from it). */
   resumeFrom?: string;
-  nonfinitePolicy?: GuardPolicy;
-  spikeFactor?: number;
-  spikePolicy?: GuardPolicy;
-  rollbackLrFactor?: number;
-  maxInterventions?: number;
-  /** Fault injection for tests: poison the gradients of this step, once. */
-  injectNonfiniteStep?: number;
 }
 
 /** What training got of the executor since the previous optimizer step (native/model/executor.h ShareReport). */
@@ -94,6 +100,12 @@ export interface NativeGenerateResult {
 }
 
 export interface NativeJob<T> { id: number; promise: Promise<T> }
+
+/**
+ * One training sequence. docStart (packed sequences, see packing.ts) gives, per token, the index of
+ * the first token of its document: attention, positions and loss stay within each document.
+ */
+export interface NativeTrainExample { ids: Int32Array; labels: Int32Array; docStart?: Int32Array }
 
 /** The memory plan the engine made at start (native/model/memory_plan.h), in bytes. */
 export interface NativeMemoryPlan {
@@ -161,11 +173,11 @@ export interface NativeEngine {
   adapterTensors(slot: number, grads?: boolean): Promise<Record<string, Float32Array>>;
   logits(ids: Int32Array, slot: number): Promise<Float32Array>;
   trainPass(
-    batch: { B: number; T: number; ids: Int32Array; labels: Int32Array },
+    batch: { B: number; T: number; ids: Int32Array; labels: Int32Array; docStart?: Int32Array },
     slot: number,
     options?: { backward?: boolean; recompute?: boolean; lossScale?: number; dropout?: number; dropoutSeed?: number; dropoutStep?: number },
   ): Promise<{ loss: number; targets: number; grads?: Record<string, Float32Array> }>;
-  train(spec: { slot: number; examples: { ids: Int32Array; labels: Int32Array }[]; evalExamples?: { ids: Int32Array; labels: Int32Array }[]; forgettingExamples?: { ids: Int32Array; labels: Int32Array }[]; hyper: NativeTrainHyper }, onStep: (r: NativeStepReport) => void): NativeJob<NativeStepReport & { cancelled: boolean }>;
+  train(spec: { slot: number; examples: NativeTrainExample[]; evalExamples?: NativeTrainExample[]; forgettingExamples?: NativeTrainExample[]; hyper: NativeTrainHyper }, onStep: (r: NativeStepReport) => void): NativeJob<NativeStepReport & { cancelled: boolean }>;
   generate(spec: NativeGenerateSpec, onTokens: (ids: Int32Array) => void): NativeJob<NativeGenerateResult>;
   cancel(id: number): void;
   close(): void;

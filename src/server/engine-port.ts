@@ -292,6 +292,8 @@ export interface TrainSpec {
   /** Score the general-text set with the base and the adapter (the forgetting check). */
   forgettingCheck: boolean;
   forgettingWarnThreshold: number;
+  /** Packing of short rows (src/engine/packing.ts); jobs stored before it existed have none and run unpacked. */
+  packing?: 'auto' | 'on' | 'off';
 }
 
 /** What the guard does with a step that went wrong. */
@@ -329,6 +331,8 @@ export interface DatasetReport {
   longestRow: { tokens: number; line: number };
   /** Per row scored / (tokens − 1): the lowest (and its line) and the mean. */
   scoredFraction: { min: number; minLine: number; mean: number };
+  /** The packing decision for the training rows (src/engine/packing.ts's PackingReport has this shape). */
+  packing?: { enabled: boolean; reason: string; sequences: number; rows: number; fill: number };
 }
 
 /**

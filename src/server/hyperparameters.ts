@@ -143,6 +143,7 @@ export function resolveHyperparameters(
     keepBest: needsEval('keep_best', c.keepBest ?? false, c),
     forgettingCheck: c.forgettingCheck ?? false,
     forgettingWarnThreshold: checkNumber('forgetting_warn_threshold', c.forgettingWarnThreshold || 0.25, (v) => v > 0 && v <= 100, 'above 0 and at most 100'),
+    packing: c.packing === undefined ? 'auto' : c.packing ? 'on' : 'off',
   };
 }
 

@@ -62,12 +62,6 @@ export interface JobQueueDependencies {
   now?: () => number;
   /** Training metrics and the job spans; absent in tests that do not look. */
   telemetry?: Telemetry;
-  /**
-   * Called by shutdown() on the running job before its run is stopped, and awaited (within the
-   * server's grace period): the place for a checkpoint that lets the job resume after a restart.
-   * The default does nothing (the run stops between steps and is recorded as interrupted).
-   */
-  beforeShutdown?: (job: { jobId: string; adapterId: string; signal: AbortSignal }) => Promise<void>;
 }
 
 interface RunningJob {
@@ -328,10 +322,6 @@ export class JobQueue {
     this.pending.length = 0;
     const running = this.running;
     if (running) {
-      if (this.deps.beforeShutdown) {
-        const job = this.require(running.jobId);
-        await this.deps.beforeShutdown({ jobId: job.jobId, adapterId: job.adapterId, signal: running.controller.signal });
-      }
       running.stop = 'shutdown';
       running.controller.abort('shutdown');
       await running.done;
@@ -457,9 +447,9 @@ export class JobQueue {
           signal: running.controller.signal,
           ...(resume ? { resume } : {}),
           onEvent: (event) => {
-            // While stopping, only the checkpoint of the stop itself is still recorded: it is what a
-            // resume continues from.
-            if (running.stop !== null && event.kind !== 'checkpoint') return;
+            // Everything the engine reports happened, stop requested or not: a step that finished
+            // while the stop was on its way is in the checkpoint of the stop, so it is in the history
+            // too (a resume continues right after it, with no gap).
             if (event.kind === 'step') {
               lastStep = event.step;
               this.deps.telemetry?.recordTrainingStep({

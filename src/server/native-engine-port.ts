@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { writeFileAtomic } from '../engine/atomic-file.js';
 import { Engine, type Adapter, type AdapterState, type EngineOptions } from '../engine/engine.js';
 import { loadDataset } from '../engine/dataset.js';
+import { applyPacking } from '../engine/packing.js';
 import { EngineError, hasErrorCode } from '../engine/errors.js';
 import { mergeAdapterFolder, mergeFidelity } from '../engine/merge.js';
 import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, adapterConfigJson, createLoraConfig, loraTensorShapes, readAdapterConfig, type LoraConfig } from '../engine/peft-config.js';
@@ -259,7 +260,6 @@ export class NativeEnginePort implements EnginePort {
     } catch (e) {
       throw portError(e, 'dataset');
     }
-    options.onEvent({ kind: 'dataset', report: dataset.report });
     // Hold out a seeded random evalFraction of the rows (at least one train row stays).
     const order = dataset.examples.map((_, i) => i);
     let state = (spec.seed >>> 0) || 1;
@@ -270,8 +270,16 @@ export class NativeEnginePort implements EnginePort {
     }
     const nEval = spec.evalFraction > 0 ? Math.min(order.length - 1, Math.max(1, Math.round(order.length * spec.evalFraction))) : 0;
     const evalSet = new Set(order.slice(0, nEval));
-    const trainExamples = dataset.examples.filter((_, i) => !evalSet.has(i));
+    const trainRows = dataset.examples.filter((_, i) => !evalSet.has(i));
     const evalExamples = dataset.examples.filter((_, i) => evalSet.has(i));
+    // Packing after the split: held-out rows stay whole rows, and the report says what the job trains on.
+    const maxSeqLen = dataset.report.maxSeqLen;
+    const packing = applyPacking(trainRows, {
+      packing: spec.packing === 'on' ? true : spec.packing === 'auto' ? undefined : false,
+      maxSeqLen, sequencesPerStep: spec.batchSize * spec.gradAccum, fixedSteps: spec.maxSteps > 0,
+    });
+    const trainExamples = packing.examples;
+    options.onEvent({ kind: 'dataset', report: { ...dataset.report, packing: packing.report } });
     const forgettingExamples = spec.forgettingCheck ? await this.generalText() : [];
 
     let adapter: Adapter;
@@ -287,7 +295,7 @@ export class NativeEnginePort implements EnginePort {
       const totalSteps = spec.maxSteps > 0 ? spec.maxSteps : stepsPerEpoch * spec.epochs;
       const policy = engine.native.stats().scheduler;
       options.onEvent({
-        kind: 'started', totalSteps, trainExamples: trainExamples.length, evalExamples: evalExamples.length,
+        kind: 'started', totalSteps, trainExamples: trainRows.length, evalExamples: evalExamples.length,
         schedulingPolicy: { targetInterTokenMs: policy.targetInterTokenMs, minTrainingShare: policy.minTrainingShare },
       });
       let warnedForgetting = false;

@@ -80,11 +80,6 @@ export interface ServerOptions {
   shutdownGraceMs?: number;
   /** How long close() keeps refusing calls (health NOT_SERVING) before closing connections; default 0. */
   drainDelayMs?: number;
-  /**
-   * Called by close() on the running training job before it is stopped (see JobQueueDependencies.
-   * beforeShutdown): where a checkpoint for resume-after-restart goes.
-   */
-  beforeTrainingShutdown?: JobQueueDependencies['beforeShutdown'];
 }
 
 /** PEM files of the gRPC port's TLS: its certificate chain and key, and for mutual TLS the client CA. */
@@ -164,7 +159,6 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
     logger,
     telemetry,
     maxQueuedJobs: limits.maxQueuedJobs,
-    ...(options.beforeTrainingShutdown ? { beforeShutdown: options.beforeTrainingShutdown } : {}),
   });
   const context: ServiceContext = {
     engine: requireEngine,

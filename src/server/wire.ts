@@ -81,6 +81,8 @@ export function toTrainingConfig(config: Hyperparameters): TrainingConfig {
     keepBest: config.keepBest ?? false,
     forgettingCheck: config.forgettingCheck ?? false,
     forgettingWarnThreshold: config.forgettingWarnThreshold ?? 0.25,
+    // Unset is auto; a job stored before packing existed ran unpacked.
+    packing: config.packing === undefined ? false : config.packing === 'auto' ? undefined : config.packing === 'on',
   };
 }
 
@@ -249,6 +251,10 @@ export function toDatasetReport(report: DatasetReport): DatasetReportMessage {
     minScoredFractionLine: report.scoredFraction.minLine,
     meanScoredFraction: report.scoredFraction.mean,
     blankLines: report.blankLines,
+    packingEnabled: report.packing?.enabled ?? false,
+    packingReason: report.packing?.reason ?? '',
+    trainingSequences: report.packing?.sequences ?? 0,
+    sequenceFill: report.packing?.fill ?? 0,
   };
 }
 

@@ -115,6 +115,36 @@ describe('tuneserve remote', () => {
     expect(imported.stdout).toMatch(/^imported adapter "cli-copy"/);
   }, 120_000);
 
+  it('jobs resume continues a cancelled job from its checkpoint and refuses a succeeded one', async () => {
+    const started = await remote('train', '--dataset-file', DATA, '--adapter-id', 'cli-resumed', '--job-id', 'cli-resume-1', '--steps', '200',
+      '--checkpoint-every', '5', '--detach');
+    expect(started.error).toBeNull();
+    // Cancel once a checkpoint exists: the job keeps its checkpoints because it did not succeed.
+    for (let i = 0; ; i++) {
+      const got = await remote('jobs', 'get', 'cli-resume-1', '--json');
+      if ((JSON.parse(got.stdout) as { job: { lastCheckpointStep?: number } }).job.lastCheckpointStep) break;
+      if (i > 600) throw new Error('no checkpoint');
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    expect((await remote('jobs', 'cancel', 'cli-resume-1')).error).toBeNull();
+    for (let i = 0; ; i++) {
+      const got = await remote('jobs', 'get', 'cli-resume-1');
+      if (/^state\s+cancelled$/m.test(got.stdout)) break;
+      if (i > 600) throw new Error('not cancelled');
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const resumed = await remote('jobs', 'resume', 'cli-resume-1');
+    expect(resumed.error).toBeNull();
+    expect(resumed.stdout).toMatch(/^job cli-resume-1: (queued|running) again from its checkpoint at step [1-9]\d*;/);
+    const watched = await remote('jobs', 'watch', 'cli-resume-1', '--json');
+    expect(watched.error).toBeNull();
+    expect(watched.stdout).toMatch(/"resumed"/);
+
+    const refused = await remote('jobs', 'resume', 'cli-resume-1');
+    expect(refused.error?.code).toBe('FAILED_PRECONDITION');
+    expect(refused.error?.message).toMatch(/^JOB_NOT_RESUMABLE: /);
+  }, 300_000);
+
   it('fails with the status name, the ErrorInfo reason and the field violations', async () => {
     const missing = await remote('generate', '--adapter', 'nope', '--prompt', 'hello');
     expect(missing.error?.code).toBe('NOT_FOUND');

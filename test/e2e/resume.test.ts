@@ -94,4 +94,36 @@ describe('resume after SIGKILL (real serve processes)', () => {
     expect(got.equals(want)).toBe(true);
     await stop(second, 'SIGTERM');
   }, 600_000);
+
+  it('checkpoints at SIGTERM: the interrupted job resumes from the step it stopped at to the same bytes', async () => {
+    const first = await serve(join(dir, 'model'), join(dir, 'data'));
+    running.push(first);
+    const c1 = first.clients;
+    // No periodic checkpoints: the only one is written when the shutdown stops the run.
+    const noPeriodic = { ...config, checkpointEvery: 0 };
+    await collect(c1.training.train({ jobId: 'stopped', adapterId: 'after-term', datasetId: 'qa', initAdapterId: '', detach: true, config: noPeriodic }));
+    await eventually(async () => {
+      const { job } = await call(c1.training.getJob, c1.training, { jobId: 'stopped', includeHistory: false });
+      return (job?.lastStep?.step ?? 0) >= 2;
+    }, 120_000);
+    await stop(first, 'SIGTERM');
+    expect(await first.process.exited).toBe(0);
+
+    const second = await serve(join(dir, 'model'), join(dir, 'data'));
+    running.push(second);
+    const c2 = second.clients;
+    const { job, steps } = await call(c2.training.getJob, c2.training, { jobId: 'stopped', includeHistory: true });
+    expect(job?.state).toBe(JobState.JOB_STATE_INTERRUPTED);
+    // The history is intact: every step up to the stop, in order.
+    const stoppedAt = steps.length;
+    expect(steps.map((s) => s.step)).toEqual(Array.from({ length: stoppedAt }, (_, i) => i + 1));
+    expect(job!.lastCheckpointStep).toBe(stoppedAt);
+    expect(stoppedAt).toBeLessThan(12);
+    await call(c2.training.resumeJob, c2.training, { jobId: 'stopped' });
+    const history = await collect(c2.training.watchJob({ jobId: 'stopped', afterSequence: 0 }));
+    expect(history.messages.at(-1)?.event?.completed?.adapterId).toBe('after-term');
+    const bytes = (id: string) => readFile(join(dir, 'data', 'adapters', id, 'adapter_model.safetensors'));
+    expect((await bytes('after-term')).equals(await bytes('ref'))).toBe(true);
+    await stop(second, 'SIGTERM');
+  }, 600_000);
 });

@@ -123,4 +123,42 @@ describe('gRPC service over the real engine', () => {
     const jobs = ['mem', 'shift', ''].flatMap((id) => prompts.map(async (p, i) => ({ id, i, text: (await generate(p, id)).text })));
     for (const r of await Promise.all(jobs)) expect(r.text, `${r.id || 'base'} #${r.i}`).toBe(single[r.id]![r.i]);
   }, 900_000);
+
+  it('trains a chat dataset, packed, with the forgetting check; Generate\'s chat prompt answers the held-in questions', async () => {
+    // Support answers in the model's own chat template: loss on the assistant turns only. With
+    // max_seq_len 128 the ~40-token conversations pack two or three to a sequence (auto: an
+    // epoch-based job); the general-text set is scored before and after (the forgetting check).
+    const file = join(import.meta.dirname, '..', 'fixtures', 'chat-support.jsonl');
+    const chats = (await readFile(file, 'utf8')).trim().split('\n').map((l) => JSON.parse(l) as { messages: { role: string; content: string }[] });
+    await upload(clients, 'support', await readFile(file));
+    const { messages, error } = await collect(clients.training.train({
+      jobId: 'chat-1', adapterId: 'support', datasetId: 'support', initAdapterId: '', detach: false,
+      config: memorize({ maxSeqLen: 128, batchSize: 1, epochs: 60, forgettingCheck: true }),
+    }));
+    expect(error).toBeNull();
+    const events = messages.map((m) => m.event as JobEvent);
+    const report = events.find((e) => e.datasetReport)!.datasetReport!;
+    expect(report.rowsByFormat?.messages).toBe(chats.length);
+    expect(report.packingEnabled).toBe(true);
+    expect(report.trainingSequences).toBeLessThanOrEqual(chats.length / 2);
+    expect(report.packingReason).toMatch(/^auto: /);
+    expect(events.find((e) => e.started)?.started?.trainExamples).toBe(chats.length);
+    const completed = events.at(-1)?.completed;
+    expect(completed?.adapterId).toBe('support');
+    // The forgetting figure is in the job summary: the base's general-text loss and the adapter's.
+    const metrics = completed!.metrics!;
+    expect(metrics.forgettingBaseLoss).toBeGreaterThan(0);
+    expect(metrics.forgettingLoss).toBeGreaterThan(0);
+    const { job } = await call(clients.training.getJob, clients.training, { jobId: 'chat-1', includeHistory: false });
+    expect(job?.metrics?.forgettingLoss).toBe(metrics.forgettingLoss);
+
+    for (const chat of chats) {
+      const question = chat.messages.filter((m) => m.role === 'user');
+      const { messages: pieces, error: genError } = await collect(clients.generation.generate(GenerateRequest.fromPartial({
+        chat: { messages: question }, adapterId: 'support', maxTokens: 32, temperature: 0,
+      })));
+      expect(genError).toBeNull();
+      expect(pieces.map((m) => m.text).join(''), question[0]!.content).toBe(chat.messages.at(-1)!.content);
+    }
+  }, 900_000);
 });

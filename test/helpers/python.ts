@@ -7,7 +7,10 @@ export const REFERENCE_PYTHON = "/usr/bin/python3";
 
 let cached: string | null | undefined;
 
-/** The interpreter path when it imports torch, else null (callers skip loudly). Checked once. */
+/**
+ * The interpreter path when it imports torch, else null (callers skip loudly). Checked once. In CI
+ * (CI set, as .ci/run does) a missing reference is an error: the parity tests must not skip there.
+ */
 export function referencePython(): string | null {
   if (cached !== undefined) return cached;
   cached = null;
@@ -15,5 +18,6 @@ export function referencePython(): string | null {
     const probe = spawnSync(REFERENCE_PYTHON, ["-c", "import torch, numpy"], { encoding: "utf8", timeout: 60_000 });
     if (probe.status === 0) cached = REFERENCE_PYTHON;
   }
+  if (cached === null && process.env.CI) throw new Error(`CI needs PyTorch at ${REFERENCE_PYTHON} for the parity tests (apt-get install -y python3-torch libopenblas0-pthread)`);
   return cached;
 }

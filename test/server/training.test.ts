@@ -59,6 +59,11 @@ describe('training', () => {
       minScoredFractionLine: 1,
       meanScoredFraction: 1,
       blankLines: 0,
+      // The double does not pack (packing is the real engine's; test/packing.test.ts).
+      packingEnabled: false,
+      packingReason: '',
+      trainingSequences: 0,
+      sequenceFill: 0,
     });
     expect(events[2]?.started).toEqual({ totalSteps: 4, trainExamples: 12, evalExamples: 4 });
     expect(events.at(-1)?.completed?.adapterId).toBe('bot');

@@ -217,8 +217,15 @@ async function jobsRemote(c: Context): Promise<void> {
       else if (job) io.stdout.write(`job ${job.jobId}: ${jobStateLabel(job.state)}${job.state === JobState.JOB_STATE_RUNNING ? ' (stops after the current step)' : ''}\n`);
       return;
     }
+    case 'resume': {
+      const jobId = positional(c.positionals, 1, 'job id');
+      const { job } = await unary(training, training.resumeJob, { jobId }, c.unaryTimeoutMs);
+      if (json) io.stdout.write(`${JSON.stringify(job ? Job.toJSON(job) : {})}\n`);
+      else io.stdout.write(`job ${jobId}: ${job ? jobStateLabel(job.state) : 'queued'} again from its checkpoint at step ${job?.lastCheckpointStep ?? 0}; watch it with \`tuneserve remote jobs watch ${jobId}\`\n`);
+      return;
+    }
     default:
-      throw new EngineError('INVALID_ARGUMENT', `unknown jobs action ${JSON.stringify(action)} (list, get, watch, cancel)`, { field: 'action' });
+      throw new EngineError('INVALID_ARGUMENT', `unknown jobs action ${JSON.stringify(action)} (list, get, watch, cancel, resume)`, { field: 'action' });
   }
 }
 

@@ -28,7 +28,7 @@ export const TRAINING_FLAGS = {
   steps: { type: 'string' }, epochs: { type: 'string' }, 'batch-size': { type: 'string' }, 'grad-accum': { type: 'string' },
   'max-seq-len': { type: 'string' }, scheduler: { type: 'string' }, 'warmup-steps': { type: 'string' }, 'weight-decay': { type: 'string' },
   'max-grad-norm': { type: 'string' }, seed: { type: 'string' }, 'no-shuffle': { type: 'boolean' }, 'eval-fraction': { type: 'string' },
-  'eval-every': { type: 'string' }, 'checkpoint-every': { type: 'string' },
+  'eval-every': { type: 'string' }, 'checkpoint-every': { type: 'string' }, packing: { type: 'string' },
 } as const;
 
 export const SCHEDULERS = { constant: LrScheduler.LR_SCHEDULER_CONSTANT, linear: LrScheduler.LR_SCHEDULER_LINEAR, cosine: LrScheduler.LR_SCHEDULER_COSINE } as const;
@@ -39,6 +39,7 @@ export function trainingConfigFromFlags(flags: Flags): TrainingConfig {
   const targets = text(flags, 'targets');
   const dropout = float(flags, 'dropout');
   const maxGradNorm = float(flags, 'max-grad-norm');
+  const packing = choice(flags, 'packing', ['auto', 'on', 'off'] as const);
   return TrainingConfig.fromPartial({
     rank: count(flags, 'rank') ?? 0,
     alpha: float(flags, 'alpha') ?? 0,
@@ -59,5 +60,6 @@ export function trainingConfigFromFlags(flags: Flags): TrainingConfig {
     evalFraction: float(flags, 'eval-fraction') ?? 0,
     evalEvery: count(flags, 'eval-every') ?? 0,
     checkpointEvery: count(flags, 'checkpoint-every') ?? 0,
+    ...(packing === 'on' || packing === 'off' ? { packing: packing === 'on' } : {}),
   });
 }

@@ -53,7 +53,8 @@ export function datasetReportLine(r: DatasetReport): string {
   const formats = Object.entries(r.rowsByFormat ?? {}).filter(([, n]) => (n as number) > 0).map(([format, n]) => `${n} ${format}`).join(', ');
   const percent = (fraction: number) => `${(fraction * 100).toFixed(1)}%`;
   return `dataset: ${r.rows} rows (${formats}), ${r.tokens} tokens, ${r.scoredTokens} scored; longest ${r.longestRowTokens} tokens (line ${r.longestRowLine}), ` +
-    `${r.truncatedRows} truncated to ${r.maxSeqLen}; scored per row mean ${percent(r.meanScoredFraction)}, min ${percent(r.minScoredFraction)} (line ${r.minScoredFractionLine})`;
+    `${r.truncatedRows} truncated to ${r.maxSeqLen}; scored per row mean ${percent(r.meanScoredFraction)}, min ${percent(r.minScoredFraction)} (line ${r.minScoredFractionLine}); ` +
+    `packing ${r.packingEnabled ? 'on' : 'off'} (${r.packingReason || 'not reported'}), ${r.trainingSequences} training sequences ${percent(r.sequenceFill)} full`;
 }
 
 /** The live readout after one optimizer step. */

@@ -298,6 +298,14 @@ export interface TrainingConfig {
    * default, 0.25.
    */
   forgettingWarnThreshold: number;
+  /**
+   * Pack short training rows into max_seq_len-token sequences. Each row keeps its own positions and
+   * attends only to itself (a block-diagonal causal mask), so its loss and gradients are those of the
+   * row alone; a step then holds more rows. Unset means auto: on for epoch-based jobs (max_steps 0)
+   * whose rows average at least two per sequence and still fill one optimizer step. The decision and
+   * its reason are in the dataset report.
+   */
+  packing?: boolean | undefined;
 }
 
 /** Starts a training job. */
@@ -508,6 +516,14 @@ export interface DatasetReport {
   meanScoredFraction: number;
   /** Blank lines skipped (not rows). */
   blankLines: number;
+  /** Whether the training rows were packed (TrainingConfig.packing). */
+  packingEnabled: boolean;
+  /** Why: the config's setting, or what auto saw. */
+  packingReason: string;
+  /** Sequences the job trains on: packed sequences, or the training rows when not packed. */
+  trainingSequences: number;
+  /** Tokens of the training sequences over training_sequences × max_seq_len. */
+  sequenceFill: number;
 }
 
 /** Rows of a dataset per row format (see UploadDatasetRequest.chunk for the formats). */
@@ -766,6 +782,7 @@ function createBaseTrainingConfig(): TrainingConfig {
     keepBest: false,
     forgettingCheck: false,
     forgettingWarnThreshold: 0,
+    packing: undefined,
   };
 }
 
@@ -851,6 +868,9 @@ export const TrainingConfig: MessageFns<TrainingConfig> = {
     }
     if (message.forgettingWarnThreshold !== 0) {
       writer.uint32(217).double(message.forgettingWarnThreshold);
+    }
+    if (message.packing !== undefined) {
+      writer.uint32(224).bool(message.packing);
     }
     return writer;
   },
@@ -1084,6 +1104,14 @@ export const TrainingConfig: MessageFns<TrainingConfig> = {
             message.forgettingWarnThreshold = reader.double();
             continue;
           }
+          case 28: {
+            if (tag !== 224) {
+              break;
+            }
+
+            message.packing = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1205,6 +1233,7 @@ export const TrainingConfig: MessageFns<TrainingConfig> = {
         : isSet(object.forgetting_warn_threshold)
         ? globalThis.Number(object.forgetting_warn_threshold)
         : 0,
+      packing: isSet(object.packing) ? globalThis.Boolean(object.packing) : undefined,
     };
   },
 
@@ -1291,6 +1320,9 @@ export const TrainingConfig: MessageFns<TrainingConfig> = {
     if (message.forgettingWarnThreshold !== 0) {
       obj.forgettingWarnThreshold = floatToJson(message.forgettingWarnThreshold);
     }
+    if (message.packing !== undefined) {
+      obj.packing = message.packing;
+    }
     return obj;
   },
 
@@ -1326,6 +1358,7 @@ export const TrainingConfig: MessageFns<TrainingConfig> = {
     message.keepBest = object.keepBest ?? false;
     message.forgettingCheck = object.forgettingCheck ?? false;
     message.forgettingWarnThreshold = object.forgettingWarnThreshold ?? 0;
+    message.packing = object.packing ?? undefined;
     return message;
   },
 };
@@ -2639,6 +2672,10 @@ function createBaseDatasetReport(): DatasetReport {
     minScoredFractionLine: 0,
     meanScoredFraction: 0,
     blankLines: 0,
+    packingEnabled: false,
+    packingReason: "",
+    trainingSequences: 0,
+    sequenceFill: 0,
   };
 }
 
@@ -2682,6 +2719,18 @@ export const DatasetReport: MessageFns<DatasetReport> = {
     }
     if (message.blankLines !== 0) {
       writer.uint32(104).uint32(message.blankLines);
+    }
+    if (message.packingEnabled !== false) {
+      writer.uint32(112).bool(message.packingEnabled);
+    }
+    if (message.packingReason !== "") {
+      writer.uint32(122).string(message.packingReason);
+    }
+    if (message.trainingSequences !== 0) {
+      writer.uint32(128).uint32(message.trainingSequences);
+    }
+    if (message.sequenceFill !== 0) {
+      writer.uint32(137).double(message.sequenceFill);
     }
     return writer;
   },
@@ -2803,6 +2852,38 @@ export const DatasetReport: MessageFns<DatasetReport> = {
             message.blankLines = reader.uint32();
             continue;
           }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.packingEnabled = reader.bool();
+            continue;
+          }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.packingReason = reader.string();
+            continue;
+          }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.trainingSequences = reader.uint32();
+            continue;
+          }
+          case 17: {
+            if (tag !== 137) {
+              break;
+            }
+
+            message.sequenceFill = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2874,6 +2955,26 @@ export const DatasetReport: MessageFns<DatasetReport> = {
         : isSet(object.blank_lines)
         ? globalThis.Number(object.blank_lines)
         : 0,
+      packingEnabled: isSet(object.packingEnabled)
+        ? globalThis.Boolean(object.packingEnabled)
+        : isSet(object.packing_enabled)
+        ? globalThis.Boolean(object.packing_enabled)
+        : false,
+      packingReason: isSet(object.packingReason)
+        ? globalThis.String(object.packingReason)
+        : isSet(object.packing_reason)
+        ? globalThis.String(object.packing_reason)
+        : "",
+      trainingSequences: isSet(object.trainingSequences)
+        ? globalThis.Number(object.trainingSequences)
+        : isSet(object.training_sequences)
+        ? globalThis.Number(object.training_sequences)
+        : 0,
+      sequenceFill: isSet(object.sequenceFill)
+        ? globalThis.Number(object.sequenceFill)
+        : isSet(object.sequence_fill)
+        ? globalThis.Number(object.sequence_fill)
+        : 0,
     };
   },
 
@@ -2918,6 +3019,18 @@ export const DatasetReport: MessageFns<DatasetReport> = {
     if (message.blankLines !== 0) {
       obj.blankLines = Math.round(message.blankLines);
     }
+    if (message.packingEnabled !== false) {
+      obj.packingEnabled = message.packingEnabled;
+    }
+    if (message.packingReason !== "") {
+      obj.packingReason = message.packingReason;
+    }
+    if (message.trainingSequences !== 0) {
+      obj.trainingSequences = Math.round(message.trainingSequences);
+    }
+    if (message.sequenceFill !== 0) {
+      obj.sequenceFill = floatToJson(message.sequenceFill);
+    }
     return obj;
   },
 
@@ -2941,6 +3054,10 @@ export const DatasetReport: MessageFns<DatasetReport> = {
     message.minScoredFractionLine = object.minScoredFractionLine ?? 0;
     message.meanScoredFraction = object.meanScoredFraction ?? 0;
     message.blankLines = object.blankLines ?? 0;
+    message.packingEnabled = object.packingEnabled ?? false;
+    message.packingReason = object.packingReason ?? "";
+    message.trainingSequences = object.trainingSequences ?? 0;
+    message.sequenceFill = object.sequenceFill ?? 0;
     return message;
   },
 };
