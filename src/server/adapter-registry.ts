@@ -332,7 +332,7 @@ export class AdapterRegistry {
       if (!line.versions.has(version)) throw notFound('adapter_version', `${id}@v${version}`);
       const old = line.aliases[alias];
       const history = old === undefined ? [] : old.version === version ? old.history : [...old.history, old.version];
-      await this.writeAliases(id, line, { ...line.aliases, [alias]: { version, history } });
+      await this.writeAliases(line, { ...line.aliases, [alias]: { version, history } });
     });
     this.logger.info({ adapterId: id, alias, version }, 'adapter alias set');
     return this.get(id);
@@ -350,7 +350,7 @@ export class AdapterRegistry {
         throw failedPrecondition('NO_ALIAS_HISTORY', `alias ${JSON.stringify(`${id}@${alias}`)} has never pointed anywhere else`, { adapter_id: id, alias });
       }
       version = previous;
-      await this.writeAliases(id, line, { ...line.aliases, [alias]: { version: previous, history: old.history.slice(0, -1) } });
+      await this.writeAliases(line, { ...line.aliases, [alias]: { version: previous, history: old.history.slice(0, -1) } });
     });
     this.logger.info({ adapterId: id, alias, version }, 'adapter alias rolled back');
     return this.get(id);
@@ -363,7 +363,7 @@ export class AdapterRegistry {
       if (line.aliases[alias] === undefined) throw notFound('adapter_alias', `${id}@${alias}`);
       const aliases = { ...line.aliases };
       delete aliases[alias];
-      await this.writeAliases(id, line, aliases);
+      await this.writeAliases(line, aliases);
     });
     return this.get(id);
   }
@@ -569,12 +569,11 @@ export class AdapterRegistry {
     return { ...record, version: record.version ?? version, contentHash: record.contentHash ?? contentHashOf(record.files), folder };
   }
 
-  private async writeAliases(id: string, line: Line, aliases: Record<string, AliasRecord>): Promise<void> {
+  private async writeAliases(line: Line, aliases: Record<string, AliasRecord>): Promise<void> {
     const root = (line.versions.get(1) ?? this.latest(line)).folder;
     await writeFileAtomic(path.join(root, ALIASES_FILE), JSON.stringify({ aliases }, null, 2));
-    // One assignment: a request resolving the alias sees the old table or the new one.
+    // One assignment, after the file is durable: a request resolving the alias sees the old table or the new one.
     line.aliases = aliases;
-    void id;
   }
 
   /** Runs changes to one adapter one at a time. */
