@@ -13,8 +13,11 @@
 #   addon from Node: CUDA probe, `generate --device cuda`; logits with an NF4 base and a PEFT adapter vs
 #   transformers + PEFT on the same dequantized weights (hf_parity.py + logits.mjs); the serving
 #   benchmark on the Llama-3-8B shape (bench-serving).
-# training (issue 7): the training benchmark on the 8B shape (bench-training, when built) and the
-#   HF + PEFT peer measured in the same run (hf_peft_baseline.py).
+# training (issue 7): 20 AdamW steps of the tiny and small presets from the same adapter and data on
+#   the CPU and the GPU, float32 and bf16 compute (test-model-backends --train-steps 20: loss curves and
+#   final adapters); the training benchmark on the 8B shape (bench-training: NF4 base, batch 2 x 2,048,
+#   r 16 on q/k/v/o, recompute) and the HF + PEFT peer on the same shape right after it (hf_train.py,
+#   which prints the engine/peer ratios from bench-training's log).
 set -uo pipefail
 PHASE=${1:-serving}
 OUT=${OUT:-/tmp/out}
@@ -69,23 +72,24 @@ if [ "$PHASE" = serving ] || [ "$PHASE" = all ]; then
 fi
 
 if [ "$PHASE" = training ] || [ "$PHASE" = all ]; then
-  if [ -x "$BUILD/bench-training" ]; then
-    step bench-training 200 "$BUILD/bench-training" --preset llama3-8b --batch 2 --seq 2048 --rank 16 --targets qkvo
-  fi
-  step hf-peft-8b 200 env PYTHONUNBUFFERED=1 python3 .device/hf_peft_baseline.py --preset llama3-8b --seq 2048 --batch 2 --rank 16 --steps 4
+  step train-tiny-20 120 "$BUILD/test-model-backends" --backend cuda --preset tiny --mode both --train-steps 20
+  step train-small-20 150 "$BUILD/test-model-backends" --backend cuda --preset small --mode both --train-steps 20
+  step bench-training 200 "$BUILD/bench-training" --preset llama3-8b --batch 2 --seq 2048 --rank 16 --targets qkvo
+  step hf-train-8b 200 env PYTHONUNBUFFERED=1 python3 bench/gpu/hf_train.py --preset llama3-8b --batch 2 --seq 2048 \
+    --rank 16 --targets qkvo --engine-log "$LOG/bench-training.log"
 fi
 
 {
   echo "# tuneserve GPU check, phase $PHASE"; cat "$LOG/machine.txt"; echo
   echo "## steps"; cat "$LOG/steps.txt"; echo
-  for f in op-test attention-sample model-tiny model-small; do
+  for f in op-test attention-sample model-tiny model-small train-tiny-20 train-small-20; do
     [ -f "$LOG/$f.log" ] && { echo "## $f"; grep -E "^(PASS|FAIL)|OK:|FAILED" "$LOG/$f.log" | tail -n 60; echo; }
   done
   [ -f "$LOG/generate-cuda.log" ] && { echo "## generate --device cuda"; tail -n 3 "$LOG/generate-cuda.log"; echo; }
   [ -f "$LOG/hf-parity.log" ] && { echo "## HF + PEFT parity"; grep -E '"check"' "$LOG/hf-parity.log"; echo; }
   [ -f "$LOG/bench-serving.log" ] && { echo "## serving benchmark"; sed -n '/^metric/,$p' "$LOG/bench-serving.log"; echo; }
-  [ -f "$LOG/bench-training.log" ] && { echo "## training benchmark"; tail -n 20 "$LOG/bench-training.log"; echo; }
-  [ -f "$LOG/hf-peft-8b.log" ] && { echo "## HF + PEFT 8B peer"; tail -n 10 "$LOG/hf-peft-8b.log"; echo; }
+  [ -f "$LOG/bench-training.log" ] && { echo "## training benchmark"; sed -n '/^metric/,$p' "$LOG/bench-training.log"; echo; }
+  [ -f "$LOG/hf-train-8b.log" ] && { echo "## HF + PEFT peer, and the engine against it"; tail -n 4 "$LOG/hf-train-8b.log"; echo; }
   echo "total $(( $(date +%s) - START ))s"
 } > "$SUMMARY"
 cp "$SUMMARY" "$OUT/summary.txt"

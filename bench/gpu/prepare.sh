@@ -23,7 +23,6 @@ done
 cp "${TUNESERVE_NATIVE_ADDON:-build/Release/tuneserve_native.node}" .device/tuneserve_native.node
 strip --strip-debug .device/tuneserve_native.node
 cp -r dist .device/dist
-cp ../shared/device/hf_peft_baseline.py .device/
 git rev-parse HEAD > .device/commit
 git diff --quiet && git diff --cached --quiet || echo "+uncommitted" >> .device/commit
 du -sh .device

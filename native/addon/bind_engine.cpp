@@ -101,6 +101,68 @@ TrainHyper hyper_from_js(const Napi::Object& h) {
   return p;
 }
 
+// {batchSize, seqLen, lora, recompute?} of a training memory plan.
+TrainingShape shape_from_js(const Napi::Object& o) {
+  TrainingShape s;
+  s.B = (int)num(o, "batchSize", 0);
+  s.T = (int)num(o, "seqLen", 0);
+  require(o.Get("lora").IsObject(), "INVALID_ARGUMENT", "lora must be an object");
+  s.lora = lora_spec_from_js(o.Get("lora").As<Napi::Object>());
+  s.recompute = flag(o, "recompute", s.recompute);
+  return s;
+}
+
+Napi::Object plan_to_js(Napi::Env env, const TrainingMemoryPlan& p) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("batchSize", p.shape.B);
+  o.Set("seqLen", p.shape.T);
+  o.Set("rank", p.shape.lora.r);
+  Napi::Array targets = Napi::Array::New(env);
+  for (int t = 0; t < NUM_TARGETS; t++)
+    if ((p.shape.lora.target_mask >> t) & 1u) targets.Set(targets.Length(), target_name(t));
+  o.Set("targets", targets);
+  o.Set("recompute", p.shape.recompute);
+  o.Set("computeDtype", dtype_name(p.act));
+  o.Set("baseBytes", (double)p.base);
+  o.Set("backendScratchBytes", (double)p.backend_scratch);
+  o.Set("dequantBufferBytes", (double)p.dequant_buffer);
+  o.Set("adapterWeightsBytes", (double)p.adapter_weights);
+  o.Set("adapterStateBytes", (double)p.adapter_state);
+  o.Set("inputsBytes", (double)p.workspace.inputs);
+  o.Set("savedActivationsBytes", (double)p.workspace.saved_activations);
+  o.Set("layerWorkingSetBytes", (double)p.workspace.layer_working_set);
+  o.Set("headBytes", (double)p.workspace.head);
+  o.Set("headSharedBytes", (double)p.workspace.head_shared);
+  o.Set("workspaceBytes", (double)p.workspace.total);
+  o.Set("jobBytes", (double)p.job);
+  o.Set("inUseBytes", (double)p.in_use);
+  o.Set("freeBytes", (double)p.free);
+  o.Set("peakBytes", (double)p.peak);
+  o.Set("fits", p.fits());
+  o.Set("description", p.describe());
+  return o;
+}
+
+// planTrainingMemory({config, quant, device, computeDtype, batchSize, seqLen, lora, recompute?,
+//                     backendScratchBytes?}) -> plan, from the config alone (no model, no device).
+Napi::Value plan_training_memory_js(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guard(env, [&]() -> Napi::Value {
+    Napi::Object spec = info[0].As<Napi::Object>();
+    const LlamaConfig cfg = config_from_js(spec.Get("config").As<Napi::Object>());
+    const std::string quant = text(spec, "quant", "nf4"), device = text(spec, "device", "cpu"),
+                      dtype = text(spec, "computeDtype", "f32");
+    require(device == "cpu" || device == "cuda", "INVALID_ARGUMENT", "device must be cpu or cuda, got " + device);
+    require(dtype == "f32" || dtype == "bf16", "INVALID_ARGUMENT", "computeDtype must be f32 or bf16, got " + dtype);
+    require(quant == "nf4" || quant == "none", "INVALID_ARGUMENT", "quant must be nf4 or none, got " + quant);
+    const TrainingMemoryPlan p =
+        plan_training_memory(cfg, device == "cuda" ? DeviceKind::CUDA : DeviceKind::CPU,
+                             dtype == "bf16" ? DType::BF16 : DType::F32, quant, shape_from_js(spec),
+                             (uint64_t)num(spec, "backendScratchBytes", 0));
+    return plan_to_js(env, p);
+  });
+}
+
 Napi::Object step_to_js(Napi::Env env, const StepReport& r) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("step", (double)r.step);
@@ -156,6 +218,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                                        InstanceMethod("logits", &EngineWrap::logits),
                                        InstanceMethod("trainPass", &EngineWrap::train_pass),
                                        InstanceMethod("train", &EngineWrap::train),
+                                       InstanceMethod("planTraining", &EngineWrap::plan_training),
                                        InstanceMethod("generate", &EngineWrap::generate),
                                        InstanceMethod("cancel", &EngineWrap::cancel),
                                        InstanceMethod("close", &EngineWrap::close),
@@ -243,6 +306,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     sched.Set("microSteps", (double)s.micro_steps);
     sched.Set("deferredMicroSteps", (double)s.deferred_micro_steps);
     o.Set("scheduler", sched);
+    if (s.training_plan) o.Set("trainingPlan", plan_to_js(env, *s.training_plan));
     return o;
   }
 
@@ -377,6 +441,14 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     return guard(env, [&]() -> Napi::Value {
       engine(env).pool().set_host_budget((size_t)info[0].As<Napi::Number>().DoubleValue());
       return env.Undefined();
+    });
+  }
+
+  // planTraining({batchSize, seqLen, lora, recompute?}) -> the plan such a job would get now.
+  Napi::Value plan_training(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      return plan_to_js(env, engine(env).plan_training(shape_from_js(info[0].As<Napi::Object>())));
     });
   }
 
@@ -637,7 +709,8 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
 Napi::FunctionReference EngineWrap::ctor;
 
 // loadModel({config, files, quant, device, float32Compute?, threads?, maxActiveSequences?, prefillChunk?,
-//            maxSeqLen?, adapterSlots?, maxLoraRank?, kvCacheBytes?, stepGraphs?}) -> Promise<NativeEngine>
+//            maxSeqLen?, adapterSlots?, maxLoraRank?, kvCacheBytes?, stepGraphs?, trainingMemoryBytes?})
+//   -> Promise<NativeEngine>
 // device: "cpu" or "cuda" (the caller resolved "auto"). The weights are read on a loader thread.
 Napi::Value load_model(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -661,6 +734,7 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
     options.max_lora_rank = (int)num(spec, "maxLoraRank", options.max_lora_rank);
     options.kv_cache_bytes = (uint64_t)num(spec, "kvCacheBytes", 0);
     options.step_graphs = flag(spec, "stepGraphs", options.step_graphs);
+    options.training_memory_bytes = (uint64_t)num(spec, "trainingMemoryBytes", 0);
     auto ch = JsChannel::create(env, env.Undefined(), "tuneserve.loadModel");
     std::thread([cfg, files, quant, device, cuda_options, options, ch] {
       try {
@@ -688,6 +762,7 @@ Napi::Value load_model(const Napi::CallbackInfo& info) {
 void init_engine(Napi::Env env, Napi::Object exports) {
   EngineWrap::define(env, exports);
   exports.Set("loadModel", Napi::Function::New(env, load_model));
+  exports.Set("planTrainingMemory", Napi::Function::New(env, plan_training_memory_js));
   exports.Set("lrMultiplier", Napi::Function::New(env, [](const Napi::CallbackInfo& info) -> Napi::Value {
                 return guard(info.Env(), [&]() -> Napi::Value {
                   return Napi::Number::New(info.Env(), lr_multiplier(info[0].As<Napi::String>().Utf8Value(),

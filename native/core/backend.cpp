@@ -68,6 +68,14 @@ Arena Arena::measuring(DeviceKind device) {
 Arena::Arena(void* base, size_t capacity, DeviceKind device, std::string name)
     : base_(static_cast<char*>(base)), capacity_(capacity), device_(device), name_(std::move(name)) {}
 
+void Arena::seek(size_t used) {
+  require(used <= capacity_, "RESOURCE_EXHAUSTED",
+          "the " + name_ + " workspace (" + std::to_string(capacity_) + " bytes) is too small: " + std::to_string(used) +
+              " bytes were asked for (the memory plan did not cover this pass)");
+  used_ = used;
+  peak_ = std::max(peak_, used_);
+}
+
 void* Arena::take_bytes(size_t bytes) {
   const size_t begin = (used_ + ALIGN - 1) / ALIGN * ALIGN;
   if (begin > capacity_ || bytes > capacity_ - begin)

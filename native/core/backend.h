@@ -74,6 +74,9 @@ class Arena {
   Arena(void* base, size_t capacity, DeviceKind device, std::string name);
 
   void reset() { used_ = 0; }
+  // Moves the carving point (<= capacity). Buffers whose lifetimes never overlap share memory this way:
+  // carve one set, seek back, carve the other over it, then seek past the larger.
+  void seek(size_t used);
   void* take_bytes(size_t bytes);  // throws RESOURCE_EXHAUSTED when the region is too small
   Tensor take(int64_t rows, int64_t cols, DType dtype);
   template <typename T>
@@ -204,6 +207,13 @@ struct ScratchPlan {
   int64_t max_context_ids = 0;    // ids the repetition penalty may look at in one step, all rows
 };
 
+// Bytes of the staging buffer of a backend that dequantizes for large products: the largest quantized
+// weight, or a chunk of float32 logits converted for a product, in the compute dtype `act`.
+inline size_t staging_bytes(const ScratchPlan& p, DType act) {
+  const int64_t elems = p.max_weight_elems > p.max_logit_rows * p.vocab ? p.max_weight_elems : p.max_logit_rows * p.vocab;
+  return size_t(elems) * dtype_size(act);
+}
+
 struct MemoryInfo {
   uint64_t total = 0, free = 0;  // bytes of the backend's memory (device memory for CUDA, RAM for the CPU)
 };
@@ -241,6 +251,7 @@ class Backend {
   virtual void rope(Tensor x, const int32_t* pos, const RopeView& rope, int nheads, bool inverse) = 0;
   // out = silu(gate) · up
   virtual void swiglu_forward(Tensor out, Tensor gate, Tensor up) = 0;
+  // May run in place (dgate == gate, dup == up): the training pass does, to hold no (M, I) gradients.
   virtual void swiglu_backward(Tensor dgate, Tensor dup, Tensor dout, Tensor gate, Tensor up) = 0;
   // x += y
   virtual void add(Tensor x, Tensor y) = 0;

@@ -89,9 +89,10 @@ void swiglu_backward(float* dgate, float* dup, const float* dout, const float* g
   // h = silu(g) u ; silu'(g) = σ(g) (1 + g (1 - σ(g)))
   parallel_for(M * I, 4096, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; i++) {
-      float g = gate[i], sg = sigmoidf(g), d = dout[i];
+      // Every input is read before an output is written: the op may run in place.
+      const float g = gate[i], u = up[i], sg = sigmoidf(g), d = dout[i];
       dup[i] = d * g * sg;
-      dgate[i] = d * up[i] * sg * (1.f + g * (1.f - sg));
+      dgate[i] = d * u * sg * (1.f + g * (1.f - sg));
     }
   });
 }

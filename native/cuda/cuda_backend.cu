@@ -102,8 +102,7 @@ class CudaBackend final : public Backend {
   size_t reserve_scratch(const ScratchPlan& plan) override {
     synchronize();
     free_scratch();
-    const size_t act = dtype_size(compute_dtype());
-    staging_bytes_ = size_t(std::max<int64_t>(plan.max_weight_elems, plan.max_logit_rows * plan.vocab)) * act;
+    staging_bytes_ = staging_bytes(plan, compute_dtype());
     staging_ = allocate(staging_bytes_);
     if (blas_) blas_ws_ = allocate(BLAS_WORKSPACE);
     sample_rows_cap_ = std::max<int64_t>(1, plan.max_sample_rows);

@@ -49,9 +49,10 @@ __global__ void swiglu_forward_kernel(T* out, const T* gate, const T* up, int64_
 template <typename T>
 __global__ void swiglu_backward_kernel(T* dgate, T* dup, const T* dout, const T* gate, const T* up, int64_t n) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const float g = to_float(gate[i]), sg = sigmoid(g), d = to_float(dout[i]);
+    // Every input is read before an output is written: the op may run in place.
+    const float g = to_float(gate[i]), u = to_float(up[i]), sg = sigmoid(g), d = to_float(dout[i]);
     dup[i] = from_float<T>(d * g * sg);
-    dgate[i] = from_float<T>(d * to_float(up[i]) * sg * (1.f + g * (1.f - sg)));
+    dgate[i] = from_float<T>(d * u * sg * (1.f + g * (1.f - sg)));
   }
 }
 

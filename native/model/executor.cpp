@@ -91,6 +91,8 @@ Executor::Executor(std::unique_ptr<Backend> backend, std::shared_ptr<const Llama
       workspace_(*backend_, plan_.workspace),
       arena_(workspace_.data(), workspace_.bytes(), backend_->device(), "inference step"),
       check_(*backend_, size_t(options_.max_active_sequences + 1) * sizeof(double)) {
+  model_.backend_scratch = plan_.backend_scratch;  // training plans count it as resident
+  model_.training_limit = options_.training_memory_bytes;
   // A captured step bakes the rotary table's address: size it for the longest sequence up front.
   if (options_.step_graphs && backend_->supports_graphs()) model_.ensure_rope(plan_.max_seq_len);
   pool_.set_on_change([this] { wake(); });
@@ -274,6 +276,7 @@ Executor::Stats Executor::stats() const {
     s.training_seconds = total_train_;
     s.micro_steps = micro_steps_;
     s.deferred_micro_steps = deferred_;
+    s.training_plan = training_plan_;
   }
   s.waiting_for_adapter = waiting_for_adapter_.load();
   s.active_sequences = active_count_.load();
@@ -679,6 +682,12 @@ Tensor Executor::run_step(InferenceBatch& batch, bool decode_only) {
 }
 
 bool Executor::training_step() {
+  // Before a job's final callback: whoever it wakes sees no running job.
+  auto clear_job = [this] {
+    training_bytes_ = 0;
+    std::lock_guard<std::mutex> lock(mu_);
+    training_plan_.reset();
+  };
   std::shared_ptr<TrainingJob> j;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -704,7 +713,9 @@ bool Executor::training_step() {
         j->trainer = std::make_unique<Trainer>(model_, pool_, j->adapter, std::move(j->examples), j->hyper,
                                                std::move(j->eval_examples), std::move(j->forgetting_examples));
         training_bytes_ = j->trainer->workspace_bytes();
+        auto plan = std::make_shared<const TrainingMemoryPlan>(j->trainer->memory_plan());
         std::lock_guard<std::mutex> lock(mu_);
+        training_plan_ = std::move(plan);
         since_step_ = ShareReport{};
       }
       StepReport report;
@@ -739,23 +750,30 @@ bool Executor::training_step() {
       j->trainer.reset();  // ends the adapter's training state, frees the workspace
       pool_.sync_to_host(*j->adapter);
       pool_.drop_training_state(*j->adapter);  // it serves from here on (train-to-serve)
+      clear_job();
       if (j->cb.on_done) j->cb.on_done(j->last, cancelled);
     }
   } catch (const EngineError& e) {
     finished = true;
+    j->trainer.reset();
+    clear_job();
     if (j->cb.on_error) j->cb.on_error(e.code, e.what());
   } catch (const std::bad_alloc&) {
     finished = true;
+    j->trainer.reset();
+    clear_job();
     if (j->cb.on_error) j->cb.on_error("RESOURCE_EXHAUSTED", "out of memory during training");
   } catch (const std::exception& e) {
     finished = true;
+    j->trainer.reset();
+    clear_job();
     if (j->cb.on_error) j->cb.on_error("INTERNAL", e.what());
   }
   if (finished || cancelled) {
     j->trainer.reset();
     if (j->holds_adapter) pool_.release(*j->adapter);
     j->holds_adapter = false;
-    training_bytes_ = 0;
+    clear_job();
     std::lock_guard<std::mutex> lock(mu_);
     trainings_.pop_front();
     cancel_flags_.erase(j->id);
@@ -848,8 +866,10 @@ double Executor::train_pass(const AdapterPool::Handle& adapter, const TrainBatch
         backend_->fill_zero(d.dB, size_t(d.view.out) * d.view.r * sizeof(float));
       }
   }
-  const int rank = adapter ? adapter->spec.r : 0;
-  Buffer mem(*backend_, plan_train_workspace(model_, batch.B, batch.T, rank, opt));
+  LoraSpec lora;
+  lora.r = 0;
+  if (adapter) lora = adapter->spec;
+  Buffer mem(*backend_, plan_train_workspace(model_, batch.B, batch.T, lora, opt));
   Arena arena(mem.data(), mem.bytes(), backend_->device(), "training pass");
   const double loss = llama_train_pass(model_, adapter ? &adapter->tensors : nullptr, batch, opt, arena);
   if (adapter) pool_.sync_to_host(*adapter);

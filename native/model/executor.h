@@ -93,6 +93,8 @@ class Executor {
   const BackendWeights& weights() const { return model_.w; }
   const ExecutorOptions& options() const { return options_; }
   const MemoryPlan& memory_plan() const { return plan_; }
+  // The memory plan a training job of `shape` would get now (any thread; the job makes its own at start).
+  TrainingMemoryPlan plan_training(const TrainingShape& shape) const { return plan_training_memory(model_, shape); }
   Backend& backend() { return *backend_; }
 
   // Adapters (see AdapterPool): ids > 0. add_adapter puts an adapter in the host tier (file: where it
@@ -141,6 +143,7 @@ class Executor {
     int64_t kv_blocks_used = 0, kv_blocks_total = 0;
     uint64_t kv_bytes_used = 0;
     uint64_t training_workspace_bytes = 0;
+    std::shared_ptr<const TrainingMemoryPlan> training_plan;  // of the running job (null: none)
     int64_t graph_steps = 0, eager_steps = 0;  // decode steps replayed from captured graphs / run op by op
     int waiting_for_adapter = 0;               // queued sequences whose adapter is loading or has no slot yet
     // The scheduler: moving averages of a generation step and a training micro-step, training's share of
@@ -192,6 +195,7 @@ class Executor {
   std::map<uint64_t, std::shared_ptr<std::atomic<bool>>> cancel_flags_;
   std::atomic<int> active_count_{0};
   std::atomic<uint64_t> training_bytes_{0};
+  std::shared_ptr<const TrainingMemoryPlan> training_plan_;  // guarded by mu_
   std::atomic<int64_t> graph_steps_{0}, eager_steps_{0};
   std::atomic<int> waiting_for_adapter_{0};
   int waiting_adapters_ = 0;  // distinct adapters without a slot this turn (executor thread)

@@ -116,15 +116,18 @@ struct LayerActs {
   Tensor x2;                // (M,H) residual after attention
   Tensor xn2;               // (M,H)
   float* rstd2;             // (M)
-  Tensor g, u, h;           // (M,I) gate, up, silu(gate)*up
+  Tensor g, u;              // (M,I) gate, up; their gradients overwrite them in the backward
+  Tensor h;                 // (M,I) silu(gate)*up; the storage of dh when down_proj has no LoRA
 };
 
-// Scratch of the backward, shared by all layers.
+// Scratch of the backward, shared by all layers. The MLP part runs first; the attention part's
+// buffers then reuse its memory (and, with recompute, that of the MLP's activations).
 struct LayerGrads {
-  Tensor dh, dg, du;    // (M,I)
-  Tensor dxn;           // (M,H)
+  Tensor dh;            // (M,I)
+  Tensor dxn_mlp;       // (M,H) in dh's memory when it fits
   Tensor datt, dq;      // (M,NH*D)
   Tensor dk, dv;        // (M,NKV*D)
+  Tensor dxn_attn;      // (M,H)
 };
 
 // Everything a training pass uses, carved in one order (the plan measures exactly this).
@@ -134,71 +137,128 @@ struct TrainWorkspace {
   double* loss_sum;
   std::vector<Tensor> layer_in;   // (L+1) x (M,H): the input of each layer, and the final stream
   std::vector<LayerActs> acts;    // L when every layer's activations are kept, else 1 (recompute)
+  Tensor dx;                      // (M,H) the gradient of the residual stream
+  LayerGrads grads;
+  LoraScratch lora;
+  // The head (final norm, lm_head, cross-entropy) runs between the last layer's forward and the first
+  // layer's backward, so its buffers lie over the layers' working memory.
   Tensor xnf;                     // (M,H)
   float* rstdf;                   // (M)
   Tensor logits;                  // (chunk,V) float32
   Tensor xs, dxs;                 // (chunk,H)
-  Tensor dxnf, dx, scratch_out;   // (M,H)
-  LayerGrads grads;
-  LoraScratch lora;
+  Tensor dxnf;                    // (M,H)
+  TrainWorkspaceParts parts;
 };
 
-TrainWorkspace carve_train(Arena& a, const LlamaConfig& c, DType act, int B, int T, int max_rank,
+// The attention half of a layer's activations.
+void carve_attention_acts(Arena& a, LayerActs& x, const LlamaConfig& c, DType act, int B, int T) {
+  const int64_t M = (int64_t)B * T;
+  x.xn1 = a.take(M, c.H, act);
+  x.rstd1 = a.take_array<float>(M);
+  x.q = a.take(M, c.NH * c.D, act);
+  x.k = a.take(M, c.NKV * c.D, act);
+  x.v = a.take(M, c.NKV * c.D, act);
+  x.att = a.take(M, c.NH * c.D, act);
+  x.lse = a.take_array<float>((int64_t)B * c.NH * T);
+}
+
+// The MLP half; h only when it has its own storage.
+void carve_mlp_acts(Arena& a, LayerActs& x, const LlamaConfig& c, DType act, int64_t M, bool own_h) {
+  x.x2 = a.take(M, c.H, act);
+  x.xn2 = a.take(M, c.H, act);
+  x.rstd2 = a.take_array<float>(M);
+  x.g = a.take(M, c.I, act);
+  x.u = a.take(M, c.I, act);
+  if (own_h) x.h = a.take(M, c.I, act);
+}
+
+TrainWorkspace carve_train(Arena& a, const LlamaConfig& c, DType act, int B, int T, const LoraSpec& lora,
                            const TrainPassOptions& opt) {
   const int64_t M = (int64_t)B * T, QD = c.NH * c.D, KVD = c.NKV * c.D;
   const int64_t chunk = std::min<int64_t>(std::max(1, opt.ce_chunk_rows), M);
+  const bool keep_all = opt.backward && !opt.recompute;
+  // h is read again only by down_proj's LoRA backward; otherwise dh takes its memory.
+  const bool own_h = !opt.backward || (lora.r > 0 && ((lora.target_mask >> DOWN) & 1u));
   TrainWorkspace w;
+  TrainWorkspaceParts& parts = w.parts;
+  const size_t begin = a.used();
+
   w.ids = a.take_array<int32_t>(M);
   w.pos = a.take_array<int32_t>(M);
   w.doc_start = a.take_array<int32_t>(M);
   w.scored_rows = a.take_array<int32_t>(M);
   w.scored_targets = a.take_array<int32_t>(M);
   w.loss_sum = a.take_array<double>(1);
+  const size_t inputs_end = a.used();
+
   for (int l = 0; l <= c.L; l++) w.layer_in.push_back(a.take(M, c.H, act));
-  const bool keep_all = opt.backward && !opt.recompute;
   w.acts.resize(keep_all ? c.L : 1);
-  for (LayerActs& x : w.acts) {
-    x.xn1 = a.take(M, c.H, act);
-    x.rstd1 = a.take_array<float>(M);
-    x.q = a.take(M, QD, act);
-    x.k = a.take(M, KVD, act);
-    x.v = a.take(M, KVD, act);
-    x.att = a.take(M, QD, act);
-    x.lse = a.take_array<float>((int64_t)B * c.NH * T);
-    x.x2 = a.take(M, c.H, act);
-    x.xn2 = a.take(M, c.H, act);
-    x.rstd2 = a.take_array<float>(M);
-    x.g = a.take(M, c.I, act);
-    x.u = a.take(M, c.I, act);
-    x.h = a.take(M, c.I, act);
+  if (keep_all)
+    for (LayerActs& x : w.acts) {
+      carve_attention_acts(a, x, c, act, B, T);
+      carve_mlp_acts(a, x, c, act, M, own_h);
+    }
+  const size_t saved_end = a.used();
+
+  // The layers' working memory: the stream's gradient, then what one layer's pass uses.
+  if (opt.backward) w.dx = a.take(M, c.H, act);
+  const size_t region = a.used();
+  if (lora.r > 0) {
+    // LoRA's input-width scratch is as wide as the widest adapted module's input.
+    int64_t max_in = 0;
+    for (int t = 0; t < NUM_TARGETS; t++) {
+      if (!((lora.target_mask >> t) & 1u)) continue;
+      int out = 0, in = 0;
+      target_shape(c, t, &out, &in);
+      max_in = std::max<int64_t>(max_in, in);
+    }
+    w.lora.u = a.take(M, lora.r, DType::F32);
+    if (opt.dropout.p > 0.f) w.lora.xd = a.take(M, max_in, DType::F32);
+    if (opt.backward) {
+      w.lora.du = a.take(M, lora.r, DType::F32);
+      w.lora.dxd = a.take(M, max_in, DType::F32);
+    }
   }
-  w.xnf = a.take(M, c.H, act);
-  w.rstdf = a.take_array<float>(M);
-  w.logits = a.take(chunk, c.V, DType::F32);
-  w.xs = a.take(chunk, c.H, act);
-  w.dxs = a.take(chunk, c.H, act);
-  const int64_t max_in = std::max<int64_t>({c.H, c.I, QD});
+  LayerActs& x = w.acts[0];
+  if (!keep_all) carve_attention_acts(a, x, c, act, B, T);
+  const size_t mlp_begin = a.used();
+  if (!keep_all) carve_mlp_acts(a, x, c, act, M, own_h);
   if (opt.backward) {
-    w.dxnf = a.take(M, c.H, act);
-    w.dx = a.take(M, c.H, act);
-    if (opt.recompute) w.scratch_out = a.take(M, c.H, act);
+    // MLP part, then the attention part over the same memory.
     w.grads.dh = a.take(M, c.I, act);
-    w.grads.dg = a.take(M, c.I, act);
-    w.grads.du = a.take(M, c.I, act);
-    w.grads.dxn = a.take(M, c.H, act);
+    // dh is dead once SwiGLU's backward has read it, before dxn_mlp is first written.
+    w.grads.dxn_mlp = c.H <= c.I ? make_tensor(w.grads.dh.data, act, M, c.H, a.device()) : a.take(M, c.H, act);
+    const size_t mlp_end = a.used();
+    a.seek(mlp_begin);
     w.grads.datt = a.take(M, QD, act);
     w.grads.dq = a.take(M, QD, act);
     w.grads.dk = a.take(M, KVD, act);
     w.grads.dv = a.take(M, KVD, act);
+    w.grads.dxn_attn = a.take(M, c.H, act);
+    a.seek(std::max(mlp_end, a.used()));
+    if (!own_h)
+      for (LayerActs& y : w.acts) y.h = w.grads.dh;
   }
-  if (max_rank > 0) {
-    w.lora.u = a.take(M, max_rank, DType::F32);
-    if (opt.dropout.p > 0.f) w.lora.xd = a.take(M, max_in, DType::F32);
-    if (opt.backward) {
-      w.lora.du = a.take(M, max_rank, DType::F32);
-      w.lora.dxd = a.take(M, max_in, DType::F32);
-    }
+  const size_t region_end = a.used();
+
+  a.seek(region);
+  w.xnf = a.take(M, c.H, act);
+  w.rstdf = a.take_array<float>(M);
+  w.logits = a.take(chunk, c.V, DType::F32);
+  w.xs = a.take(chunk, c.H, act);
+  if (opt.backward) {
+    w.dxs = a.take(chunk, c.H, act);
+    w.dxnf = a.take(M, c.H, act);
   }
+  const size_t head_end = a.used();
+  a.seek(std::max(region_end, head_end));
+
+  parts.inputs = inputs_end - begin;
+  parts.saved_activations = saved_end - inputs_end;
+  parts.layer_working_set = region_end - saved_end;
+  parts.head = head_end - region;
+  parts.head_shared = std::min(head_end, region_end) - region;
+  parts.total = a.used() - begin;
   return w;
 }
 
@@ -213,6 +273,8 @@ struct TrainContext {
   bool backward_adapter;           // its gradients are wanted
   const DropoutContext& drop;
   const LoraScratch& lora;
+  // Whether the training adapter has a LoRA on (layer, target).
+  bool adapted(int l, int t) const { return backward_adapter && adapter->mod(l, t).view.A; }
 };
 
 // The LoRA scratch narrowed to a module's input width.
@@ -238,8 +300,10 @@ void project_backward(TrainContext& tc, Tensor dx, bool accumulate, Tensor dy, T
   tc.be.lora_backward(dx, mod.dA, mod.dB, dy, x, mod.view, tc.drop.at(l, t), lora_scratch_for(tc.lora, w.in));
 }
 
-// x_out[M,H] = block(x_in)
-void layer_forward(TrainContext& tc, int l, const LayerActs& a, Tensor x_in, Tensor x_out) {
+// x_out[M,H] = block(x_in). Without x_out (the recompute before a layer's backward) it stops once the
+// activations the backward reads exist: the block's output is not needed again, nor h unless
+// down_proj's LoRA reads it.
+void layer_forward(TrainContext& tc, int l, const LayerActs& a, Tensor x_in, const Tensor* x_out) {
   const LlamaConfig& c = tc.c;
   Backend& be = tc.be;
   const BackendWeights::Layer& lw = tc.m.w.layers[l];
@@ -255,9 +319,11 @@ void layer_forward(TrainContext& tc, int l, const LayerActs& a, Tensor x_in, Ten
   be.rmsnorm_forward(a.xn2, a.rstd2, a.x2, lw.mlp_norm, c.rms_eps);
   train_project(tc, a.g, a.xn2, l, GATE);
   train_project(tc, a.u, a.xn2, l, UP);
+  if (!x_out && !tc.adapted(l, DOWN)) return;
   be.swiglu_forward(a.h, a.g, a.u);
-  train_project(tc, x_out, a.h, l, DOWN);
-  be.add(x_out, a.x2);
+  if (!x_out) return;
+  train_project(tc, *x_out, a.h, l, DOWN);
+  be.add(*x_out, a.x2);
 }
 
 // On entry dx[M,H] = dL/d(x_out); on exit dx = dL/d(x_in).
@@ -267,19 +333,21 @@ void layer_backward(TrainContext& tc, int l, const LayerActs& a, Tensor x_in, Te
   const BackendWeights::Layer& lw = tc.m.w.layers[l];
   // MLP: x_out = x2 + down(silu(gate(xn2)) * up(xn2))
   project_backward(tc, g.dh, false, dx, a.h, l, DOWN);
-  be.swiglu_backward(g.dg, g.du, g.dh, a.g, a.u);
-  project_backward(tc, g.dxn, false, g.dg, a.xn2, l, GATE);
-  project_backward(tc, g.dxn, true, g.du, a.xn2, l, UP);
-  be.rmsnorm_backward(dx, g.dxn, a.x2, lw.mlp_norm, a.rstd2, true);  // dx = dL/dx2
-  // Attention: x2 = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
+  const Tensor dg = a.g, du = a.u;  // in place: gate and up are not read again
+  be.swiglu_backward(dg, du, g.dh, a.g, a.u);
+  project_backward(tc, g.dxn_mlp, false, dg, a.xn2, l, GATE);
+  project_backward(tc, g.dxn_mlp, true, du, a.xn2, l, UP);
+  be.rmsnorm_backward(dx, g.dxn_mlp, a.x2, lw.mlp_norm, a.rstd2, true);  // dx = dL/dx2
+  // Attention: x2 = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))). From here on the MLP's buffers
+  // are dead; the attention part's gradients lie over them.
   project_backward(tc, g.datt, false, dx, a.att, l, O);
   be.attention_backward(g.dq, g.dk, g.dv, g.datt, a.att, a.lse, a.q, a.k, a.v, tc.shape);
   be.rope(g.dq, tc.pos, tc.m.rope, c.NH, true);
   be.rope(g.dk, tc.pos, tc.m.rope, c.NKV, true);
-  project_backward(tc, g.dxn, false, g.dq, a.xn1, l, Q);
-  project_backward(tc, g.dxn, true, g.dk, a.xn1, l, K);
-  project_backward(tc, g.dxn, true, g.dv, a.xn1, l, V_PROJ);
-  be.rmsnorm_backward(dx, g.dxn, x_in, lw.attn_norm, a.rstd1, true);  // dx = dL/dx_in
+  project_backward(tc, g.dxn_attn, false, g.dq, a.xn1, l, Q);
+  project_backward(tc, g.dxn_attn, true, g.dk, a.xn1, l, K);
+  project_backward(tc, g.dxn_attn, true, g.dv, a.xn1, l, V_PROJ);
+  be.rmsnorm_backward(dx, g.dxn_attn, x_in, lw.attn_norm, a.rstd1, true);  // dx = dL/dx_in
 }
 
 // A packed row is documents one after another: doc_start[t] is 0 at t = 0, and either t (a new
@@ -303,20 +371,30 @@ void check_ids(const int32_t* ids, int64_t n, int V) {
             "token id " + std::to_string(ids[m]) + " is outside the vocabulary [0, " + std::to_string(V) + ")");
 }
 
-int max_rank_of(const AdapterTensors* a) {
-  int r = 0;
+// The rank (the largest of its modules) and targets of an adapter, which size the LoRA scratch.
+LoraSpec shape_of(const AdapterTensors* a) {
+  LoraSpec s;
+  s.r = 0;
   if (a)
     for (const auto& layer : a->mods)
-      for (const auto& mod : layer) r = std::max(r, mod.view.r);
-  return r;
+      for (int t = 0; t < NUM_TARGETS; t++)
+        if (layer[t].view.A) {
+          s.r = std::max(s.r, layer[t].view.r);
+          s.target_mask |= 1u << t;
+        }
+  return s;
 }
 
 }  // namespace
 
-size_t plan_train_workspace(const LlamaModel& m, int B, int T, int max_rank, const TrainPassOptions& opt) {
-  Arena a = Arena::measuring(m.be->device());
-  carve_train(a, m.cfg(), m.be->compute_dtype(), B, T, max_rank, opt);
-  return a.used();
+TrainWorkspaceParts plan_train_parts(const LlamaConfig& c, DType act, int B, int T, const LoraSpec& lora,
+                                     const TrainPassOptions& opt) {
+  Arena a = Arena::measuring(DeviceKind::CPU);
+  return carve_train(a, c, act, B, T, lora, opt).parts;
+}
+
+size_t plan_train_workspace(const LlamaModel& m, int B, int T, const LoraSpec& lora, const TrainPassOptions& opt) {
+  return plan_train_parts(m.cfg(), m.be->compute_dtype(), B, T, lora, opt).total;
 }
 
 double llama_train_pass(LlamaModel& m, const AdapterTensors* adapter, const TrainBatch& batch,
@@ -330,7 +408,7 @@ double llama_train_pass(LlamaModel& m, const AdapterTensors* adapter, const Trai
   check_ids(batch.ids.data(), M, c.V);
   m.ensure_rope(T);
   ws.reset();
-  TrainWorkspace w = carve_train(ws, c, be.compute_dtype(), B, T, max_rank_of(adapter), opt);
+  TrainWorkspace w = carve_train(ws, c, be.compute_dtype(), B, T, shape_of(adapter), opt);
 
   // Host inputs: positions, and the rows that have a target. Position t predicts labels[t + 1] (the
   // shift Hugging Face applies inside the loss); prompt and padding rows are skipped: their logits are
@@ -357,13 +435,13 @@ double llama_train_pass(LlamaModel& m, const AdapterTensors* adapter, const Trai
   be.fill_zero(w.loss_sum, sizeof(double));
 
   const bool backward_adapter = opt.backward && adapter != nullptr;
-  TrainContext tc{m, be, c, AttentionShape{B, T, c.NH, c.NKV, c.D, packed ? w.doc_start : nullptr}, M, w.pos, adapter, backward_adapter,
-                  opt.dropout, w.lora};
+  const AttentionShape shape{B, T, c.NH, c.NKV, c.D, packed ? w.doc_start : nullptr};
+  TrainContext tc{m, be, c, shape, M, w.pos, adapter, backward_adapter, opt.dropout, w.lora};
 
   // Forward. layer_in[l] holds the input of layer l (and layer_in[L] the final residual stream).
   be.embedding(w.layer_in[0], w.ids, m.w.embed);
   const bool keep_all = opt.backward && !opt.recompute;
-  for (int l = 0; l < c.L; l++) layer_forward(tc, l, w.acts[keep_all ? l : 0], w.layer_in[l], w.layer_in[l + 1]);
+  for (int l = 0; l < c.L; l++) layer_forward(tc, l, w.acts[keep_all ? l : 0], w.layer_in[l], &w.layer_in[l + 1]);
   be.rmsnorm_forward(w.xnf, w.rstdf, w.layer_in[c.L], m.w.final_norm, c.rms_eps);
 
   // Chunked cross-entropy over the scored rows: at most `chunk` rows of (V) logits exist at a time.
@@ -371,11 +449,12 @@ double llama_train_pass(LlamaModel& m, const AdapterTensors* adapter, const Trai
   if (opt.backward) be.fill_zero(w.dxnf.data, size_t(M * c.H) * dtype_size(w.dxnf.dtype));
   for (int64_t r0 = 0; r0 < n_scored; r0 += chunk) {
     const int64_t rows = std::min<int64_t>(chunk, n_scored - r0);
-    Tensor xs = w.xs.rows_view(0, rows), logits = w.logits.rows_view(0, rows), dxs = w.dxs.rows_view(0, rows);
+    Tensor xs = w.xs.rows_view(0, rows), logits = w.logits.rows_view(0, rows);
     be.gather_rows(xs, w.xnf, w.scored_rows + r0);
     be.linear_forward(logits, xs, m.w.lm_head, 0.f);
     be.cross_entropy(w.loss_sum, logits, w.scored_targets + r0, opt.backward ? opt.loss_scale : 0.f);
     if (!opt.backward) continue;
+    Tensor dxs = w.dxs.rows_view(0, rows);
     be.linear_backward_input(dxs, logits, m.w.lm_head, 0.f);
     be.scatter_rows(w.dxnf, dxs, w.scored_rows + r0);
   }
@@ -385,7 +464,7 @@ double llama_train_pass(LlamaModel& m, const AdapterTensors* adapter, const Trai
     be.rmsnorm_backward(w.dx, w.dxnf, w.layer_in[c.L], m.w.final_norm, w.rstdf, false);
     for (int l = c.L - 1; l >= 0; l--) {
       const LayerActs& a = w.acts[keep_all ? l : 0];
-      if (!keep_all) layer_forward(tc, l, a, w.layer_in[l], w.scratch_out);
+      if (!keep_all) layer_forward(tc, l, a, w.layer_in[l], nullptr);
       layer_backward(tc, l, a, w.layer_in[l], w.dx, w.grads);
     }
   }

@@ -19,6 +19,8 @@ struct LlamaModel {
   BackendWeights w;
   RopeView rope;        // cos/sin (P, D/2) in backend memory
   Buffer rope_storage;
+  uint64_t backend_scratch = 0;  // what the backend reserved for its own scratch (the memory plan)
+  uint64_t training_limit = 0;   // most a training job may take (0: what the backend has free)
   const LlamaConfig& cfg() const { return w.cfg; }
   // Makes the rotary tables cover [0, positions). Grows geometrically; a captured step graph bakes the
   // table's address, so whoever captures sizes it first for the longest sequence it will run.
@@ -52,9 +54,25 @@ struct TrainPassOptions {
   DropoutContext dropout;        // p = 0: none
 };
 
-// Bytes of the workspace of a training pass over batches of up to B x T rows, for an adapter of rank
-// up to max_rank (0: no adapter).
-size_t plan_train_workspace(const LlamaModel& m, int B, int T, int max_rank, const TrainPassOptions& opt);
+// The parts of a training pass's workspace in bytes, as the pass lays it out (one arena; see
+// model/memory_plan.h for the whole job).
+struct TrainWorkspaceParts {
+  size_t inputs = 0;             // token ids, positions, document starts, scored rows and targets (M each),
+                                 // the loss sum
+  size_t saved_activations = 0;  // the input of each layer and the final stream, (L+1)·M·H; without
+                                 // recompute every layer's activations too
+  size_t layer_working_set = 0;  // the stream's gradient (M,H), the LoRA scratch, one layer's activations
+                                 // (with recompute) and its gradients
+  size_t head = 0;               // final norm, one chunk of float32 logits (chunk,V), its rows and gradients
+  size_t head_shared = 0;        // bytes of `head` laid over the layer working set (never live together)
+  size_t total = 0;              // inputs + saved + layer working set + head - head_shared
+};
+
+// The workspace of a training pass over batches of up to B x T rows, with compute dtype `act`, for an
+// adapter of rank up to lora.r over lora.target_mask (r 0: no adapter) — from the config alone.
+TrainWorkspaceParts plan_train_parts(const LlamaConfig& c, DType act, int B, int T, const LoraSpec& lora,
+                                     const TrainPassOptions& opt);
+size_t plan_train_workspace(const LlamaModel& m, int B, int T, const LoraSpec& lora, const TrainPassOptions& opt);
 
 // Returns the sum of the token cross-entropies of the batch. With opt.backward, accumulates
 // loss_scale · d(sum)/d(A,B) into the adapter's dA/dB (its tensors must have gradients). `ws` holds

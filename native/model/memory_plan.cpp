@@ -1,4 +1,4 @@
-// plan_memory (memory_plan.h).
+// plan_memory and plan_training_memory (memory_plan.h).
 #include "model/memory_plan.h"
 
 #include <algorithm>
@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "model/kv_cache.h"
 #include "model/llama.h"
+#include "model/weights.h"
 
 namespace ts {
 
@@ -71,6 +72,109 @@ ScratchPlan scratch_plan(const LlamaConfig& cfg, const ExecutorOptions& o, int64
   const int64_t seq = o.max_seq_len > 0 ? std::min(o.max_seq_len, cfg.max_pos) : cfg.max_pos;
   s.max_context_ids = int64_t(o.max_active_sequences) * seq;
   return s;
+}
+
+// ------------------------------------------------------------------------------------------ training
+
+uint64_t lora_weight_bytes(const LlamaConfig& cfg, const LoraSpec& lora) {
+  uint64_t per_layer = 0;  // float32 elements of A (r, in) and B (out, r) over the targets
+  for (int t = 0; t < NUM_TARGETS; t++) {
+    if (!((lora.target_mask >> t) & 1u)) continue;
+    int out = 0, in = 0;
+    target_shape(cfg, t, &out, &in);
+    per_layer += uint64_t(lora.r) * (uint64_t(in) + uint64_t(out));
+  }
+  return per_layer * uint64_t(cfg.L) * sizeof(float);
+}
+
+namespace {
+
+// The parts that depend on the config and the shape alone.
+TrainingMemoryPlan plan_job(const LlamaConfig& cfg, DeviceKind device, DType act, const std::string& quant,
+                            const TrainingShape& shape) {
+  require(shape.B > 0 && shape.T > 0 && shape.lora.r > 0 && shape.lora.target_mask != 0, "INVALID_ARGUMENT",
+          "a training plan needs a batch, a sequence length, a rank and targets");
+  TrainingMemoryPlan p;
+  p.shape = shape;
+  p.device = device;
+  p.act = act;
+  if (device != DeviceKind::CPU) {
+    // Large products through an NF4 weight dequantize it whole; the lm_head's backward converts a
+    // chunk of float32 logit gradients (backend.h staging_bytes).
+    ScratchPlan s;
+    for (int t = 0; t < NUM_TARGETS; t++) {
+      int out = 0, in = 0;
+      target_shape(cfg, t, &out, &in);
+      if (quantizes(quant, in)) s.max_weight_elems = std::max<int64_t>(s.max_weight_elems, int64_t(out) * in);
+    }
+    s.max_logit_rows = shape.ce_chunk_rows;
+    s.vocab = cfg.V;
+    p.dequant_buffer = staging_bytes(s, act);
+  }
+  p.adapter_weights = lora_weight_bytes(cfg, shape.lora);
+  p.adapter_state = 3 * p.adapter_weights;
+  TrainPassOptions opt;
+  opt.recompute = shape.recompute;
+  opt.ce_chunk_rows = shape.ce_chunk_rows;
+  opt.dropout.p = shape.lora.dropout;
+  p.workspace = plan_train_parts(cfg, act, shape.B, shape.T, shape.lora, opt);
+  p.job = p.adapter_state + p.workspace.total;
+  return p;
+}
+
+std::string mib(uint64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f", bytes / 1048576.0);
+  return buf;
+}
+
+}  // namespace
+
+TrainingMemoryPlan plan_training_memory(const LlamaConfig& cfg, DeviceKind device, DType act, const std::string& quant,
+                                        const TrainingShape& shape, uint64_t backend_scratch) {
+  TrainingMemoryPlan p = plan_job(cfg, device, act, quant, shape);
+  p.base = placed_weight_bytes(cfg, quant, act);
+  p.backend_scratch = backend_scratch > 0 ? backend_scratch : p.dequant_buffer;
+  p.in_use = p.base + p.backend_scratch + p.adapter_weights;
+  p.peak = p.in_use + p.job;
+  return p;
+}
+
+TrainingMemoryPlan plan_training_memory(const LlamaModel& m, const TrainingShape& shape) {
+  Backend& be = *m.be;
+  TrainingMemoryPlan p = plan_job(m.cfg(), be.device(), be.compute_dtype(), m.w.quant, shape);
+  p.base = m.w.bytes;
+  p.backend_scratch = m.backend_scratch;
+  const MemoryInfo mem = be.memory_info();
+  p.free = m.training_limit > 0 ? std::min<uint64_t>(mem.free, m.training_limit) : mem.free;
+  p.in_use = mem.total > mem.free ? mem.total - mem.free : 0;
+  p.peak = p.in_use + p.job;
+  return p;
+}
+
+std::string TrainingMemoryPlan::describe() const {
+  std::string targets;
+  for (int t = 0; t < NUM_TARGETS; t++)
+    if ((shape.lora.target_mask >> t) & 1u) targets += std::string(targets.empty() ? "" : ",") + target_name(t);
+  const TrainWorkspaceParts& w = workspace;
+  std::string s = "batch " + std::to_string(shape.B) + " x " + std::to_string(shape.T) + " tokens, r " +
+                  std::to_string(shape.lora.r) + " on " + targets + (shape.recompute ? ", recompute" : ", no recompute") +
+                  ", " + dtype_name(act) + " activations: the job needs " + mib(job) +
+                  " MiB = adapter gradients + AdamW moments " + mib(adapter_state) + " + workspace " + mib(w.total) +
+                  " (inputs " + mib(w.inputs) + ", saved activations " + mib(w.saved_activations) +
+                  ", layer working set " + mib(w.layer_working_set) + ", lm_head + cross-entropy chunk " + mib(w.head) +
+                  " of which " + mib(w.head_shared) + " over the layer working set); resident: base " + mib(base) +
+                  ", backend scratch " + mib(backend_scratch) + " (dequantization buffer " + mib(dequant_buffer) +
+                  "), adapter weights " + mib(adapter_weights) + "; peak " + mib(peak) + " MiB";
+  if (free > 0) s += "; " + mib(free) + " MiB free";
+  return s;
+}
+
+void require_fits(const TrainingMemoryPlan& p) {
+  if (p.fits()) return;
+  throw EngineError("RESOURCE_EXHAUSTED", std::string("the training job does not fit: it needs ") + mib(p.job) +
+                                              " MiB and " + device_name(p.device) + " memory has " + mib(p.free) +
+                                              " MiB free (" + p.describe() + ")");
 }
 
 }  // namespace ts

@@ -99,22 +99,17 @@ Trainer::Trainer(LlamaModel& model, AdapterPool& pool, AdapterPool::Handle adapt
   steps_per_epoch_ = (micro_batches_per_epoch_ + hyper_.grad_accum - 1) / hyper_.grad_accum;
   total_steps_ = hyper_.max_steps > 0 ? hyper_.max_steps : steps_per_epoch_ * std::max(1, hyper_.epochs);
 
-  // The memory plan of the job: the workspace of its largest pass (a full batch of the longest row;
-  // eval passes are forward-only, hence never larger).
-  TrainPassOptions opt;
-  opt.recompute = hyper_.recompute;
-  opt.dropout.p = adapter_->host->spec.dropout;
+  // The memory plan of the job, for its largest pass (a full batch of the longest row; eval passes are
+  // forward-only, hence never larger).
   const size_t widest = std::max({examples_.size(), eval_examples_.size(), forgetting_examples_.size()});
-  const int B = int(std::min<int64_t>(hyper_.batch_size, int64_t(widest)));
-  const size_t need = plan_train_workspace(model_, B, longest, adapter_->host->spec.r, opt);
-  const MemoryInfo mem = model_.be->memory_info();
-  if (need > mem.free)
-    throw EngineError("RESOURCE_EXHAUSTED",
-                      "the training job needs a " + std::to_string(need >> 20) + " MiB workspace (batch " + std::to_string(B) +
-                          " x " + std::to_string(longest) + " tokens, rank " + std::to_string(adapter_->host->spec.r) +
-                          (hyper_.recompute ? ", recompute" : ", no recompute") + ") and " + device_name(model_.be->device()) +
-                          " memory has " + std::to_string(mem.free >> 20) + " MiB free");
-  workspace_ = Buffer(*model_.be, need);
+  TrainingShape shape;
+  shape.B = int(std::min<int64_t>(hyper_.batch_size, int64_t(widest)));
+  shape.T = longest;
+  shape.lora = adapter_->host->spec;
+  shape.recompute = hyper_.recompute;
+  plan_ = plan_training_memory(model_, shape);
+  require_fits(plan_);
+  workspace_ = Buffer(*model_.be, plan_.workspace.total);
   arena_ = Arena(workspace_.data(), workspace_.bytes(), model_.be->device(), "training");
   norm_ = Buffer(*model_.be, sizeof(double));
   pool_.begin_training(*adapter_);

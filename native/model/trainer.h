@@ -19,6 +19,7 @@
 #include "model/adapter_pool.h"
 #include "model/checkpoint.h"
 #include "model/llama.h"
+#include "model/memory_plan.h"
 
 namespace ts {
 
@@ -92,8 +93,9 @@ struct StepReport {
 
 class Trainer {
  public:
-  // Plans and allocates the job's workspace for its longest batch before any work; a job that does not
-  // fit the backend's free memory is refused with RESOURCE_EXHAUSTED naming the numbers. With
+  // Plans the job's memory for its longest batch (model/memory_plan.h) and allocates its workspace
+  // before any work; a job that does not fit the backend's free memory is refused with
+  // RESOURCE_EXHAUSTED naming the numbers. With
   // hyper.resume_from, continues from that checkpoint (its adapter weights must already be the ones
   // in `adapter`).
   Trainer(LlamaModel& model, AdapterPool& pool, AdapterPool::Handle adapter, std::vector<TrainExample> examples,
@@ -103,6 +105,7 @@ class Trainer {
   int64_t total_steps() const { return total_steps_; }
   bool done() const { return step_ >= total_steps_ || stopped_early_; }
   size_t workspace_bytes() const { return workspace_.bytes(); }
+  const TrainingMemoryPlan& memory_plan() const { return plan_; }
   // Runs one micro-batch; returns true (and fills *report) when it completed an optimizer step.
   bool micro_step(StepReport* report);
   // Writes a checkpoint of the last completed step (a micro-step in progress is discarded: a resume
@@ -141,6 +144,7 @@ class Trainer {
   std::vector<TrainExample> eval_examples_;
   std::vector<TrainExample> forgetting_examples_;
   TrainHyper hyper_;
+  TrainingMemoryPlan plan_;
   Buffer workspace_;               // the job's arena: every pass of this job is carved from it
   Arena arena_;
   Buffer norm_;                    // one double in backend memory: the squared gradient norm

@@ -82,8 +82,7 @@ LlamaWeights load_llama_weights(const LlamaConfig& cfg, const std::vector<std::s
       Linear& lin = lw.lin[t];
       target_shape(cfg, t, &lin.out, &lin.in);
       std::vector<float> f = shards.read(hf_linear_name(l, t), {lin.out, lin.in});
-      // NF4 blocks never span rows; a row length that is not a multiple of 64 stays float32.
-      if (quant == "nf4" && lin.in % NF4_BLOCK == 0) {
+      if (quantizes(quant, lin.in)) {
         lin.q = nf4_quantize(f.data(), lin.out, lin.in);
         lin.quantized = true;
       } else {
@@ -97,69 +96,79 @@ LlamaWeights load_llama_weights(const LlamaConfig& cfg, const std::vector<std::s
 namespace {
 
 // Lays the base out in one region: measuring (dst == nullptr) only counts bytes; otherwise each tensor
-// is converted on the host and uploaded. Dense tensors go in `dtype`, NF4 arrays as they are.
+// is converted on the host and uploaded. Dense tensors go in `dtype`, NF4 arrays as they are. A null
+// source uploads nothing (the layout of a base known only by its config).
 class Placer {
  public:
-  Placer(Backend& be, Arena& arena, DType dtype) : be_(be), arena_(arena), dtype_(dtype) {}
+  Placer(Backend* be, Arena& arena, DType dtype) : be_(be), arena_(arena), dtype_(dtype) {}
 
   Tensor dense(const float* src, int64_t rows, int64_t cols) {
     Tensor t = arena_.take(rows, cols, dtype_);
-    if (!arena_.is_measuring()) {
+    if (src && !arena_.is_measuring()) {
       const size_t n = size_t(rows * cols);
       if (dtype_ == DType::F32) {
-        be_.upload(t.data, src, n * sizeof(float));
+        be_->upload(t.data, src, n * sizeof(float));
       } else {
         staging_.resize(n * dtype_size(dtype_));
         convert_from_f32(staging_.data(), src, dtype_, n);
-        be_.upload(t.data, staging_.data(), staging_.size());
+        be_->upload(t.data, staging_.data(), staging_.size());
       }
     }
     return t;
   }
 
   template <typename T>
-  const T* array(const std::vector<T>& src) {
-    T* p = arena_.take_array<T>(int64_t(src.size()));
-    if (!arena_.is_measuring()) be_.upload(p, src.data(), src.size() * sizeof(T));
+  const T* array(const T* src, int64_t n) {
+    T* p = arena_.take_array<T>(n);
+    if (src && !arena_.is_measuring()) be_->upload(p, src, size_t(n) * sizeof(T));
     return p;
   }
 
-  LinearView linear(const Linear& lin) {
+  // `lin` null: the shape alone.
+  LinearView linear(int out, int in, bool quantized, const Linear* lin) {
     LinearView v;
-    v.out = lin.out;
-    v.in = lin.in;
-    v.quantized = lin.quantized;
-    if (lin.quantized) {
-      v.nf4 = lin.q.view();
-      v.nf4.codes = array(lin.q.codes);
-      v.nf4.absmax_q = array(lin.q.absmax_q);
-      v.nf4.absmax_scale = array(lin.q.absmax_scale);
+    v.out = out;
+    v.in = in;
+    v.quantized = quantized;
+    if (quantized) {
+      if (lin) v.nf4 = lin->q.view();
+      v.nf4.rows = out;
+      v.nf4.cols = in;
+      const int64_t blocks = v.nf4.nblocks();
+      v.nf4.codes = array(lin ? lin->q.codes.data() : nullptr, int64_t(out) * in / 2);
+      v.nf4.absmax_q = array(lin ? lin->q.absmax_q.data() : nullptr, blocks);
+      v.nf4.absmax_scale = array(lin ? lin->q.absmax_scale.data() : nullptr, (blocks + NF4_DQ_GROUP - 1) / NF4_DQ_GROUP);
     } else {
-      v.dense = dense(lin.w.data(), lin.out, lin.in);
+      v.dense = dense(lin ? lin->w.data() : nullptr, out, in);
     }
     return v;
   }
 
  private:
-  Backend& be_;
+  Backend* be_;
   Arena& arena_;
   DType dtype_;
   std::vector<uint8_t> staging_;
 };
 
-void lay_out(BackendWeights& bw, const LlamaWeights& w, Placer& place) {
-  const LlamaConfig& c = w.cfg;
-  bw.embed = place.dense(w.embed.data(), c.V, c.H);
-  bw.final_norm = place.dense(w.final_norm.data(), 1, c.H);
+// `w` null: the layout of a base of config `c` alone.
+void lay_out(BackendWeights& bw, const LlamaConfig& c, const std::string& quant, const LlamaWeights* w, Placer& place) {
+  bw.embed = place.dense(w ? w->embed.data() : nullptr, c.V, c.H);
+  bw.final_norm = place.dense(w ? w->final_norm.data() : nullptr, 1, c.H);
   bw.lm_head.out = c.V;
   bw.lm_head.in = c.H;
-  bw.lm_head.dense = c.tied ? bw.embed : place.dense(w.lm_head.data(), c.V, c.H);
+  bw.lm_head.dense = c.tied ? bw.embed : place.dense(w ? w->lm_head.data() : nullptr, c.V, c.H);
   bw.layers.resize(c.L);
   for (int l = 0; l < c.L; l++) {
-    const LayerWeights& lw = w.layers[l];
-    bw.layers[l].attn_norm = place.dense(lw.attn_norm.data(), 1, c.H);
-    bw.layers[l].mlp_norm = place.dense(lw.mlp_norm.data(), 1, c.H);
-    for (int t = 0; t < NUM_TARGETS; t++) bw.layers[l].lin[t] = place.linear(lw.lin[t]);
+    const LayerWeights* lw = w ? &w->layers[l] : nullptr;
+    bw.layers[l].attn_norm = place.dense(lw ? lw->attn_norm.data() : nullptr, 1, c.H);
+    bw.layers[l].mlp_norm = place.dense(lw ? lw->mlp_norm.data() : nullptr, 1, c.H);
+    for (int t = 0; t < NUM_TARGETS; t++) {
+      int out = 0, in = 0;
+      target_shape(c, t, &out, &in);
+      const Linear* lin = lw ? &lw->lin[t] : nullptr;
+      bw.layers[l].lin[t] = place.linear(out, in, lin ? lin->quantized : quantizes(quant, in), lin);
+    }
   }
 }
 
@@ -201,13 +210,30 @@ BackendWeights place_weights(Backend& backend, std::shared_ptr<const LlamaWeight
     bw.host = std::move(host);
     return bw;
   }
-  Arena measure = Arena::measuring(backend.device());
-  Placer counting(backend, measure, backend.weight_dtype());
-  lay_out(bw, w, counting);
-  bw.storage = Buffer(backend, measure.used());
+  bw.storage = Buffer(backend, placed_weight_bytes(c, w.quant, backend.weight_dtype()));
   Arena arena(bw.storage.data(), bw.storage.bytes(), backend.device(), "weights");
-  Placer placing(backend, arena, backend.weight_dtype());
-  lay_out(bw, w, placing);
+  Placer placing(&backend, arena, backend.weight_dtype());
+  lay_out(bw, c, w.quant, &w, placing);
+  bw.bytes = bw.storage.bytes();
+  return bw;
+}
+
+size_t placed_weight_bytes(const LlamaConfig& cfg, const std::string& quant, DType dense) {
+  BackendWeights bw;
+  Arena measure = Arena::measuring(DeviceKind::CPU);
+  Placer counting(nullptr, measure, dense);
+  lay_out(bw, cfg, quant, nullptr, counting);
+  return measure.used();
+}
+
+BackendWeights allocate_weights(Backend& backend, const LlamaConfig& cfg, const std::string& quant) {
+  BackendWeights bw;
+  bw.cfg = cfg;
+  bw.quant = quant;
+  bw.storage = Buffer(backend, placed_weight_bytes(cfg, quant, backend.weight_dtype()));
+  Arena arena(bw.storage.data(), bw.storage.bytes(), backend.device(), "weights");
+  Placer placing(&backend, arena, backend.weight_dtype());
+  lay_out(bw, cfg, quant, nullptr, placing);
   bw.bytes = bw.storage.bytes();
   return bw;
 }

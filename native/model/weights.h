@@ -66,6 +66,16 @@ struct BackendWeights {
 };
 BackendWeights place_weights(Backend& backend, std::shared_ptr<const LlamaWeights> host);
 
+// Whether a linear weight with rows of `in` is stored in NF4 under `quant` (NF4 blocks never span
+// rows: a row length that is not a multiple of 64 stays dense).
+inline bool quantizes(const std::string& quant, int in) { return quant == "nf4" && in % NF4_BLOCK == 0; }
+// The bytes place_weights allocates for a base of `cfg` in a backend that copies it (dense tensors in
+// `dense`): the config alone decides, so a memory plan can be made without the weights.
+size_t placed_weight_bytes(const LlamaConfig& cfg, const std::string& quant, DType dense);
+// The same layout in `backend` without weights: one uninitialised allocation and the views over it,
+// NF4 absmax_mean 0 (the GPU training benchmark fills it with random values, no host copy of the model).
+BackendWeights allocate_weights(Backend& backend, const LlamaConfig& cfg, const std::string& quant);
+
 // Hugging Face name of a block's linear weight, e.g. "model.layers.3.self_attn.q_proj.weight".
 std::string hf_linear_name(int layer, int target);
 

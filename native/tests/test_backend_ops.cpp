@@ -770,31 +770,35 @@ void test_swiglu_backward(Session& s) {
   struct Shape {
     int64_t M;
     int I;
+    bool in_place;
   };
-  for (Shape sh : {Shape{7, 320}, Shape{2, 64}, Shape{3, 14336}})
-    s.run("swiglu_backward", format("M=%lld I=%d", (long long)sh.M, sh.I), [&](Report& r) {
-      const F gate = s.act_vec(s.rng.vec(sh.M * sh.I, -8.f, 8.f));
-      const F up = s.act_vec(s.rng.vec(sh.M * sh.I));
-      const F dout = s.act_vec(s.rng.vec(sh.M * sh.I));
-      auto run = [&](Dev& d) -> Outputs {
-        Tensor dgate = d.output(sh.M, sh.I, d.act), dup = d.output(sh.M, sh.I, d.act);
-        d.be.swiglu_backward(dgate, dup, d.upload(dout, sh.M, sh.I, d.act), d.upload(gate, sh.M, sh.I, d.act),
-                             d.upload(up, sh.M, sh.I, d.act));
-        return {{"dgate", d.read(dgate, r, "dgate")}, {"dup", d.read(dup, r, "dup")}};
-      };
-      const Outputs c = run(*s.cpu);
-      if (s.oracle()) {
-        V g = to_double(gate), u = to_double(up);
-        const V w = to_double(dout);
-        auto loss = [&] { return dot(w, ref::swiglu(g, u)); };
-        // σ(g)·(1 + g·(1 − σ(g))) in float32: ~8 roundings; 1 − σ loses relative accuracy for large g
-        // but is then multiplied by g and added to 1, so each element stays within ~1e-6.
-        fd_check(r, s.rng, "dgate", c[0].second, g, loss, {1e-6, 2e-6}, fd_budget(20.0 * sh.M * sh.I));
-        fd_check(r, s.rng, "dup", c[1].second, u, loss, {1e-6, 2e-6}, fd_budget(20.0 * sh.M * sh.I));
-      } else {
-        s.parity(r, c, run(*s.target), {{F32_ELEMENTWISE, BF16_ROUNDED}, {F32_ELEMENTWISE, BF16_ROUNDED}});
-      }
-    });
+  for (Shape sh : {Shape{7, 320, false}, Shape{2, 64, false}, Shape{5, 192, true}, Shape{3, 14336, false}})
+    s.run("swiglu_backward", format("M=%lld I=%d%s", (long long)sh.M, sh.I, sh.in_place ? " dgate=gate dup=up" : ""),
+          [&](Report& r) {
+            const F gate = s.act_vec(s.rng.vec(sh.M * sh.I, -8.f, 8.f));
+            const F up = s.act_vec(s.rng.vec(sh.M * sh.I));
+            const F dout = s.act_vec(s.rng.vec(sh.M * sh.I));
+            auto run = [&](Dev& d) -> Outputs {
+              Tensor g = d.upload(gate, sh.M, sh.I, d.act), u = d.upload(up, sh.M, sh.I, d.act);
+              // The training pass runs it in place (its (M, I) gradients overwrite gate and up).
+              Tensor dgate = sh.in_place ? g : d.output(sh.M, sh.I, d.act);
+              Tensor dup = sh.in_place ? u : d.output(sh.M, sh.I, d.act);
+              d.be.swiglu_backward(dgate, dup, d.upload(dout, sh.M, sh.I, d.act), g, u);
+              return {{"dgate", d.read(dgate, r, "dgate")}, {"dup", d.read(dup, r, "dup")}};
+            };
+            const Outputs c = run(*s.cpu);
+            if (s.oracle()) {
+              V g = to_double(gate), u = to_double(up);
+              const V w = to_double(dout);
+              auto loss = [&] { return dot(w, ref::swiglu(g, u)); };
+              // σ(g)·(1 + g·(1 − σ(g))) in float32: ~8 roundings; 1 − σ loses relative accuracy for large g
+              // but is then multiplied by g and added to 1, so each element stays within ~1e-6.
+              fd_check(r, s.rng, "dgate", c[0].second, g, loss, {1e-6, 2e-6}, fd_budget(20.0 * sh.M * sh.I));
+              fd_check(r, s.rng, "dup", c[1].second, u, loss, {1e-6, 2e-6}, fd_budget(20.0 * sh.M * sh.I));
+            } else {
+              s.parity(r, c, run(*s.target), {{F32_ELEMENTWISE, BF16_ROUNDED}, {F32_ELEMENTWISE, BF16_ROUNDED}});
+            }
+          });
 }
 
 void test_add(Session& s) {

@@ -6,12 +6,12 @@
 //      steps, then decode steps (captured as graphs where the backend has them); the ids must be equal
 //      in the float32-compute mode;
 //   3. one training pass: the loss and every LoRA gradient, unpacked and packed;
-//   4. a few optimizer steps through the trainer: the loss curves and the final adapters.
+//   4. optimizer steps through the trainer (4, or --train-steps): the loss curves and the final adapters.
 // Runs wherever the backend exists: CI runs it on the CUDA emulator (cuda-emu); the GPU check runs the
 // same program on the device (cuda). Prints one line per check and exits 1 on any failure.
 //
 // usage: test-model-backends [--backend cuda|cuda-emu] [--mode f32|bf16|both] [--preset tiny|small]
-//                            [--quant nf4|none] [--seed N]
+//                            [--quant nf4|none] [--seed N] [--train-steps N]
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -236,7 +236,8 @@ void compare_adapters(const LoraAdapter& got, const LoraAdapter& want, bool grad
   report(worst <= tol, what, fmt("worst module rel L2 %.2e (tolerance %.0e)", worst, tol));
 }
 
-void run_mode(const std::string& backend, bool f32, const Preset& p, const std::string& quant, uint64_t seed) {
+void run_mode(const std::string& backend, bool f32, const Preset& p, const std::string& quant, uint64_t seed,
+              int steps) {
   const LlamaConfig& c = p.cfg;
   const std::string mode = f32 ? "f32" : "bf16";
   const std::string tag = backend + "/" + mode + "/" + p.name + "/" + quant + ": ";
@@ -376,19 +377,22 @@ void run_mode(const std::string& backend, bool f32, const Preset& p, const std::
     ex.labels = ex.ids;
     examples.push_back(ex);
   }
-  const auto curve_want = train_steps(*cpu.exec, cpu.adapters[0], examples, 4);
-  const auto curve_got = train_steps(*dev.exec, dev.adapters[0], examples, 4);
+  const auto curve_want = train_steps(*cpu.exec, cpu.adapters[0], examples, steps);
+  const auto curve_got = train_steps(*dev.exec, dev.adapters[0], examples, steps);
   double worst = 0;
-  for (size_t s = 0; s < curve_want.size() && s < curve_got.size(); s++)
+  for (size_t s = 0; s < curve_want.size() && s < curve_got.size(); s++) {
     worst = std::max(worst, std::fabs(curve_got[s].loss - curve_want[s].loss) / curve_want[s].loss);
-  report(curve_got.size() == curve_want.size() && worst <= grad_tol, tag + "4 AdamW steps: loss curve",
+    std::printf("      step %2zu  loss cpu %.6f  %s %.6f\n", s + 1, curve_want[s].loss, backend.c_str(), curve_got[s].loss);
+  }
+  const std::string n = std::to_string(steps);
+  report(curve_got.size() == curve_want.size() && worst <= grad_tol, tag + n + " AdamW steps: loss curve",
          fmt("worst step rel diff %.2e over %.0f steps", worst, double(curve_want.size())));
   on_executor<int>(*dev.exec, [&](Executor& e) {
     e.sync_adapter(e.adapter(dev.adapters[0]));
     return 0;
   });
   compare_adapters(*dev.exec->adapter(dev.adapters[0])->host, *cpu.exec->adapter(cpu.adapters[0])->host, false,
-                   f32 ? 1e-4 : 1e-2, tag + "adapter after 4 steps");
+                   f32 ? 1e-4 : 1e-2, tag + "adapter after " + n + " steps");
 }
 
 }  // namespace
@@ -396,6 +400,7 @@ void run_mode(const std::string& backend, bool f32, const Preset& p, const std::
 int main(int argc, char** argv) {
   std::string backend = "cuda", mode = "both", preset_name = "tiny", quant = "nf4";
   uint64_t seed = 1;
+  int train_steps = 4;
   for (int i = 1; i < argc; i++) {
     std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -410,9 +415,10 @@ int main(int argc, char** argv) {
     else if (a == "--preset") preset_name = next();
     else if (a == "--quant") quant = next();
     else if (a == "--seed") seed = std::stoull(next());
+    else if (a == "--train-steps") train_steps = std::stoi(next());
     else {
       std::fprintf(stderr, "usage: test-model-backends [--backend cuda|cuda-emu] [--mode f32|bf16|both] "
-                           "[--preset tiny|small] [--quant nf4|none] [--seed N]\n");
+                           "[--preset tiny|small] [--quant nf4|none] [--seed N] [--train-steps N]\n");
       return 2;
     }
   }
@@ -420,7 +426,7 @@ int main(int argc, char** argv) {
   try {
     for (bool f32 : {true, false}) {
       if ((mode == "f32" && !f32) || (mode == "bf16" && f32)) continue;
-      run_mode(backend, f32, p, quant, seed);
+      run_mode(backend, f32, p, quant, seed, train_steps);
     }
   } catch (const EngineError& e) {
     std::printf("FAIL  %s: %s\n", e.code.c_str(), e.what());

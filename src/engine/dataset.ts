@@ -22,7 +22,6 @@
 // position t are scored against labels[t + 1], so labels[0] is never a target.
 
 import { createReadStream } from 'node:fs';
-import { createInterface } from 'node:readline';
 import { EngineError } from './errors.js';
 import { IGNORE_INDEX, parseRowLine, ROW_KINDS, RowError, type RowKind, type TrainingRow } from './rows.js';
 import type { LlamaTokenizer } from './tokenizer.js';
@@ -198,12 +197,34 @@ class DatasetBuilder {
 /** Parses JSONL held in memory; `name` is used in messages ("<name>:<line>: ..."). */
 export function parseDatasetText(text: string, name: string, tokenizer: DatasetTokenizer, options: DatasetOptions): Dataset {
   const builder = new DatasetBuilder(name, tokenizer, options);
-  const lines = text.split('\n');
-  // A final newline ends the last row; it does not start a blank one.
-  if (lines[lines.length - 1] === '') lines.pop();
-  lines.forEach((line, index) => builder.addLine(line.endsWith('\r') ? line.slice(0, -1) : line, index + 1));
+  const lines = new JsonlLines();
+  let lineNumber = 0;
+  for (const line of [...lines.push(text), ...lines.end()]) builder.addLine(line, ++lineNumber);
   return builder.finish();
 }
+
+/**
+ * Splits JSONL text given in pieces into rows: lines end at '\n' (a '\r' before it is dropped; a lone
+ * '\r' stays in its line, where the row validator refuses it, as the upload check does), and a final
+ * newline ends the last row without starting a blank one. The one splitter of files and in-memory text.
+ */
+class JsonlLines {
+  private pending = '';
+
+  /** The lines completed by `piece`. */
+  push(piece: string): string[] {
+    const parts = (this.pending + piece).split('\n');
+    this.pending = parts.pop()!;
+    return parts.map(stripCr);
+  }
+
+  /** The last line, when the text does not end with a newline. */
+  end(): string[] {
+    return this.pending === '' ? [] : [stripCr(this.pending)];
+  }
+}
+
+const stripCr = (line: string): string => (line.endsWith('\r') ? line.slice(0, -1) : line);
 
 /** Streams a JSONL file line by line (files larger than memory-friendly strings are fine). */
 export async function loadDataset(path: string, tokenizer: DatasetTokenizer, options: DatasetOptions): Promise<Dataset> {
@@ -219,16 +240,16 @@ export async function loadDataset(path: string, tokenizer: DatasetTokenizer, opt
     const missing = (error as { code?: string }).code === 'ENOENT';
     throw new EngineError(missing ? 'NOT_FOUND' : 'IO_ERROR', `cannot read dataset ${path}: ${(error as Error).message}`, { file: path }, { cause: error });
   }
-  const lines = createInterface({ input: stream, crlfDelay: Infinity });
+  const lines = new JsonlLines();
   let lineNumber = 0;
   try {
-    for await (const line of lines) builder.addLine(line, ++lineNumber);
+    for await (const chunk of stream) for (const line of lines.push(chunk as string)) builder.addLine(line, ++lineNumber);
   } catch (error) {
     if (error instanceof EngineError) throw error;
     throw new EngineError('IO_ERROR', `cannot read dataset ${path}: ${(error as Error).message}`, { file: path }, { cause: error });
   } finally {
-    lines.close();
     stream.destroy();
   }
+  for (const line of lines.end()) builder.addLine(line, ++lineNumber);
   return builder.finish();
 }

@@ -10,7 +10,7 @@ import { EngineError, toEngineError } from './errors.js';
 import { loadModelFolder, type LlamaConfig, type ModelFolder } from './model-folder.js';
 import {
   native, type GuardSettings, type NativeAdapterState, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativePoolStats,
-  type NativeServingPolicy, type NativeStepReport, type NativeTrainExample, type NativeTrainHyper,
+  type NativeServingPolicy, type NativeStepReport, type NativeTrainExample, type NativeTrainHyper, type NativeTrainingPlan,
 } from './native.js';
 import { ADAPTER_WEIGHTS_FILE, adapterConfigJson, loraTensorShapes, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
 import { encodeSafetensors } from './safetensors.js';
@@ -38,6 +38,8 @@ export interface EngineOptions {
   servingPolicy?: Partial<NativeServingPolicy>;
   /** Size of the paged KV cache; default: a share of the memory left after weights and workspace. */
   kvCacheBytes?: number;
+  /** Most a training job may take; default: what the device has free beside the serving pool. */
+  trainingMemoryBytes?: number;
   /** Where to send the one-line notices (device fallback). Default: stderr. */
   log?: (line: string) => void;
 }
@@ -185,6 +187,7 @@ export class Engine {
       ...(options.maxSeqLen ? { maxSeqLen: Math.min(options.maxSeqLen, folder.config.maxPositionEmbeddings) } : {}),
       ...(options.adapterSlots ? { adapterSlots: options.adapterSlots } : {}),
       ...(options.kvCacheBytes ? { kvCacheBytes: options.kvCacheBytes } : {}),
+      ...(options.trainingMemoryBytes ? { trainingMemoryBytes: options.trainingMemoryBytes } : {}),
     };
     const engine = await native().loadModel(spec).catch((e: unknown) => { throw toEngineError(e); });
     try {
@@ -199,6 +202,17 @@ export class Engine {
 
   info() {
     return { ...this.native.info(), ...this.native.stats(), config: this.config, modelDir: this.folder.dir };
+  }
+
+  /**
+   * The memory plan a training job would get now: batches of batchSize rows of seqLen tokens (the
+   * longest), an adapter of `config`. A job whose plan does not fit is refused with RESOURCE_EXHAUSTED.
+   */
+  planTraining(config: LoraConfig, shape: { batchSize: number; seqLen: number; recompute?: boolean }): NativeTrainingPlan {
+    for (const [field, v] of [['batch_size', shape.batchSize], ['seq_len', shape.seqLen]] as const) {
+      if (!Number.isSafeInteger(v) || v <= 0) throw new EngineError('INVALID_ARGUMENT', `${field} must be a positive integer, got ${v}`, { field });
+    }
+    return this.call(() => this.native.planTraining({ ...shape, lora: nativeLora(config) }));
   }
 
   /** A fresh adapter (A kaiming-uniform from seed, B zero) in a new slot. */

@@ -140,6 +140,26 @@ export interface NativeSchedulerStats extends NativeServingPolicy {
   microSteps: number; deferredMicroSteps: number;
 }
 
+/**
+ * The memory plan of one training job (native/model/memory_plan.h TrainingMemoryPlan), in bytes. The
+ * base, the backend's scratch and the adapter's A/B are resident and shared with serving; the job
+ * needs jobBytes more: the adapter's gradients and AdamW moments plus its workspace, whose parts are
+ * inputs, saved activations, the layer working set and the lm_head + cross-entropy chunk (headBytes,
+ * of which headSharedBytes lie over the layer working set).
+ */
+export interface NativeTrainingPlan {
+  batchSize: number; seqLen: number; rank: number; targets: string[]; recompute: boolean; computeDtype: 'F32' | 'BF16';
+  baseBytes: number; backendScratchBytes: number; dequantBufferBytes: number; adapterWeightsBytes: number;
+  adapterStateBytes: number; inputsBytes: number; savedActivationsBytes: number; layerWorkingSetBytes: number;
+  headBytes: number; headSharedBytes: number; workspaceBytes: number; jobBytes: number;
+  inUseBytes: number; freeBytes: number; peakBytes: number; fits: boolean;
+  /** Every part in one line, as the refusal of a job that does not fit names them. */
+  description: string;
+}
+
+/** The shape a training plan is made for: the largest pass (batch x tokens) and the adapter. */
+export interface NativeTrainingShape { batchSize: number; seqLen: number; lora: NativeLoraSpec; recompute?: boolean }
+
 export interface NativeEngine {
   info(): {
     quant: string; weightBytes: number; device: 'cpu' | 'cuda'; deviceDescription: string; computeDtype: 'F32' | 'BF16';
@@ -153,7 +173,11 @@ export interface NativeEngine {
     /** Queued generations whose adapter is being read or waits for a slot. */
     waitingForAdapter: number;
     scheduler: NativeSchedulerStats;
+    /** The memory plan of the running training job, when one runs. */
+    trainingPlan?: NativeTrainingPlan;
   };
+  /** The memory plan a training job of this shape would get now. */
+  planTraining(shape: NativeTrainingShape): NativeTrainingPlan;
   createAdapter(lora: NativeLoraSpec, seed: number): number;
   /** Reads the file on a thread of its own into the host tier (remembering the file for reloads). */
   loadAdapter(lora: NativeLoraSpec, file: string): Promise<number>;
@@ -215,7 +239,15 @@ export interface NativeAddon {
     float32Compute?: boolean;
     threads?: number; maxActiveSequences?: number; prefillChunk?: number; maxSeqLen?: number; adapterSlots?: number;
     maxLoraRank?: number; kvCacheBytes?: number; stepGraphs?: boolean;
+    /** Most a training job may take (default: what the device has free beside the serving pool). */
+    trainingMemoryBytes?: number;
   }): Promise<NativeEngine>;
+  /** A training job's memory plan from the config alone (no weights, no device); freeBytes is 0. */
+  planTrainingMemory(spec: NativeTrainingShape & {
+    config: NativeModelConfig; quant: 'none' | 'nf4'; device: 'cpu' | 'cuda'; computeDtype: 'f32' | 'bf16';
+    /** The backend's own scratch; default: the dequantization buffer alone. */
+    backendScratchBytes?: number;
+  }): NativeTrainingPlan;
   lrMultiplier(scheduler: string, step: number, warmup: number, total: number): number;
   mergeAdapter(spec: NativeMergeSpec, onProgress: (p: { tensor: string; index: number; total: number; merged: boolean }) => void): { promise: Promise<NativeMergeResult>; cancel(): void };
   sampleToken(logits: Float32Array, params: { temperature: number; topK: number; topP: number; repetitionPenalty: number; seed: number }, context: Int32Array, draws: number): Int32Array;

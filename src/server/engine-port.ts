@@ -94,6 +94,35 @@ export interface MemoryUsage {
   kvCacheBlocks: number;
   kvBlockSize: number;
   kvCacheBlocksUsed: number;
+  /** The memory plan of the running training job; absent when none runs. */
+  trainingPlan?: TrainingMemoryPlan;
+}
+
+/**
+ * The memory plan of one training job in bytes (proto TrainingMemoryPlan): the base, the backend's
+ * scratch and the adapter's weights are resident and shared with serving; the job needs jobBytes more.
+ */
+export interface TrainingMemoryPlan {
+  batchSize: number;
+  seqLen: number;
+  rank: number;
+  targetModules: string[];
+  recompute: boolean;
+  baseBytes: number;
+  backendScratchBytes: number;
+  dequantBufferBytes: number;
+  adapterWeightsBytes: number;
+  adapterStateBytes: number;
+  workspaceBytes: number;
+  inputsBytes: number;
+  savedActivationsBytes: number;
+  layerWorkingSetBytes: number;
+  headBytes: number;
+  headSharedBytes: number;
+  jobBytes: number;
+  peakBytes: number;
+  freeBytes: number;
+  description: string;
 }
 
 /** Where an adapter version is in the engine's pool. */

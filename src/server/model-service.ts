@@ -45,6 +45,7 @@ export function modelService(context: ServiceContext, rpc: RpcRunner): ModelServ
           kvCacheBlocks: memory.kvCacheBlocks,
           kvBlockSize: memory.kvBlockSize,
           kvCacheBlocksUsed: memory.kvCacheBlocksUsed,
+          trainingPlan: memory.trainingPlan,
         },
         computeDtype: info.computeDtype,
         baseFingerprint: info.fingerprint,

@@ -10,6 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { writeFileAtomic } from '../engine/atomic-file.js';
 import { Engine, type Adapter, type AdapterState, type EngineOptions } from '../engine/engine.js';
 import { loadDataset } from '../engine/dataset.js';
+import type { NativeTrainingPlan } from '../engine/native.js';
 import { applyPacking } from '../engine/packing.js';
 import { EngineError, hasErrorCode } from '../engine/errors.js';
 import { mergeAdapterFolder, mergeFidelity } from '../engine/merge.js';
@@ -17,7 +18,7 @@ import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, adapterConfigJson, createLor
 import { readSafetensorsHeader } from '../engine/safetensors.js';
 import type {
   AdapterConfig, AdapterPoolState, AdapterServingStats, AdapterVersionSource, ChatMessage, EnginePort, GenerateResult, GenerateSpec,
-  MergeResult, MergeSpec, ModelInfo, ResumePoint, TokenizerPort, TrainedAdapter, TrainEvent, TrainResult, TrainSpec,
+  MergeResult, MergeSpec, ModelInfo, ResumePoint, TokenizerPort, TrainedAdapter, TrainEvent, TrainResult, TrainSpec, TrainingMemoryPlan,
 } from './engine-port.js';
 
 export interface NativeEnginePortOptions extends EngineOptions {
@@ -35,6 +36,17 @@ function schedulingSentence(targetInterTokenMs: number, minTrainingShare: number
   if (targetInterTokenMs <= 0) return `${turn}, then runs one training micro-batch, so generation keeps streaming while a job trains.`;
   return `${turn}; while generations run, a training micro-batch follows only when both fit in the ${targetInterTokenMs} ms ` +
     `inter-token target, or when training's share of the busy time falls below ${Math.round(minTrainingShare * 100)}%.`;
+}
+
+function portTrainingPlan(p: NativeTrainingPlan): TrainingMemoryPlan {
+  return {
+    batchSize: p.batchSize, seqLen: p.seqLen, rank: p.rank, targetModules: p.targets, recompute: p.recompute,
+    baseBytes: p.baseBytes, backendScratchBytes: p.backendScratchBytes, dequantBufferBytes: p.dequantBufferBytes,
+    adapterWeightsBytes: p.adapterWeightsBytes, adapterStateBytes: p.adapterStateBytes, workspaceBytes: p.workspaceBytes,
+    inputsBytes: p.inputsBytes, savedActivationsBytes: p.savedActivationsBytes, layerWorkingSetBytes: p.layerWorkingSetBytes,
+    headBytes: p.headBytes, headSharedBytes: p.headSharedBytes, jobBytes: p.jobBytes, peakBytes: p.peakBytes,
+    freeBytes: p.freeBytes, description: p.description,
+  };
 }
 
 function toPortConfig(l: LoraConfig): AdapterConfig {
@@ -146,6 +158,7 @@ export class NativeEnginePort implements EnginePort {
         deviceFreeBytes: stats.deviceFreeBytes, stepWorkspaceBytes: plan.workspaceBytes,
         backendScratchBytes: plan.backendScratchBytes, kvCacheBlocks: plan.kvBlocks, kvBlockSize: plan.kvBlockSize,
         kvCacheBlocksUsed: stats.kvBlocksUsed,
+        ...(stats.trainingPlan ? { trainingPlan: portTrainingPlan(stats.trainingPlan) } : {}),
       },
       fingerprint: this.fingerprint,
       maxSeqLen: this.maxSeqLen,

@@ -124,6 +124,61 @@ export interface MemoryUsage {
   kvBlockSize: number;
   /** KV-cache blocks held by generations now (reserved for their whole length at admission). */
   kvCacheBlocksUsed: number;
+  /** The memory plan of the running training job; absent when none runs. */
+  trainingPlan?: TrainingMemoryPlan | undefined;
+}
+
+/**
+ * The memory plan of one training job, in bytes, made before it starts from the model's config, the
+ * job's largest micro-batch, its adapter and the device's free memory beside the serving pool (a job
+ * that does not fit is refused with RESOURCE_EXHAUSTED naming these numbers). The base, the backend's
+ * scratch and the adapter's weights are already resident and shared with serving; the job needs
+ * job_bytes more.
+ */
+export interface TrainingMemoryPlan {
+  /** Sequences of the largest micro-batch. */
+  batchSize: number;
+  /** Tokens of its longest row. */
+  seqLen: number;
+  /** LoRA rank. */
+  rank: number;
+  /** Adapted modules, PEFT names. */
+  targetModules: string[];
+  /** Whether each layer's activations are recomputed in the backward (gradient checkpointing). */
+  recompute: boolean;
+  /** The frozen base weights (shared with serving). */
+  baseBytes: number;
+  /** The backend's own scratch, reserved at start (shared with serving). */
+  backendScratchBytes: number;
+  /** The part of that scratch a training pass uses: the largest NF4 weight dequantized. */
+  dequantBufferBytes: number;
+  /** The adapter's A and B, float32, in the adapter pool. */
+  adapterWeightsBytes: number;
+  /** The adapter's gradients and AdamW moments, float32: 3 x adapter_weights_bytes. */
+  adapterStateBytes: number;
+  /**
+   * The workspace of the job's passes: inputs + saved activations + layer working set + head -
+   * head_shared.
+   */
+  workspaceBytes: number;
+  /** Token ids, positions, document starts, scored rows and targets of a micro-batch. */
+  inputsBytes: number;
+  /** What the backward keeps: each layer's input (and, without recompute, every layer's activations). */
+  savedActivationsBytes: number;
+  /** The stream's gradient, the LoRA scratch, and one layer's activations (with recompute) and gradients. */
+  layerWorkingSetBytes: number;
+  /** The final norm, one chunk of float32 lm_head logits and its cross-entropy buffers. */
+  headBytes: number;
+  /** The bytes of head_bytes that reuse the layer working set's memory (never live at the same time). */
+  headSharedBytes: number;
+  /** adapter_state_bytes + workspace_bytes: what had to be free when the job started. */
+  jobBytes: number;
+  /** Device memory in use when the job was planned, plus job_bytes. */
+  peakBytes: number;
+  /** Device memory the job could take when it was planned. */
+  freeBytes: number;
+  /** Every part in one line. */
+  description: string;
 }
 
 /** Limits of this server; requests beyond them are refused. */
@@ -551,6 +606,7 @@ function createBaseMemoryUsage(): MemoryUsage {
     kvCacheBlocks: 0,
     kvBlockSize: 0,
     kvCacheBlocksUsed: 0,
+    trainingPlan: undefined,
   };
 }
 
@@ -588,6 +644,9 @@ export const MemoryUsage: MessageFns<MemoryUsage> = {
     }
     if (message.kvCacheBlocksUsed !== 0) {
       writer.uint32(88).uint64(message.kvCacheBlocksUsed);
+    }
+    if (message.trainingPlan !== undefined) {
+      TrainingMemoryPlan.encode(message.trainingPlan, writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -693,6 +752,14 @@ export const MemoryUsage: MessageFns<MemoryUsage> = {
             message.kvCacheBlocksUsed = longToNumber(reader.uint64());
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.trainingPlan = TrainingMemoryPlan.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -762,6 +829,11 @@ export const MemoryUsage: MessageFns<MemoryUsage> = {
         : isSet(object.kv_cache_blocks_used)
         ? globalThis.Number(object.kv_cache_blocks_used)
         : 0,
+      trainingPlan: isSet(object.trainingPlan)
+        ? TrainingMemoryPlan.fromJSON(object.trainingPlan)
+        : isSet(object.training_plan)
+        ? TrainingMemoryPlan.fromJSON(object.training_plan)
+        : undefined,
     };
   },
 
@@ -800,6 +872,9 @@ export const MemoryUsage: MessageFns<MemoryUsage> = {
     if (message.kvCacheBlocksUsed !== 0) {
       obj.kvCacheBlocksUsed = Math.round(message.kvCacheBlocksUsed);
     }
+    if (message.trainingPlan !== undefined) {
+      obj.trainingPlan = TrainingMemoryPlan.toJSON(message.trainingPlan);
+    }
     return obj;
   },
 
@@ -819,6 +894,471 @@ export const MemoryUsage: MessageFns<MemoryUsage> = {
     message.kvCacheBlocks = object.kvCacheBlocks ?? 0;
     message.kvBlockSize = object.kvBlockSize ?? 0;
     message.kvCacheBlocksUsed = object.kvCacheBlocksUsed ?? 0;
+    message.trainingPlan = (object.trainingPlan !== undefined && object.trainingPlan !== null)
+      ? TrainingMemoryPlan.fromPartial(object.trainingPlan)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseTrainingMemoryPlan(): TrainingMemoryPlan {
+  return {
+    batchSize: 0,
+    seqLen: 0,
+    rank: 0,
+    targetModules: [],
+    recompute: false,
+    baseBytes: 0,
+    backendScratchBytes: 0,
+    dequantBufferBytes: 0,
+    adapterWeightsBytes: 0,
+    adapterStateBytes: 0,
+    workspaceBytes: 0,
+    inputsBytes: 0,
+    savedActivationsBytes: 0,
+    layerWorkingSetBytes: 0,
+    headBytes: 0,
+    headSharedBytes: 0,
+    jobBytes: 0,
+    peakBytes: 0,
+    freeBytes: 0,
+    description: "",
+  };
+}
+
+export const TrainingMemoryPlan: MessageFns<TrainingMemoryPlan> = {
+  encode(message: TrainingMemoryPlan, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.batchSize !== 0) {
+      writer.uint32(8).uint32(message.batchSize);
+    }
+    if (message.seqLen !== 0) {
+      writer.uint32(16).uint32(message.seqLen);
+    }
+    if (message.rank !== 0) {
+      writer.uint32(24).uint32(message.rank);
+    }
+    for (const v of message.targetModules) {
+      writer.uint32(34).string(v!);
+    }
+    if (message.recompute !== false) {
+      writer.uint32(40).bool(message.recompute);
+    }
+    if (message.baseBytes !== 0) {
+      writer.uint32(48).uint64(message.baseBytes);
+    }
+    if (message.backendScratchBytes !== 0) {
+      writer.uint32(56).uint64(message.backendScratchBytes);
+    }
+    if (message.dequantBufferBytes !== 0) {
+      writer.uint32(64).uint64(message.dequantBufferBytes);
+    }
+    if (message.adapterWeightsBytes !== 0) {
+      writer.uint32(72).uint64(message.adapterWeightsBytes);
+    }
+    if (message.adapterStateBytes !== 0) {
+      writer.uint32(80).uint64(message.adapterStateBytes);
+    }
+    if (message.workspaceBytes !== 0) {
+      writer.uint32(88).uint64(message.workspaceBytes);
+    }
+    if (message.inputsBytes !== 0) {
+      writer.uint32(96).uint64(message.inputsBytes);
+    }
+    if (message.savedActivationsBytes !== 0) {
+      writer.uint32(104).uint64(message.savedActivationsBytes);
+    }
+    if (message.layerWorkingSetBytes !== 0) {
+      writer.uint32(112).uint64(message.layerWorkingSetBytes);
+    }
+    if (message.headBytes !== 0) {
+      writer.uint32(120).uint64(message.headBytes);
+    }
+    if (message.headSharedBytes !== 0) {
+      writer.uint32(128).uint64(message.headSharedBytes);
+    }
+    if (message.jobBytes !== 0) {
+      writer.uint32(136).uint64(message.jobBytes);
+    }
+    if (message.peakBytes !== 0) {
+      writer.uint32(144).uint64(message.peakBytes);
+    }
+    if (message.freeBytes !== 0) {
+      writer.uint32(152).uint64(message.freeBytes);
+    }
+    if (message.description !== "") {
+      writer.uint32(162).string(message.description);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TrainingMemoryPlan {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTrainingMemoryPlan();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.batchSize = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.seqLen = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.rank = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.targetModules.push(reader.string());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.recompute = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.baseBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.backendScratchBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.dequantBufferBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.adapterWeightsBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.adapterStateBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.workspaceBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.inputsBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.savedActivationsBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.layerWorkingSetBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.headBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.headSharedBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.jobBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.peakBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.freeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.description = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TrainingMemoryPlan {
+    return {
+      batchSize: isSet(object.batchSize)
+        ? globalThis.Number(object.batchSize)
+        : isSet(object.batch_size)
+        ? globalThis.Number(object.batch_size)
+        : 0,
+      seqLen: isSet(object.seqLen)
+        ? globalThis.Number(object.seqLen)
+        : isSet(object.seq_len)
+        ? globalThis.Number(object.seq_len)
+        : 0,
+      rank: isSet(object.rank) ? globalThis.Number(object.rank) : 0,
+      targetModules: globalThis.Array.isArray(object?.targetModules)
+        ? object.targetModules.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.target_modules)
+        ? object.target_modules.map((e: any) => globalThis.String(e))
+        : [],
+      recompute: isSet(object.recompute) ? globalThis.Boolean(object.recompute) : false,
+      baseBytes: isSet(object.baseBytes)
+        ? globalThis.Number(object.baseBytes)
+        : isSet(object.base_bytes)
+        ? globalThis.Number(object.base_bytes)
+        : 0,
+      backendScratchBytes: isSet(object.backendScratchBytes)
+        ? globalThis.Number(object.backendScratchBytes)
+        : isSet(object.backend_scratch_bytes)
+        ? globalThis.Number(object.backend_scratch_bytes)
+        : 0,
+      dequantBufferBytes: isSet(object.dequantBufferBytes)
+        ? globalThis.Number(object.dequantBufferBytes)
+        : isSet(object.dequant_buffer_bytes)
+        ? globalThis.Number(object.dequant_buffer_bytes)
+        : 0,
+      adapterWeightsBytes: isSet(object.adapterWeightsBytes)
+        ? globalThis.Number(object.adapterWeightsBytes)
+        : isSet(object.adapter_weights_bytes)
+        ? globalThis.Number(object.adapter_weights_bytes)
+        : 0,
+      adapterStateBytes: isSet(object.adapterStateBytes)
+        ? globalThis.Number(object.adapterStateBytes)
+        : isSet(object.adapter_state_bytes)
+        ? globalThis.Number(object.adapter_state_bytes)
+        : 0,
+      workspaceBytes: isSet(object.workspaceBytes)
+        ? globalThis.Number(object.workspaceBytes)
+        : isSet(object.workspace_bytes)
+        ? globalThis.Number(object.workspace_bytes)
+        : 0,
+      inputsBytes: isSet(object.inputsBytes)
+        ? globalThis.Number(object.inputsBytes)
+        : isSet(object.inputs_bytes)
+        ? globalThis.Number(object.inputs_bytes)
+        : 0,
+      savedActivationsBytes: isSet(object.savedActivationsBytes)
+        ? globalThis.Number(object.savedActivationsBytes)
+        : isSet(object.saved_activations_bytes)
+        ? globalThis.Number(object.saved_activations_bytes)
+        : 0,
+      layerWorkingSetBytes: isSet(object.layerWorkingSetBytes)
+        ? globalThis.Number(object.layerWorkingSetBytes)
+        : isSet(object.layer_working_set_bytes)
+        ? globalThis.Number(object.layer_working_set_bytes)
+        : 0,
+      headBytes: isSet(object.headBytes)
+        ? globalThis.Number(object.headBytes)
+        : isSet(object.head_bytes)
+        ? globalThis.Number(object.head_bytes)
+        : 0,
+      headSharedBytes: isSet(object.headSharedBytes)
+        ? globalThis.Number(object.headSharedBytes)
+        : isSet(object.head_shared_bytes)
+        ? globalThis.Number(object.head_shared_bytes)
+        : 0,
+      jobBytes: isSet(object.jobBytes)
+        ? globalThis.Number(object.jobBytes)
+        : isSet(object.job_bytes)
+        ? globalThis.Number(object.job_bytes)
+        : 0,
+      peakBytes: isSet(object.peakBytes)
+        ? globalThis.Number(object.peakBytes)
+        : isSet(object.peak_bytes)
+        ? globalThis.Number(object.peak_bytes)
+        : 0,
+      freeBytes: isSet(object.freeBytes)
+        ? globalThis.Number(object.freeBytes)
+        : isSet(object.free_bytes)
+        ? globalThis.Number(object.free_bytes)
+        : 0,
+      description: isSet(object.description) ? globalThis.String(object.description) : "",
+    };
+  },
+
+  toJSON(message: TrainingMemoryPlan): unknown {
+    const obj: any = {};
+    if (message.batchSize !== 0) {
+      obj.batchSize = Math.round(message.batchSize);
+    }
+    if (message.seqLen !== 0) {
+      obj.seqLen = Math.round(message.seqLen);
+    }
+    if (message.rank !== 0) {
+      obj.rank = Math.round(message.rank);
+    }
+    if (message.targetModules?.length) {
+      obj.targetModules = message.targetModules;
+    }
+    if (message.recompute !== false) {
+      obj.recompute = message.recompute;
+    }
+    if (message.baseBytes !== 0) {
+      obj.baseBytes = Math.round(message.baseBytes);
+    }
+    if (message.backendScratchBytes !== 0) {
+      obj.backendScratchBytes = Math.round(message.backendScratchBytes);
+    }
+    if (message.dequantBufferBytes !== 0) {
+      obj.dequantBufferBytes = Math.round(message.dequantBufferBytes);
+    }
+    if (message.adapterWeightsBytes !== 0) {
+      obj.adapterWeightsBytes = Math.round(message.adapterWeightsBytes);
+    }
+    if (message.adapterStateBytes !== 0) {
+      obj.adapterStateBytes = Math.round(message.adapterStateBytes);
+    }
+    if (message.workspaceBytes !== 0) {
+      obj.workspaceBytes = Math.round(message.workspaceBytes);
+    }
+    if (message.inputsBytes !== 0) {
+      obj.inputsBytes = Math.round(message.inputsBytes);
+    }
+    if (message.savedActivationsBytes !== 0) {
+      obj.savedActivationsBytes = Math.round(message.savedActivationsBytes);
+    }
+    if (message.layerWorkingSetBytes !== 0) {
+      obj.layerWorkingSetBytes = Math.round(message.layerWorkingSetBytes);
+    }
+    if (message.headBytes !== 0) {
+      obj.headBytes = Math.round(message.headBytes);
+    }
+    if (message.headSharedBytes !== 0) {
+      obj.headSharedBytes = Math.round(message.headSharedBytes);
+    }
+    if (message.jobBytes !== 0) {
+      obj.jobBytes = Math.round(message.jobBytes);
+    }
+    if (message.peakBytes !== 0) {
+      obj.peakBytes = Math.round(message.peakBytes);
+    }
+    if (message.freeBytes !== 0) {
+      obj.freeBytes = Math.round(message.freeBytes);
+    }
+    if (message.description !== "") {
+      obj.description = message.description;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<TrainingMemoryPlan>): TrainingMemoryPlan {
+    return TrainingMemoryPlan.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<TrainingMemoryPlan>): TrainingMemoryPlan {
+    const message = createBaseTrainingMemoryPlan();
+    message.batchSize = object.batchSize ?? 0;
+    message.seqLen = object.seqLen ?? 0;
+    message.rank = object.rank ?? 0;
+    message.targetModules = object.targetModules?.map((e) => e) || [];
+    message.recompute = object.recompute ?? false;
+    message.baseBytes = object.baseBytes ?? 0;
+    message.backendScratchBytes = object.backendScratchBytes ?? 0;
+    message.dequantBufferBytes = object.dequantBufferBytes ?? 0;
+    message.adapterWeightsBytes = object.adapterWeightsBytes ?? 0;
+    message.adapterStateBytes = object.adapterStateBytes ?? 0;
+    message.workspaceBytes = object.workspaceBytes ?? 0;
+    message.inputsBytes = object.inputsBytes ?? 0;
+    message.savedActivationsBytes = object.savedActivationsBytes ?? 0;
+    message.layerWorkingSetBytes = object.layerWorkingSetBytes ?? 0;
+    message.headBytes = object.headBytes ?? 0;
+    message.headSharedBytes = object.headSharedBytes ?? 0;
+    message.jobBytes = object.jobBytes ?? 0;
+    message.peakBytes = object.peakBytes ?? 0;
+    message.freeBytes = object.freeBytes ?? 0;
+    message.description = object.description ?? "";
     return message;
   },
 };
