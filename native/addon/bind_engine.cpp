@@ -204,6 +204,14 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
                                        InstanceMethod("stats", &EngineWrap::stats),
                                        InstanceMethod("createAdapter", &EngineWrap::create_adapter),
                                        InstanceMethod("loadAdapter", &EngineWrap::load_adapter),
+                                       InstanceMethod("registerAdapter", &EngineWrap::register_adapter),
+                                       InstanceMethod("setAdapterFile", &EngineWrap::set_adapter_file),
+                                       InstanceMethod("warmAdapter", &EngineWrap::warm_adapter),
+                                       InstanceMethod("pinAdapter", &EngineWrap::pin_adapter),
+                                       InstanceMethod("adapterStats", &EngineWrap::adapter_stats),
+                                       InstanceMethod("poolStats", &EngineWrap::pool_stats),
+                                       InstanceMethod("setPolicy", &EngineWrap::set_policy),
+                                       InstanceMethod("setHostBudget", &EngineWrap::set_host_budget),
                                        InstanceMethod("saveAdapter", &EngineWrap::save_adapter),
                                        InstanceMethod("removeAdapter", &EngineWrap::remove_adapter),
                                        InstanceMethod("adapterTensors", &EngineWrap::get_adapter_tensors),
@@ -285,8 +293,155 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
     o.Set("deviceTotalBytes", (double)mem.total);
     o.Set("deviceFreeBytes", (double)mem.free);
     o.Set("adapters", e.adapter_count());
+    o.Set("waitingForAdapter", s.waiting_for_adapter);
+    Napi::Object sched = Napi::Object::New(env);
+    const ServingPolicy policy = e.policy();
+    sched.Set("targetInterTokenMs", policy.target_inter_token_ms);
+    sched.Set("minTrainingShare", policy.min_training_share);
+    sched.Set("generationStepMs", s.generation_step_ms);
+    sched.Set("trainingStepMs", s.training_step_ms);
+    sched.Set("trainingShare", s.training_share);
+    sched.Set("generationSeconds", s.generation_seconds);
+    sched.Set("trainingSeconds", s.training_seconds);
+    sched.Set("microSteps", (double)s.micro_steps);
+    sched.Set("deferredMicroSteps", (double)s.deferred_micro_steps);
+    o.Set("scheduler", sched);
     if (s.training_plan) o.Set("trainingPlan", plan_to_js(env, *s.training_plan));
     return o;
+  }
+
+  static Napi::Object stats_to_js(Napi::Env env, const AdapterStats& s) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("requests", (double)s.requests);
+    o.Set("tokensIn", (double)s.tokens_in);
+    o.Set("tokensOut", (double)s.tokens_out);
+    o.Set("hits", (double)s.hits);
+    o.Set("hostHits", (double)s.host_hits);
+    o.Set("loads", (double)s.loads);
+    o.Set("loadSeconds", s.load_seconds);
+    o.Set("lastLoadSeconds", s.last_load_seconds);
+    o.Set("placements", (double)s.placements);
+    o.Set("placeSeconds", s.place_seconds);
+    o.Set("lastPlaceSeconds", s.last_place_seconds);
+    o.Set("evictions", (double)s.evictions);
+    o.Set("hostEvictions", (double)s.host_evictions);
+    o.Set("loadFailures", (double)s.load_failures);
+    return o;
+  }
+
+  static const char* tier_name(AdapterTier t) {
+    return t == AdapterTier::DEVICE ? "device" : t == AdapterTier::HOST ? "host" : "disk";
+  }
+
+  // adapterStats() -> [{id, tier, pinned, loading, training, users, bytes, failureCode?, failure?, stats}]
+  Napi::Value adapter_stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      const auto entries = engine(env).pool().snapshot();
+      Napi::Array out = Napi::Array::New(env, entries.size());
+      for (size_t i = 0; i < entries.size(); i++) {
+        const AdapterPool::Info& a = entries[i];
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("id", a.id);
+        o.Set("tier", tier_name(a.tier));
+        o.Set("pinned", a.pinned);
+        o.Set("loading", a.loading);
+        o.Set("training", a.training);
+        o.Set("users", a.users);
+        o.Set("bytes", (double)a.bytes);
+        if (!a.failure.empty()) {
+          o.Set("failureCode", a.failure_code);
+          o.Set("failure", a.failure);
+        }
+        o.Set("stats", stats_to_js(env, a.stats));
+        out.Set(uint32_t(i), o);
+      }
+      return out;
+    });
+  }
+
+  // poolStats() -> {slots, resident, pinned, adapters, loading, hostBytes, hostBudget, deviceBytes, deviceBudget, stats}
+  Napi::Value pool_stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      const AdapterPool::Totals t = engine(env).pool().totals();
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("slots", t.slots);
+      o.Set("resident", t.resident);
+      o.Set("pinned", t.pinned);
+      o.Set("adapters", t.adapters);
+      o.Set("loading", t.loading);
+      o.Set("hostBytes", (double)t.host_bytes);
+      o.Set("hostBudget", (double)t.host_budget);
+      o.Set("deviceBytes", (double)t.device_bytes);
+      o.Set("deviceBudget", (double)t.device_budget);
+      o.Set("stats", stats_to_js(env, t.stats));
+      return o;
+    });
+  }
+
+  // registerAdapter(lora, file) -> id: the disk tier; the file is read on first use, in the background.
+  Napi::Value register_adapter(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      LoraSpec spec = lora_spec_from_js(info[0].As<Napi::Object>());
+      std::string file = info[1].As<Napi::String>().Utf8Value();
+      return Napi::Number::New(env, engine(env).add_adapter_file(spec, file));
+    });
+  }
+
+  // setAdapterFile(id, file): where a host copy made in memory can be read again after eviction.
+  Napi::Value set_adapter_file(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      engine(env).pool().set_file(info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::String>().Utf8Value());
+      return env.Undefined();
+    });
+  }
+
+  // warmAdapter(id) -> {id, promise}: resolves once the adapter holds a device slot.
+  Napi::Value warm_adapter(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      auto adapter = engine(env).adapter(info[0].As<Napi::Number>().Int32Value());
+      auto ch = JsChannel::create(env, env.Undefined(), "tuneserve.warmAdapter");
+      uint64_t id = engine(env).warm_adapter(
+          adapter, [ch] { ch->resolve([](Napi::Env env) { return env.Undefined(); }); },
+          [ch](const std::string& code, const std::string& msg) { ch->reject(code, msg); });
+      Napi::Object r = Napi::Object::New(env);
+      r.Set("id", (double)id);
+      r.Set("promise", ch->promise());
+      return r;
+    });
+  }
+
+  Napi::Value pin_adapter(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      engine(env).pin_adapter(info[0].As<Napi::Number>().Int32Value(), info[1].ToBoolean().Value());
+      return env.Undefined();
+    });
+  }
+
+  // setPolicy({targetInterTokenMs, minTrainingShare})
+  Napi::Value set_policy(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      Napi::Object o = info[0].As<Napi::Object>();
+      ServingPolicy p = engine(env).policy();
+      p.target_inter_token_ms = num(o, "targetInterTokenMs", p.target_inter_token_ms);
+      p.min_training_share = num(o, "minTrainingShare", p.min_training_share);
+      engine(env).set_policy(p);
+      return env.Undefined();
+    });
+  }
+
+  Napi::Value set_host_budget(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return guard(env, [&]() -> Napi::Value {
+      engine(env).pool().set_host_budget((size_t)info[0].As<Napi::Number>().DoubleValue());
+      return env.Undefined();
+    });
   }
 
   // planTraining({batchSize, seqLen, lora, recompute?}) -> the plan such a job would get now.
@@ -318,7 +473,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       auto ch = JsChannel::create(env, env.Undefined(), "tuneserve.loadAdapter");
       std::thread([e, spec, file, ch] {
         try {
-          int id = e->add_adapter(lora_load(e->config(), spec, file));
+          int id = e->add_adapter(lora_load(e->config(), spec, file), file);
           ch->resolve([id](Napi::Env env) { return Napi::Number::New(env, id); });
         } catch (const EngineError& err) {
           ch->reject(err.code, err.what());
@@ -462,7 +617,21 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
       TrainHyper hyper = hyper_from_js(spec.Get("hyper").As<Napi::Object>());
       auto ch = JsChannel::create(env, info[1], "tuneserve.train");
       TrainingCallbacks cb;
-      cb.on_step = [ch](const StepReport& r) { ch->emit([r](Napi::Env env) { return step_to_js(env, r); }); };
+      auto share = std::make_shared<ShareReport>();  // on_share then on_step, both on the executor thread
+      cb.on_share = [share](const ShareReport& r) { *share = r; };
+      cb.on_step = [ch, share](const StepReport& r) {
+        ch->emit([r, s = *share](Napi::Env env) {
+          Napi::Object o = step_to_js(env, r);
+          Napi::Object sh = Napi::Object::New(env);
+          sh.Set("trainingSeconds", s.training_seconds);
+          sh.Set("generationSeconds", s.generation_seconds);
+          sh.Set("share", s.share);
+          sh.Set("generationSteps", (double)s.generation_steps);
+          sh.Set("deferredMicroSteps", (double)s.deferred_micro_steps);
+          o.Set("share", sh);
+          return o;
+        });
+      };
       cb.on_done = [ch](const StepReport& last, bool cancelled) {
         ch->resolve([last, cancelled](Napi::Env env) {
           Napi::Object o = step_to_js(env, last);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 
 #include "core/error.h"
@@ -16,6 +17,9 @@ namespace {
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+// Training's share of the busy time is measured over roughly the last this many seconds.
+constexpr double SHARE_WINDOW_SECONDS = 5.0;
 
 LlamaModel place_model(Backend& be, std::shared_ptr<const LlamaWeights> weights) {
   LlamaModel m;
@@ -52,6 +56,7 @@ struct Executor::Sequence {
   bool started = false;
   int64_t prefilled = 0;         // prompt tokens already in the cache
   int32_t next_token = -1;       // sampled, not yet fed back
+  bool holds_adapter = false;    // one of its adapter's users (released in finish)
   std::chrono::steady_clock::time_point started_at, decode_started;
 };
 
@@ -64,6 +69,15 @@ struct Executor::TrainingJob {
   TrainingCallbacks cb;
   std::shared_ptr<std::atomic<bool>> cancelled;
   StepReport last;
+  bool holds_adapter = false;
+};
+
+struct Executor::Warmup {
+  uint64_t id = 0;
+  AdapterPool::Handle adapter;
+  std::function<void()> on_done;
+  std::function<void(const std::string&, const std::string&)> on_error;
+  std::shared_ptr<std::atomic<bool>> cancelled;
 };
 
 Executor::Executor(std::unique_ptr<Backend> backend, std::shared_ptr<const LlamaWeights> weights,
@@ -75,11 +89,13 @@ Executor::Executor(std::unique_ptr<Backend> backend, std::shared_ptr<const Llama
       pool_(*backend_, model_.cfg(), plan_.adapter_slots, plan_.adapter_budget),
       kv_(*backend_, model_.cfg(), plan_.kv_block_size, plan_.kv_blocks),
       workspace_(*backend_, plan_.workspace),
-      arena_(workspace_.data(), workspace_.bytes(), backend_->device(), "inference step") {
+      arena_(workspace_.data(), workspace_.bytes(), backend_->device(), "inference step"),
+      check_(*backend_, size_t(options_.max_active_sequences + 1) * sizeof(double)) {
   model_.backend_scratch = plan_.backend_scratch;  // training plans count it as resident
   model_.training_limit = options_.training_memory_bytes;
   // A captured step bakes the rotary table's address: size it for the longest sequence up front.
   if (options_.step_graphs && backend_->supports_graphs()) model_.ensure_rope(plan_.max_seq_len);
+  pool_.set_on_change([this] { wake(); });
   thread_ = std::thread([this] { run(); });
 }
 
@@ -90,26 +106,88 @@ Executor::~Executor() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  pool_.stop_loader();  // its callback wakes this executor, whose mutex is destroyed before the pool
   for (auto& [bucket, graph] : graphs_) backend_->graph_destroy(graph);
 }
 
-int Executor::add_adapter(std::shared_ptr<LoraAdapter> adapter) {
+void Executor::wake() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    epoch_++;
+  }
+  cv_.notify_all();
+}
+
+int Executor::add_adapter(std::shared_ptr<LoraAdapter> adapter, std::string file) {
   require(adapter && adapter->spec.r <= options_.max_lora_rank, "INVALID_ARGUMENT",
           "adapter rank " + std::to_string(adapter ? adapter->spec.r : 0) + " is above this engine's max_lora_rank " +
               std::to_string(options_.max_lora_rank));
-  const int id = pool_.add(std::move(adapter));
-  cv_.notify_all();  // the executor places it
-  return id;
+  return pool_.add(std::move(adapter), std::move(file));
 }
 
-void Executor::remove_adapter(int id) { pool_.remove(id); }
+int Executor::add_adapter_file(const LoraSpec& spec, std::string file) {
+  require(spec.r <= options_.max_lora_rank, "INVALID_ARGUMENT",
+          "adapter rank " + std::to_string(spec.r) + " is above this engine's max_lora_rank " +
+              std::to_string(options_.max_lora_rank));
+  return pool_.add_file(spec, std::move(file));
+}
+
+void Executor::remove_adapter(int id) {
+  pool_.remove(id);
+  wake();
+}
 
 AdapterPool::Handle Executor::adapter(int id) const { return pool_.get(id); }
+
+void Executor::pin_adapter(int id, bool pinned) {
+  pool_.pin(id, pinned);
+  wake();  // an unpinned adapter may be evicted for a waiter now
+}
+
+uint64_t Executor::warm_adapter(AdapterPool::Handle adapter, std::function<void()> on_done,
+                                std::function<void(const std::string&, const std::string&)> on_error) {
+  auto w = std::make_shared<Warmup>();
+  w->adapter = std::move(adapter);
+  w->on_done = std::move(on_done);
+  w->on_error = std::move(on_error);
+  w->cancelled = std::make_shared<std::atomic<bool>>(false);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    w->id = next_id_++;
+    cancel_flags_[w->id] = w->cancelled;
+    warming_.push_back(w);
+    epoch_++;
+  }
+  cv_.notify_all();
+  return w->id;
+}
+
+void Executor::set_policy(const ServingPolicy& policy) {
+  require(policy.target_inter_token_ms >= 0, "INVALID_ARGUMENT", "the inter-token target must be >= 0 ms");
+  require(policy.min_training_share >= 0 && policy.min_training_share <= 1, "INVALID_ARGUMENT",
+          "the minimum training share must be in [0, 1]");
+  std::lock_guard<std::mutex> lock(mu_);
+  policy_ = policy;
+}
+
+ServingPolicy Executor::policy() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return policy_;
+}
+
+void Executor::sync_adapter(const AdapterPool::Handle& adapter) {
+  pool_.load_now(adapter);
+  if (!adapter->host)
+    throw EngineError(adapter->failure_code.empty() ? "INTERNAL" : adapter->failure_code,
+                      adapter->failure.empty() ? "the adapter has no host copy" : adapter->failure);
+  pool_.sync_to_host(*adapter);
+}
 
 void Executor::post(std::function<void(Executor&)> fn) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     tasks_.push_back(std::move(fn));
+    epoch_++;
   }
   cv_.notify_all();
 }
@@ -135,15 +213,18 @@ uint64_t Executor::submit_generation(GenerationRequest req, GenerationCallbacks 
   s->cb = std::move(cb);
   s->cancelled = std::make_shared<std::atomic<bool>>(false);
   s->rng = SamplerRng(s->req.sampling.seed);
+  AdapterPool::Handle adapter = s->req.adapter;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if ((int)queued_.size() >= options_.max_queued)
       throw EngineError("RESOURCE_EXHAUSTED", "the generation queue is full (" + std::to_string(queued_.size()) +
-                                                  " requests wait for KV-cache room); retry later");
+                                                  " requests wait for KV-cache room or their adapter); retry later");
     s->id = next_id_++;
     cancel_flags_[s->id] = s->cancelled;
     queued_.push_back(s);
+    epoch_++;
   }
+  if (adapter) pool_.count_request(*adapter, int64_t(s->req.prompt.size()));
   cv_.notify_all();
   return s->id;
 }
@@ -164,6 +245,7 @@ uint64_t Executor::submit_training(AdapterPool::Handle adapter, std::vector<Trai
     j->id = next_id_++;
     cancel_flags_[j->id] = j->cancelled;
     trainings_.push_back(j);
+    epoch_++;
   }
   cv_.notify_all();
   return j->id;
@@ -174,6 +256,7 @@ void Executor::cancel(uint64_t id) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = cancel_flags_.find(id);
     if (it != cancel_flags_.end()) it->second->store(true);
+    epoch_++;
   }
   cv_.notify_all();
 }
@@ -184,8 +267,18 @@ Executor::Stats Executor::stats() const {
     std::lock_guard<std::mutex> lock(mu_);
     s.queued_sequences = (int)queued_.size();
     s.training = !trainings_.empty();
+    s.generation_step_ms = gen_ema_ * 1e3;
+    s.training_step_ms = train_ema_ * 1e3;
+    const double decay = std::exp(-seconds_since(window_at_) / SHARE_WINDOW_SECONDS);
+    const double g = window_gen_ * decay, t = window_train_ * decay;
+    s.training_share = g + t > 0 ? t / (g + t) : 0;
+    s.generation_seconds = total_gen_;
+    s.training_seconds = total_train_;
+    s.micro_steps = micro_steps_;
+    s.deferred_micro_steps = deferred_;
     s.training_plan = training_plan_;
   }
+  s.waiting_for_adapter = waiting_for_adapter_.load();
   s.active_sequences = active_count_.load();
   s.kv_blocks_total = kv_.usable_blocks();
   s.kv_blocks_used = kv_.usable_blocks() - kv_.free_blocks();
@@ -197,14 +290,21 @@ Executor::Stats Executor::stats() const {
 }
 
 void Executor::run() {
+  bool idle = false;
+  uint64_t seen = 0;
   for (;;) {
     std::deque<std::function<void(Executor&)>> tasks;
     {
       std::unique_lock<std::mutex> lock(mu_);
+      // After a turn that could do nothing (every queued request waits for its adapter), sleep until
+      // something changes rather than spin.
       cv_.wait(lock, [&] {
-        return stop_ || !tasks_.empty() || !queued_.empty() || !active_.empty() || !trainings_.empty();
+        if (stop_) return true;
+        if (idle) return epoch_ != seen;
+        return !tasks_.empty() || !queued_.empty() || !active_.empty() || !trainings_.empty() || !warming_.empty();
       });
       if (stop_) break;
+      seen = epoch_;
       tasks.swap(tasks_);
     }
     maintain_adapters();  // after the swap: adapters added before a task was posted are placed first
@@ -216,26 +316,99 @@ void Executor::run() {
         std::fprintf(stderr, "tuneserve engine: a queued task threw: %s\n", e.what());
       }
     }
-    generation_step();
-    training_step();
+    waiting_adapters_ = 0;
+    bool progress = !tasks.empty();
+    const auto t0 = std::chrono::steady_clock::now();
+    const bool generated = generation_step();
+    if (generated) account(false, seconds_since(t0));
+    progress |= generated;
+    if (training_allowed(!active_.empty()) && training_step()) progress = true;
+    pool_.settle(waiting_adapters_);
+    idle = !progress;
   }
   // Shutting down: everything still pending ends as cancelled.
   for (auto& s : active_) finish(*s, "cancelled");
   for (auto& s : queued_) finish(*s, "cancelled");
-  for (auto& j : trainings_)
+  for (auto& w : warming_)
+    if (w->on_error) w->on_error("CANCELLED", "the engine is shutting down");
+  for (auto& j : trainings_) {
+    if (j->holds_adapter) pool_.release(*j->adapter);
     if (j->cb.on_done) j->cb.on_done(j->last, true);
+  }
+}
+
+void Executor::account(bool training, double seconds) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto now = std::chrono::steady_clock::now();
+  const double decay = std::exp(-std::chrono::duration<double>(now - window_at_).count() / SHARE_WINDOW_SECONDS);
+  window_at_ = now;
+  window_gen_ *= decay;
+  window_train_ *= decay;
+  double& ema = training ? train_ema_ : gen_ema_;
+  ema = ema == 0 ? seconds : 0.7 * ema + 0.3 * seconds;
+  if (training) {
+    window_train_ += seconds;
+    total_train_ += seconds;
+    since_step_.training_seconds += seconds;
+  } else {
+    window_gen_ += seconds;
+    total_gen_ += seconds;
+    since_step_.generation_seconds += seconds;
+    since_step_.generation_steps++;
+  }
+}
+
+bool Executor::training_allowed(bool generating) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (trainings_.empty()) return false;
+  if (!generating || policy_.target_inter_token_ms <= 0) return true;
+  if ((gen_ema_ + train_ema_) * 1e3 <= policy_.target_inter_token_ms) return true;
+  const double decay = std::exp(-seconds_since(window_at_) / SHARE_WINDOW_SECONDS);
+  const double g = window_gen_ * decay, t = window_train_ * decay;
+  if (g + t <= 0 || t / (g + t) < policy_.min_training_share) return true;  // never starve the job
+  deferred_++;
+  since_step_.deferred_micro_steps++;
+  return false;
 }
 
 void Executor::finish(Sequence& s, const char* reason) {
   s.result.finish_reason = reason;
   s.result.decode_seconds = s.decode_started.time_since_epoch().count() ? seconds_since(s.decode_started) : 0;
   kv_.release(&s.blocks);
+  if (s.holds_adapter) pool_.release(*s.req.adapter);
+  s.holds_adapter = false;
   s.req.adapter.reset();  // the adapter's slot may be freed now
   if (s.cb.on_done) s.cb.on_done(s.result);
 }
 
 void Executor::admit() {
+  struct Failure {
+    std::shared_ptr<Sequence> seq;
+    std::shared_ptr<Warmup> warm;
+    std::string code, message;
+  };
   std::vector<std::shared_ptr<Sequence>> dropped;
+  std::vector<std::shared_ptr<Warmup>> warmed, warm_cancelled;
+  std::vector<Failure> failed;
+  std::vector<const AdapterPool::Entry*> waiting;  // distinct adapters that found no slot
+  int waiting_sequences = 0;
+  // Placement can fail (device memory): that request fails, the executor goes on.
+  auto acquire = [&](const AdapterPool::Handle& h, bool count, std::string* code, std::string* message) {
+    try {
+      return pool_.acquire(h, count, code, message);
+    } catch (const EngineError& e) {
+      *code = e.code;
+      *message = e.what();
+    } catch (const std::exception& e) {
+      *code = "RESOURCE_EXHAUSTED";
+      *message = std::string("placing the adapter failed: ") + e.what();
+    }
+    return AdapterPool::Acquire::FAILED;
+  };
+  auto note_waiting = [&](const AdapterPool::Entry* e) {
+    if (std::find(waiting.begin(), waiting.end(), e) == waiting.end()) waiting.push_back(e);
+  };
+  pool_.begin_pass();
   {
     std::lock_guard<std::mutex> lock(mu_);
     // Requests cancelled while waiting leave the queue at once, wherever they stand.
@@ -248,32 +421,83 @@ void Executor::admit() {
         ++it;
       }
     }
-    // In order: the head waits for room rather than being overtaken by smaller requests.
-    while (!queued_.empty() && (int)active_.size() < options_.max_active_sequences) {
-      Sequence& s = *queued_.front();
+    for (auto it = warming_.begin(); it != warming_.end();) {
+      Warmup& w = **it;
+      std::string code, message;
+      AdapterPool::Acquire r = w.cancelled->load() ? AdapterPool::Acquire::FAILED
+                                                   : acquire(w.adapter, false, &code, &message);
+      if (r == AdapterPool::Acquire::READY) {
+        pool_.release(*w.adapter);  // resident and most recently used; nothing holds it
+        warmed.push_back(*it);
+      } else if (r == AdapterPool::Acquire::FAILED) {
+        if (w.cancelled->load()) warm_cancelled.push_back(*it);
+        else failed.push_back({nullptr, *it, code, message});
+      } else {
+        if (r == AdapterPool::Acquire::WAIT) note_waiting(w.adapter.get());
+        ++it;
+        continue;
+      }
+      cancel_flags_.erase(w.id);
+      it = warming_.erase(it);
+    }
+    // In order among the sequences whose adapter is ready: the first that does not fit in the KV cache
+    // waits for room rather than being overtaken by smaller requests.
+    for (auto it = queued_.begin(); it != queued_.end() && (int)active_.size() < options_.max_active_sequences;) {
+      Sequence& s = **it;
+      if (s.req.adapter && !s.holds_adapter) {
+        std::string code, message;
+        const AdapterPool::Acquire r = acquire(s.req.adapter, true, &code, &message);
+        if (r == AdapterPool::Acquire::FAILED) {
+          failed.push_back({*it, nullptr, code, message});
+          cancel_flags_.erase(s.id);
+          it = queued_.erase(it);
+          continue;
+        }
+        if (r != AdapterPool::Acquire::READY) {
+          if (r == AdapterPool::Acquire::WAIT) note_waiting(s.req.adapter.get());
+          waiting_sequences++;
+          ++it;
+          continue;
+        }
+        s.holds_adapter = true;
+      }
       const int64_t length = (int64_t)s.req.prompt.size() + s.req.max_tokens;
       if (!kv_.allocate(KVPool::blocks_for(length, kv_.block_size()), &s.blocks)) break;
-      active_.push_back(queued_.front());
-      queued_.pop_front();
+      active_.push_back(*it);
+      it = queued_.erase(it);
     }
     active_count_ = (int)active_.size();
   }
+  waiting_adapters_ += int(waiting.size());
+  waiting_for_adapter_ = waiting_sequences;
   for (auto& s : dropped) finish(*s, "cancelled");
+  for (auto& w : warmed)
+    if (w->on_done) w->on_done();
+  for (auto& w : warm_cancelled)
+    if (w->on_error) w->on_error("CANCELLED", "the load was cancelled");
+  for (auto& f : failed) {
+    if (f.warm) {
+      if (f.warm->on_error) f.warm->on_error(f.code, f.message);
+      continue;
+    }
+    // Only this request fails: its adapter could not be loaded.
+    if (f.seq->cb.on_error) f.seq->cb.on_error(f.code, f.message);
+    finish(*f.seq, "cancelled");
+  }
 }
 
 void Executor::maintain_adapters() {
   try {
     pool_.maintain();
   } catch (const std::exception& e) {
-    // Placement failed (device memory): the adapters stay unplaced and requests using them fail.
-    std::fprintf(stderr, "tuneserve engine: placing adapters failed: %s\n", e.what());
+    std::fprintf(stderr, "tuneserve engine: refreshing the adapter slot table failed: %s\n", e.what());
   }
 }
 
-void Executor::generation_step() {
-  maintain_adapters();  // adapters added since the last turn, before a request can use them
+bool Executor::generation_step() {
   admit();
-  if (active_.empty()) return;
+  maintain_adapters();  // the slot table, after admission placed adapters
+  if (active_.empty()) return false;
   // Build the step's rows: each sequence contributes a prompt chunk (prefill) or its last token.
   InferenceBatch batch;
   batch.max_blocks = plan_.max_blocks_per_sequence;
@@ -284,8 +508,8 @@ void Executor::generation_step() {
   for (auto& sp : active_) {
     Sequence& s = *sp;
     if (s.cancelled->load()) continue;  // finished below
-    if (s.req.adapter && !s.req.adapter->placed) {  // its placement failed (see maintain_adapters)
-      if (s.cb.on_error) s.cb.on_error("RESOURCE_EXHAUSTED", "the request's adapter could not be placed in memory");
+    if (s.req.adapter && !s.req.adapter->placed) {  // cannot happen while it holds the adapter; fail alone
+      if (s.cb.on_error) s.cb.on_error("INTERNAL", "the request's adapter lost its device slot");
       s.cancelled->store(true);
       continue;
     }
@@ -332,6 +556,7 @@ void Executor::generation_step() {
     try {
       const Tensor logits = run_step(batch, decode_only);
       if (!stepping.empty()) {
+        const std::vector<bool> bad = check_logits(logits, (int64_t)stepping.size());
         std::vector<SampleRow> rows(stepping.size());
         for (size_t i = 0; i < stepping.size(); i++)
           rows[i] = SampleRow{stepping[i]->req.sampling, &stepping[i]->context, &stepping[i]->rng};
@@ -339,6 +564,13 @@ void Executor::generation_step() {
         backend_->sample(ids.data(), logits.rows_view(0, (int64_t)stepping.size()), rows.data());
         for (size_t i = 0; i < stepping.size(); i++) {
           Sequence& s = *stepping[i];
+          if (bad[i]) {
+            if (s.cb.on_error)
+              s.cb.on_error("NUMERICAL_ERROR", "the model's logits for this request are not finite (NaN or infinity); "
+                                               "its adapter's weights are the likely cause");
+            s.cancelled->store(true);
+            continue;
+          }
           if (s.result.ids.empty()) {
             s.result.prefill_seconds = seconds_since(s.started_at);
             s.decode_started = std::chrono::steady_clock::now();
@@ -347,10 +579,12 @@ void Executor::generation_step() {
           s.result.ids.push_back(tok);
           s.context.push_back(tok);
           s.next_token = tok;
+          if (s.req.adapter) pool_.count_tokens_out(*s.req.adapter, 1);
           if (s.cb.on_tokens) s.cb.on_tokens({tok});
         }
       }
     } catch (const EngineError& e) {
+      // The step as a whole failed (a device error): no row of it can be trusted.
       failed = true;
       for (auto& sp : active_)
         if (sp->cb.on_error) sp->cb.on_error(e.code, e.what());
@@ -376,6 +610,33 @@ void Executor::generation_step() {
   }
   active_.swap(still);
   active_count_ = (int)active_.size();
+  return batch.rows() > 0;
+}
+
+std::vector<bool> Executor::check_logits(const Tensor& logits, int64_t n) {
+  // One squared sum over all rows (8 bytes back); only when it is not finite, one per row. A row of
+  // finite logits cannot overflow it: |logit| would have to exceed ~1e17.
+  std::vector<bool> bad(size_t(n), false);
+  double* acc = static_cast<double*>(check_.data());
+  const int64_t V = logits.cols, ld = logits.ld;
+  float* x = logits.f32();
+  if (logits.contiguous()) {
+    double total = 0;
+    backend_->fill_zero(acc, sizeof(double));
+    backend_->sum_squares(acc, x, n * V);
+    backend_->download(&total, acc, sizeof(double));
+    if (std::isfinite(total)) return bad;
+  }
+  std::vector<double> sums(static_cast<size_t>(n));
+  backend_->fill_zero(acc, size_t(n) * sizeof(double));
+  for (int64_t i = 0; i < n; i++) backend_->sum_squares(acc + i, x + i * ld, V);
+  backend_->download(sums.data(), acc, size_t(n) * sizeof(double));
+  for (int64_t i = 0; i < n; i++)
+    if (!std::isfinite(sums[size_t(i)])) {
+      bad[size_t(i)] = true;
+      backend_->fill_zero(x + i * ld, size_t(V) * sizeof(float));  // the sampler sees zeros, not NaN
+    }
+  return bad;
 }
 
 Tensor Executor::run_step(InferenceBatch& batch, bool decode_only) {
@@ -420,8 +681,7 @@ Tensor Executor::run_step(InferenceBatch& batch, bool decode_only) {
   return ws.logits;
 }
 
-void Executor::training_step() {
-  maintain_adapters();
+bool Executor::training_step() {
   // Before a job's final callback: whoever it wakes sees no running job.
   auto clear_job = [this] {
     training_bytes_ = 0;
@@ -431,11 +691,23 @@ void Executor::training_step() {
   std::shared_ptr<TrainingJob> j;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (trainings_.empty()) return;
+    if (trainings_.empty()) return false;
     j = trainings_.front();
   }
-  bool finished = false, cancelled = j->cancelled->load();
+  bool finished = false, cancelled = j->cancelled->load(), stepped = false;
   try {
+    if (!cancelled && !j->holds_adapter) {
+      // The adapter trains in a device slot, held until the job ends.
+      std::string code, message;
+      const AdapterPool::Acquire r = pool_.acquire(j->adapter, false, &code, &message);
+      if (r == AdapterPool::Acquire::FAILED) throw EngineError(code, message);
+      if (r != AdapterPool::Acquire::READY) {
+        if (r == AdapterPool::Acquire::WAIT) waiting_adapters_++;
+        return false;
+      }
+      j->holds_adapter = true;
+      maintain_adapters();
+    }
     if (!cancelled) {
       if (!j->trainer) {
         j->trainer = std::make_unique<Trainer>(model_, pool_, j->adapter, std::move(j->examples), j->hyper,
@@ -444,11 +716,29 @@ void Executor::training_step() {
         auto plan = std::make_shared<const TrainingMemoryPlan>(j->trainer->memory_plan());
         std::lock_guard<std::mutex> lock(mu_);
         training_plan_ = std::move(plan);
+        since_step_ = ShareReport{};
       }
       StepReport report;
-      if (!j->trainer->done() && j->trainer->micro_step(&report)) {  // resumed at its last step: nothing to run
+      stepped = true;
+      const auto t0 = std::chrono::steady_clock::now();
+      const bool step_done = !j->trainer->done() && j->trainer->micro_step(&report);  // resumed at its last step: nothing to run
+      account(true, seconds_since(t0));
+      if (step_done) {
         j->last = report;
+        ShareReport share;
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          micro_steps_++;
+          share = since_step_;
+          since_step_ = ShareReport{};
+        }
+        const double busy = share.training_seconds + share.generation_seconds;
+        share.share = busy > 0 ? share.training_seconds / busy : 1;
+        if (j->cb.on_share) j->cb.on_share(share);
         if (j->cb.on_step) j->cb.on_step(report);
+      } else {
+        std::lock_guard<std::mutex> lock(mu_);
+        micro_steps_++;
       }
       finished = j->trainer->done();
       if (finished) j->trainer->finish();
@@ -459,6 +749,7 @@ void Executor::training_step() {
       if (cancelled && j->trainer) j->last.checkpoint = j->trainer->checkpoint_now();
       j->trainer.reset();  // ends the adapter's training state, frees the workspace
       pool_.sync_to_host(*j->adapter);
+      pool_.drop_training_state(*j->adapter);  // it serves from here on (train-to-serve)
       clear_job();
       if (j->cb.on_done) j->cb.on_done(j->last, cancelled);
     }
@@ -480,20 +771,54 @@ void Executor::training_step() {
   }
   if (finished || cancelled) {
     j->trainer.reset();
+    if (j->holds_adapter) pool_.release(*j->adapter);
+    j->holds_adapter = false;
     clear_job();
     std::lock_guard<std::mutex> lock(mu_);
     trainings_.pop_front();
     cancel_flags_.erase(j->id);
+    epoch_++;
   }
+  return stepped || finished || cancelled;
 }
+
+namespace {
+
+// A probe's hold on an adapter's device slot (executor thread): read from disk and placed now, or
+// RESOURCE_EXHAUSTED when no slot can be freed; released at the end of the probe.
+class ProbeHold {
+ public:
+  ProbeHold(AdapterPool& pool, const AdapterPool::Handle& adapter) : pool_(pool), adapter_(adapter) {
+    if (!adapter_) return;
+    pool_.load_now(adapter_);
+    std::string code, message;
+    const AdapterPool::Acquire r = pool_.acquire(adapter_, false, &code, &message);
+    if (r == AdapterPool::Acquire::FAILED) throw EngineError(code, message);
+    require(r == AdapterPool::Acquire::READY, "RESOURCE_EXHAUSTED",
+            "every adapter slot is in use by running requests; retry when the load is lower");
+    held_ = true;
+    pool_.maintain();
+  }
+  ~ProbeHold() {
+    if (held_) pool_.release(*adapter_);
+  }
+  ProbeHold(const ProbeHold&) = delete;
+  ProbeHold& operator=(const ProbeHold&) = delete;
+
+ private:
+  AdapterPool& pool_;
+  const AdapterPool::Handle& adapter_;
+  bool held_ = false;
+};
+
+}  // namespace
 
 std::vector<float> Executor::logits(const std::vector<int32_t>& ids, const AdapterPool::Handle& adapter) {
   const LlamaConfig& c = model_.cfg();
   const int64_t T = (int64_t)ids.size();
   require(T > 0, "INVALID_ARGUMENT", "ids must not be empty");
   require(T <= c.max_pos, "INVALID_ARGUMENT", "the sequence is longer than max_position_embeddings");
-  if (adapter && !adapter->placed) pool_.maintain();
-  require(!adapter || adapter->placed, "RESOURCE_EXHAUSTED", "the adapter could not be placed in memory");
+  ProbeHold hold(pool_, adapter);
   InferenceBatch b;
   b.tokens = ids;
   b.pos.resize(T);
@@ -514,7 +839,7 @@ std::vector<float> Executor::logits(const std::vector<int32_t>& ids, const Adapt
       b.slots = pool_.slots();
     }
     // Its own workspace: a probe's T rows of logits can exceed the step workspace's plan.
-    const int rank = adapter ? adapter->host->spec.r : 0;
+    const int rank = adapter ? adapter->spec.r : 0;
     Buffer mem(*backend_, plan_inference_workspace(c, backend_->compute_dtype(), T, 1, b.max_blocks, T, rank));
     Arena arena(mem.data(), mem.bytes(), backend_->device(), "logits probe");
     InferenceWorkspace ws = carve_inference(arena, c, backend_->compute_dtype(), T, 1, b.max_blocks, T, rank);
@@ -531,8 +856,7 @@ std::vector<float> Executor::logits(const std::vector<int32_t>& ids, const Adapt
 }
 
 double Executor::train_pass(const AdapterPool::Handle& adapter, const TrainBatch& batch, const TrainPassOptions& opt) {
-  if (adapter && !adapter->placed) pool_.maintain();
-  require(!adapter || adapter->placed, "RESOURCE_EXHAUSTED", "the adapter could not be placed in memory");
+  ProbeHold hold(pool_, adapter);
   if (adapter && opt.backward) {
     if (!adapter->training) pool_.begin_training(*adapter);  // also resets the AdamW moments: first use only
     for (const auto& layer : adapter->tensors.mods)
@@ -544,7 +868,7 @@ double Executor::train_pass(const AdapterPool::Handle& adapter, const TrainBatch
   }
   LoraSpec lora;
   lora.r = 0;
-  if (adapter) lora = adapter->host->spec;
+  if (adapter) lora = adapter->spec;
   Buffer mem(*backend_, plan_train_workspace(model_, batch.B, batch.T, lora, opt));
   Arena arena(mem.data(), mem.bytes(), backend_->device(), "training pass");
   const double loss = llama_train_pass(model_, adapter ? &adapter->tensors : nullptr, batch, opt, arena);

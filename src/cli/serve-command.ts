@@ -63,6 +63,8 @@ async function runServer(config: ServeConfig, otel: ReturnType<typeof startOpenT
       ...(config.kvCacheMb > 0 ? { kvCacheBytes: config.kvCacheMb * 1048576 } : {}),
       ...(config.model ? {} : { name: 'demo' }),
       adapterSlots: config.adapterSlots, maxSeqLen: config.maxSeqLen,
+      ...(config.adapterHostMb > 0 ? { adapterHostBytes: config.adapterHostMb * 1048576 } : {}),
+      servingPolicy: { targetInterTokenMs: config.interTokenTargetMs, minTrainingShare: config.minTrainingSharePercent / 100 },
       log: (line) => logger.info(line),
     });
   })();

@@ -69,8 +69,11 @@ export async function uploadDatasetFile(client: TuneClient | TuneClients, datase
 /** The PEFT files of a folder that ImportAdapter accepts. */
 const ADAPTER_FILES = ['adapter_config.json', 'adapter_model.safetensors', 'README.md'];
 
-/** Imports a PEFT adapter folder (adapter_config.json, adapter_model.safetensors, README.md if present). */
-export async function importAdapterFolder(client: TuneClient | TuneClients, adapterId: string, folder: string, options: { shared?: boolean } = {}): Promise<Adapter> {
+/**
+ * Imports a PEFT adapter folder (adapter_config.json, adapter_model.safetensors, README.md if present);
+ * with newVersion, as the next version of an existing adapter.
+ */
+export async function importAdapterFolder(client: TuneClient | TuneClients, adapterId: string, folder: string, options: { shared?: boolean; newVersion?: boolean } = {}): Promise<Adapter> {
   const clients = generated(client);
   const files: FileEntry[] = [];
   for (const name of ADAPTER_FILES) {
@@ -82,7 +85,7 @@ export async function importAdapterFolder(client: TuneClient | TuneClients, adap
   const stream = clients.adapters.importAdapter((error, response) =>
     error ? reply.reject(error) : reply.resolve(response.adapter as Adapter),
   );
-  await send(stream, { header: { adapterId, files, shared: options.shared === true } }, reply.promise);
+  await send(stream, { header: { adapterId, files, shared: options.shared === true, newVersion: options.newVersion === true } }, reply.promise);
   for (const { name } of files) {
     for await (const data of createReadStream(path.join(folder, name), { highWaterMark: CHUNK_BYTES })) {
       await send(stream, { chunk: { name, data: data as Buffer } }, reply.promise);

@@ -8,8 +8,12 @@ import { join, resolve } from 'node:path';
 
 import { EngineError, toEngineError } from './errors.js';
 import { loadModelFolder, type LlamaConfig, type ModelFolder } from './model-folder.js';
-import { native, type GuardSettings, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativeStepReport, type NativeTrainExample, type NativeTrainHyper, type NativeTrainingPlan } from './native.js';
-import { ADAPTER_WEIGHTS_FILE, adapterConfigJson, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
+import {
+  native, type GuardSettings, type NativeAdapterState, type NativeEngine, type NativeLoraSpec, type NativeModelConfig, type NativePoolStats,
+  type NativeServingPolicy, type NativeStepReport, type NativeTrainExample, type NativeTrainHyper, type NativeTrainingPlan,
+} from './native.js';
+import { ADAPTER_WEIGHTS_FILE, adapterConfigJson, loraTensorShapes, readAdapterConfig, writeAdapterConfig, type LoraConfig } from './peft-config.js';
+import { encodeSafetensors } from './safetensors.js';
 import { LlamaTokenizer } from './tokenizer.js';
 import { awaitCancellable } from './cancel.js';
 import { resolveDevice, type Device, type DeviceChoice } from './device.js';
@@ -26,8 +30,12 @@ export interface EngineOptions {
   maxActiveSequences?: number;
   /** Longest prompt + completion of one generation, in tokens (default: max_position_embeddings). */
   maxSeqLen?: number;
-  /** Adapters resident at once in the engine's pool, serving and training together. */
+  /** Device slots of the engine's adapter pool, serving and training together. */
   adapterSlots?: number;
+  /** Bytes of the pool's host tier (adapters kept in host memory out of a slot); 0 or absent: no limit. */
+  adapterHostBytes?: number;
+  /** How generation and training share the executor (see native/model/executor.h ServingPolicy). */
+  servingPolicy?: Partial<NativeServingPolicy>;
   /** Size of the paged KV cache; default: a share of the memory left after weights and workspace. */
   kvCacheBytes?: number;
   /** Most a training job may take; default: what the device has free beside the serving pool. */
@@ -103,6 +111,8 @@ export interface StepEvent extends NativeStepReport {
   elapsedS: number;
   etaS: number;
 }
+
+export type { NativeAdapterState as AdapterState, NativePoolStats as PoolStats, NativeServingPolicy as ServingPolicy } from './native.js';
 
 export interface TrainSummary {
   steps: number;
@@ -182,6 +192,13 @@ export class Engine {
       ...(options.trainingMemoryBytes ? { trainingMemoryBytes: options.trainingMemoryBytes } : {}),
     };
     const engine = await native().loadModel(spec).catch((e: unknown) => { throw toEngineError(e); });
+    try {
+      if (options.adapterHostBytes) engine.setHostBudget(options.adapterHostBytes);
+      if (options.servingPolicy) engine.setPolicy(options.servingPolicy);
+    } catch (e) {
+      engine.close();
+      throw toEngineError(e);
+    }
     return new Engine(folder, tokenizer, engine, quant, device, cudaCompute);
   }
 
@@ -229,6 +246,57 @@ export class Engine {
       await rm(tmp, { recursive: true, force: true });
       throw e;
     }
+  }
+
+  /**
+   * Makes an adapter file known to the pool without reading it (the disk tier): its first use reads it
+   * in the background. `config` must be the adapter's own (its adapter_config.json).
+   */
+  registerAdapter(config: LoraConfig, file: string): Adapter {
+    return { slot: this.call(() => this.native.registerAdapter(nativeLora(config), file)), config };
+  }
+
+  /** Where an adapter made in memory (a trained one) can be read again after the host tier drops it. */
+  setAdapterFile(adapter: Adapter, file: string): void {
+    this.call(() => this.native.setAdapterFile(adapter.slot, file));
+  }
+
+  /** Brings an adapter into a device slot, reading its file first if needed; waits while every slot is busy. */
+  async warmAdapter(adapter: Adapter, signal?: AbortSignal): Promise<void> {
+    const job = this.call(() => this.native.warmAdapter(adapter.slot));
+    await awaitCancellable(job.promise, () => this.native.cancel(job.id), signal).catch((e: unknown) => { throw toEngineError(e); });
+  }
+
+  /** Pinned adapters are never evicted; one slot always stays unpinned (FAILED_PRECONDITION otherwise). */
+  pinAdapter(adapter: Adapter, pinned: boolean): void {
+    this.call(() => this.native.pinAdapter(adapter.slot, pinned));
+  }
+
+  /** Every adapter the pool knows: tier, pin, users and counters. */
+  adapterStates(): NativeAdapterState[] {
+    return this.native.adapterStats();
+  }
+
+  poolStats(): NativePoolStats {
+    return this.native.poolStats();
+  }
+
+  setServingPolicy(policy: Partial<NativeServingPolicy>): void {
+    this.call(() => this.native.setPolicy(policy));
+  }
+
+  /**
+   * The adapter's adapter_model.safetensors (float32, PEFT keys) built in memory from the pool's copy,
+   * so a caller can hash it and write it without reading anything back.
+   */
+  async adapterSafetensors(adapter: Adapter): Promise<Uint8Array> {
+    const tensors = await this.native.adapterTensors(adapter.slot).catch((e: unknown) => { throw toEngineError(e); });
+    const specs = [...loraTensorShapes(this.config, adapter.config)].map(([name, shape]) => {
+      const values = tensors[name];
+      if (values === undefined) throw new EngineError('INTERNAL', `the engine's adapter has no tensor ${name}`);
+      return { name, dtype: 'F32' as const, shape, values };
+    });
+    return encodeSafetensors(specs, { format: 'pt' });
   }
 
   removeAdapter(adapter: Adapter): void {

@@ -58,9 +58,16 @@ export interface NativeTrainHyper extends GuardSettings {
   resumeFrom?: string;
 }
 
+/** What training got of the executor since the previous optimizer step (native/model/executor.h ShareReport). */
+export interface NativeShareReport {
+  trainingSeconds: number; generationSeconds: number; share: number; generationSteps: number; deferredMicroSteps: number;
+}
+
 export interface NativeStepReport {
   step: number; totalSteps: number; epoch: number; loss: number; gradNorm: number; lr: number;
   tokens: number; targets: number; seconds: number;
+  /** Present on step events of train(), absent in the final report. */
+  share?: NativeShareReport;
   /** Mean eval token loss, present on the steps that evaluated. */
   evalLoss?: number;
   /** Mean token loss of the forgetting set with the adapter, and with the base alone, on those steps. */
@@ -107,6 +114,32 @@ export interface NativeMemoryPlan {
   kvBlockSize: number; kvBlocks: number; kvBlockBytes: number; kvCacheBytes: number;
 }
 
+/** Counters of one adapter in the pool (native/model/adapter_pool.h AdapterStats). */
+export interface NativeAdapterStats {
+  requests: number; tokensIn: number; tokensOut: number; hits: number; hostHits: number; loads: number;
+  loadSeconds: number; lastLoadSeconds: number; placements: number; placeSeconds: number; lastPlaceSeconds: number;
+  evictions: number; hostEvictions: number; loadFailures: number;
+}
+
+export type NativeAdapterTier = 'disk' | 'host' | 'device';
+
+export interface NativeAdapterState {
+  id: number; tier: NativeAdapterTier; pinned: boolean; loading: boolean; training: boolean; users: number; bytes: number;
+  failureCode?: string; failure?: string; stats: NativeAdapterStats;
+}
+
+export interface NativePoolStats {
+  slots: number; resident: number; pinned: number; adapters: number; loading: number;
+  hostBytes: number; hostBudget: number; deviceBytes: number; deviceBudget: number; stats: NativeAdapterStats;
+}
+
+export interface NativeServingPolicy { targetInterTokenMs: number; minTrainingShare: number }
+
+export interface NativeSchedulerStats extends NativeServingPolicy {
+  generationStepMs: number; trainingStepMs: number; trainingShare: number; generationSeconds: number; trainingSeconds: number;
+  microSteps: number; deferredMicroSteps: number;
+}
+
 /**
  * The memory plan of one training job (native/model/memory_plan.h TrainingMemoryPlan), in bytes. The
  * base, the backend's scratch and the adapter's A/B are resident and shared with serving; the job
@@ -137,13 +170,28 @@ export interface NativeEngine {
     activeSequences: number; queuedSequences: number; training: boolean; kvBytes: number; kvBlocksUsed: number;
     kvBlocksTotal: number; trainingWorkspaceBytes: number; graphSteps: number; eagerSteps: number;
     deviceTotalBytes: number; deviceFreeBytes: number; adapters: number;
+    /** Queued generations whose adapter is being read or waits for a slot. */
+    waitingForAdapter: number;
+    scheduler: NativeSchedulerStats;
     /** The memory plan of the running training job, when one runs. */
     trainingPlan?: NativeTrainingPlan;
   };
   /** The memory plan a training job of this shape would get now. */
   planTraining(shape: NativeTrainingShape): NativeTrainingPlan;
   createAdapter(lora: NativeLoraSpec, seed: number): number;
+  /** Reads the file on a thread of its own into the host tier (remembering the file for reloads). */
   loadAdapter(lora: NativeLoraSpec, file: string): Promise<number>;
+  /** The disk tier: nothing is read until the adapter is first used. */
+  registerAdapter(lora: NativeLoraSpec, file: string): number;
+  setAdapterFile(slot: number, file: string): void;
+  /** Resolves once the adapter holds a device slot (waiting like a generation does); cancel(id) stops waiting. */
+  warmAdapter(slot: number): NativeJob<void>;
+  pinAdapter(slot: number, pinned: boolean): void;
+  adapterStats(): NativeAdapterState[];
+  poolStats(): NativePoolStats;
+  setPolicy(policy: Partial<NativeServingPolicy>): void;
+  /** Bytes of the host tier (0: no limit). */
+  setHostBudget(bytes: number): void;
   saveAdapter(slot: number, file: string): Promise<void>;
   removeAdapter(slot: number): void;
   adapterTensors(slot: number, grads?: boolean): Promise<Record<string, Float32Array>>;

@@ -291,6 +291,24 @@ export class SafetensorsWriter {
 
 /** Kept for engine.ts, which imports it from here; everything else imports atomic-file.ts. */
 
+/** A whole small safetensors file as bytes in memory (to hash before writing it with atomic-file.ts). */
+export function encodeSafetensors(tensors: ReadonlyArray<TensorSpec & { values: Float32Array }>, metadata?: Record<string, string>): Uint8Array {
+  const { bytes, dataBytes } = buildHeader(tensors, metadata);
+  const out = new Uint8Array(bytes.length + dataBytes);
+  out.set(bytes, 0);
+  let offset = bytes.length;
+  for (const tensor of tensors) {
+    const expected = elementCount(tensor.shape);
+    if (tensor.values.length !== expected) {
+      throw new EngineError('INVALID_ARGUMENT', `tensor "${tensor.name}": got ${tensor.values.length} values, shape [${tensor.shape.join(', ')}] needs ${expected}`);
+    }
+    const encoded = encodeFloat32As(tensor.dtype, tensor.values);
+    out.set(encoded, offset);
+    offset += encoded.byteLength;
+  }
+  return out;
+}
+
 /** Writes a whole small file in one call (tests, adapters): every tensor given as float32 values. */
 export async function writeSafetensors(
   path: string,

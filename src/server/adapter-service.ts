@@ -1,8 +1,11 @@
 // tuneserve.v1.AdapterService: ListAdapters, GetAdapter, LoadAdapter, UnloadAdapter,
-// DeleteAdapter, SetAdapterShared, ImportAdapter, ExportAdapter, MergeAndUnload.
+// DeleteAdapter, SetAdapterShared, ImportAdapter, ExportAdapter, MergeAndUnload, the alias RPCs
+// (SetAdapterAlias, RollbackAdapterAlias, DeleteAdapterAlias) and PinAdapter.
 
 import type {
   AdapterServiceServer,
+  DeleteAdapterAliasRequest,
+  DeleteAdapterAliasResponse,
   DeleteAdapterRequest,
   DeleteAdapterResponse,
   ExportAdapterRequest,
@@ -17,6 +20,12 @@ import type {
   LoadAdapterResponse,
   MergeAndUnloadRequest,
   MergeAndUnloadResponse,
+  PinAdapterRequest,
+  PinAdapterResponse,
+  RollbackAdapterAliasRequest,
+  RollbackAdapterAliasResponse,
+  SetAdapterAliasRequest,
+  SetAdapterAliasResponse,
   SetAdapterSharedRequest,
   SetAdapterSharedResponse,
   UnloadAdapterRequest,
@@ -25,7 +34,8 @@ import type {
 import type { AdapterView } from './adapter-registry.js';
 import { exportAdapter, importAdapter } from './adapter-transfer.js';
 import type { ServiceContext } from './context.js';
-import { requireId } from './ids.js';
+import { requireAdapterRef, requireAlias, requireId } from './ids.js';
+import { invalidArgument } from './errors.js';
 import { mergeAndUnload } from './merge.js';
 import { pageById, pageSize } from './paging.js';
 import { canUse, requireManage, requireUse } from './auth.js';
@@ -65,17 +75,46 @@ export function adapterService(context: ServiceContext, rpc: RpcRunner): Adapter
     }),
 
     loadAdapter: rpc.unary<LoadAdapterRequest, LoadAdapterResponse>(SERVICE, 'LoadAdapter', async (request, call) => {
-      const adapterId = requireId(request.adapterId, 'adapter_id');
-      await usable(call, adapterId);
-      await adapters.load(adapterId);
-      return { adapter: wire(await adapters.get(adapterId)) };
+      const ref = requireAdapterRef(request.adapterId, 'adapter_id');
+      await usable(call, ref.adapterId);
+      await adapters.load(ref, call.signal);
+      return { adapter: wire(await adapters.get(ref.adapterId)) };
     }),
 
     unloadAdapter: rpc.unary<UnloadAdapterRequest, UnloadAdapterResponse>(SERVICE, 'UnloadAdapter', async (request, call) => {
+      const ref = requireAdapterRef(request.adapterId, 'adapter_id');
+      await manageable(call, ref.adapterId);
+      await adapters.unload(ref);
+      return { adapter: wire(await adapters.get(ref.adapterId)) };
+    }),
+
+    setAdapterAlias: rpc.unary<SetAdapterAliasRequest, SetAdapterAliasResponse>(SERVICE, 'SetAdapterAlias', async (request, call) => {
       const adapterId = requireId(request.adapterId, 'adapter_id');
+      const alias = requireAlias(request.alias, 'alias');
+      if (request.version < 1) throw invalidArgument('version', 'must be a version number, 1 or more');
       await manageable(call, adapterId);
-      await adapters.unload(adapterId);
-      return { adapter: wire(await adapters.get(adapterId)) };
+      return { adapter: wire(await adapters.setAlias(adapterId, alias, request.version)) };
+    }),
+
+    rollbackAdapterAlias: rpc.unary<RollbackAdapterAliasRequest, RollbackAdapterAliasResponse>(SERVICE, 'RollbackAdapterAlias', async (request, call) => {
+      const adapterId = requireId(request.adapterId, 'adapter_id');
+      const alias = requireAlias(request.alias, 'alias');
+      await manageable(call, adapterId);
+      return { adapter: wire(await adapters.rollbackAlias(adapterId, alias)) };
+    }),
+
+    deleteAdapterAlias: rpc.unary<DeleteAdapterAliasRequest, DeleteAdapterAliasResponse>(SERVICE, 'DeleteAdapterAlias', async (request, call) => {
+      const adapterId = requireId(request.adapterId, 'adapter_id');
+      const alias = requireAlias(request.alias, 'alias');
+      await manageable(call, adapterId);
+      return { adapter: wire(await adapters.deleteAlias(adapterId, alias)) };
+    }),
+
+    pinAdapter: rpc.unary<PinAdapterRequest, PinAdapterResponse>(SERVICE, 'PinAdapter', async (request, call) => {
+      const ref = requireAdapterRef(request.adapterId, 'adapter_id');
+      await manageable(call, ref.adapterId);
+      await adapters.pin(ref, request.pinned, call.signal);
+      return { adapter: wire(await adapters.get(ref.adapterId)) };
     }),
 
     deleteAdapter: rpc.unary<DeleteAdapterRequest, DeleteAdapterResponse>(SERVICE, 'DeleteAdapter', async (request, call) => {
@@ -96,8 +135,9 @@ export function adapterService(context: ServiceContext, rpc: RpcRunner): Adapter
     }),
 
     exportAdapter: rpc.serverStream<ExportAdapterRequest, ExportAdapterResponse>(SERVICE, 'ExportAdapter', async (request, writer, call) => {
-      await usable(call, requireId(request.adapterId, 'adapter_id'));
-      await exportAdapter(request, writer, context);
+      const ref = requireAdapterRef(request.adapterId, 'adapter_id');
+      await usable(call, ref.adapterId);
+      await exportAdapter(request, ref, writer, context);
     }),
 
     mergeAndUnload: rpc.serverStream<MergeAndUnloadRequest, MergeAndUnloadResponse>(

@@ -15,8 +15,9 @@ import {
   type AdapterView,
 } from './adapter-registry.js';
 import { MAX_CHUNK_BYTES, type ServiceContext } from './context.js';
+import { canManage, otherTenant } from './auth.js';
 import { invalidArgument, isEngineError } from './errors.js';
-import { requireId } from './ids.js';
+import { requireId, type AdapterRef } from './ids.js';
 import { IncomingFile, isSha256Hex } from './incoming-file.js';
 import type { CallContext } from './rpc.js';
 import type { StreamWriter } from './streams.js';
@@ -66,7 +67,14 @@ export async function importAdapter(
   call.annotate({ 'tuneserve.adapter': adapterId });
   const manifest = checkManifest(header.files, limits.maxAdapterBytes);
 
-  await adapters.reserve(adapterId);
+  // A new version of an existing adapter: only its own tenant (or an admin) may add one.
+  const newVersion = header.newVersion && (await adapters.exists(adapterId));
+  if (newVersion) {
+    const line = await adapters.get(adapterId);
+    if (!canManage(call.principal, line)) throw otherTenant('adapter', adapterId);
+  } else {
+    await adapters.reserve(adapterId);
+  }
   const folder = await dataRoot.tempFolder('import');
   const incoming = new Map<string, IncomingFile>();
   try {
@@ -117,27 +125,35 @@ export async function importAdapter(
         shared: header.shared,
       },
       manifest,
+      { newVersion: header.newVersion },
     );
   } finally {
-    adapters.unreserve(adapterId);
+    if (!newVersion) adapters.unreserve(adapterId);
     for (const file of incoming.values()) await file.discard().catch(() => {});
     await fs.rm(folder, { recursive: true, force: true });
   }
   return adapters.get(adapterId);
 }
 
-/** Streams an adapter's header and files (ExportAdapter). */
+/** Streams the header and files of the adapter version a reference names (ExportAdapter). */
 export async function exportAdapter(
   request: ExportAdapterRequest,
+  ref: AdapterRef,
   writer: StreamWriter<ExportAdapterResponse>,
   context: ServiceContext,
 ): Promise<void> {
-  const adapterId = requireId(request.adapterId, 'adapter_id');
   const chunkSize = request.chunkSize === 0 ? DEFAULT_EXPORT_CHUNK : request.chunkSize;
   if (chunkSize > MAX_CHUNK_BYTES) throw invalidArgument('chunk_size', `must be at most ${MAX_CHUNK_BYTES} bytes`);
-  const view = await context.adapters.get(adapterId);
+  const version = await context.adapters.resolve(ref);
+  const view = { ...(await context.adapters.get(ref.adapterId)) };
+  // The header describes the version exported (its config, files and metrics).
+  Object.assign(view, {
+    version: version.version, contentHash: version.contentHash, config: version.config, files: version.files,
+    metrics: version.metrics, source: version.source, jobId: version.jobId, createTime: version.createTime,
+    sizeBytes: version.files.reduce((sum, f) => sum + f.sizeBytes, 0),
+  });
   // A file changed on disk would reach the client under a manifest it no longer matches.
-  const folder = await context.adapters.verifiedFolder(adapterId, view);
+  const folder = (await context.adapters.verify(version)).folder;
   // Open every file before the header goes out, so a concurrent delete cannot cut the stream short.
   const handles = await Promise.all(view.files.map((file) => fs.open(context.dataRoot.file(folder, file.name), 'r')));
   try {

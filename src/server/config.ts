@@ -52,7 +52,16 @@ export const SETTINGS = {
   cudaCompute: { kind: 'string', schema: z.enum(['bf16', 'f32']), default: 'bf16', doc: 'CUDA compute precision' },
   threads: { kind: 'integer', schema: nonNegative, default: 0, doc: 'engine CPU threads (0: every core)' },
   kvCacheMb: { kind: 'integer', schema: nonNegative, default: 0, doc: 'KV-cache size in MiB (0: the engine decides)' },
-  adapterSlots: { kind: 'integer', schema: z.number().int().min(1).max(4096), default: 16, doc: 'adapters held in device memory at once' },
+  adapterSlots: { kind: 'integer', schema: z.number().int().min(1).max(4096), default: 16, doc: 'device slots of the adapter pool (serving and training share them)' },
+  adapterHostMb: { kind: 'integer', schema: nonNegative, default: 0, doc: 'host-memory tier of the adapter pool in MiB: idle adapters kept out of a slot (0: no limit)' },
+  interTokenTargetMs: {
+    kind: 'integer', schema: nonNegative, default: 0,
+    doc: 'while a job trains, the inter-token latency generation aims for, ms (0: one training micro-step after every generation step)',
+  },
+  minTrainingSharePercent: {
+    kind: 'integer', schema: z.number().int().min(0).max(100), default: 10,
+    doc: 'with interTokenTargetMs: the share of the busy time a training job gets at least while generations run, %',
+  },
   maxSeqLen: { kind: 'integer', schema: z.number().int().min(2), default: 8192, doc: 'longest sequence in tokens' },
   maxConcurrentGenerations: { kind: 'integer', schema: z.number().int().min(1), default: 64, doc: 'generations served at once' },
   maxQueuedJobs: { kind: 'integer', schema: z.number().int().min(1), default: 16, doc: 'training jobs waiting at once' },

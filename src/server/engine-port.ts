@@ -24,6 +24,12 @@ export const engineErrorCodes = [
   'INTEGRITY_MISMATCH',
   /** generate() named an adapter that is not in the pool. */
   'ADAPTER_NOT_LOADED',
+  /** An adapter's files failed to load when a request needed it (that request fails alone). */
+  'ADAPTER_LOAD_FAILED',
+  /** A request's logits came out non-finite (its adapter's weights, most likely); it fails alone. */
+  'NUMERICAL_ERROR',
+  /** Pinning would leave no unpinned slot in the adapter pool. */
+  'PIN_LIMIT',
   /** No free adapter slot, no KV-cache room now, or no memory for a training workspace (transient). */
   'RESOURCE_EXHAUSTED',
   /** A request larger than the engine could ever hold (prompt + max_tokens beyond the whole KV cache). */
@@ -121,6 +127,82 @@ export interface TrainingMemoryPlan {
   description: string;
 }
 
+/** Where an adapter version is in the engine's pool. */
+export type AdapterTier = 'disk' | 'host' | 'device';
+
+/** What the pool counted for one adapter version (or a sum of several). */
+export interface AdapterServingStats {
+  requests: number;
+  inputTokens: number;
+  outputTokens: number;
+  /** Requests that found it in a device slot. */
+  hits: number;
+  /** Requests that had it placed from host memory, without a file read. */
+  hostHits: number;
+  /** Reads of its files into host memory, their total and latest seconds. */
+  loads: number;
+  loadSeconds: number;
+  lastLoadSeconds: number;
+  /** Copies from host memory into a device slot and their total seconds. */
+  placements: number;
+  placeSeconds: number;
+  evictions: number;
+  hostEvictions: number;
+  loadFailures: number;
+}
+
+/** One adapter version in the pool. */
+export interface AdapterPoolState {
+  tier: AdapterTier;
+  pinned: boolean;
+  /** Its file is being read. */
+  loading: boolean;
+  stats: AdapterServingStats;
+}
+
+/** The pool as a whole. */
+export interface AdapterPoolStatus {
+  deviceSlots: number;
+  resident: number;
+  pinned: number;
+  hostBytes: number;
+  /** 0: no limit. */
+  hostBudgetBytes: number;
+  /** Generations waiting for their adapter (being read, or no free slot yet). */
+  waitingRequests: number;
+  /** Every version's counters since start, summed. */
+  stats: AdapterServingStats;
+}
+
+/** How generation and training share the engine (see native/model/executor.h ServingPolicy). */
+export interface SchedulingPolicy {
+  /** 0: one training micro-step after every generation step. */
+  targetInterTokenMs: number;
+  minTrainingShare: number;
+}
+
+/** What the scheduler measured. */
+export interface SchedulerStatus {
+  /** Training's share of the busy time over the last seconds. */
+  trainingShare: number;
+  generationStepMs: number;
+  trainingStepMs: number;
+  deferredMicroSteps: number;
+}
+
+/** The adapter a finished training run left in the engine's memory (TrainResult.trained); opaque. */
+export interface TrainedAdapter {
+  readonly handle: number;
+}
+
+/** What the server knows of a stored adapter version when it makes it known to the pool. */
+export interface AdapterVersionSource {
+  /** The version's folder (its adapter_model.safetensors is read on first use). */
+  dir: string;
+  contentHash: string;
+  config: AdapterConfig;
+}
+
 /** Facts about the loaded base model. memory is read fresh on every call. */
 export interface ModelInfo {
   /** The model folder's base name, or "demo" for the built-in demo model. */
@@ -143,6 +225,9 @@ export interface ModelInfo {
   adapterSlots: number;
   /** One sentence on how generation and training share the device. */
   scheduling: string;
+  schedulingPolicy: SchedulingPolicy;
+  scheduler: SchedulerStatus;
+  pool: AdapterPoolStatus;
 }
 
 /** One chat turn; roles are those the model's chat template knows. */
@@ -287,7 +372,7 @@ export interface DatasetReport {
  */
 export type TrainEvent =
   | { kind: 'dataset'; report: DatasetReport }
-  | { kind: 'started'; totalSteps: number; trainExamples: number; evalExamples: number }
+  | { kind: 'started'; totalSteps: number; trainExamples: number; evalExamples: number; schedulingPolicy?: SchedulingPolicy }
   | {
       kind: 'step';
       step: number;
@@ -299,6 +384,10 @@ export type TrainEvent =
       tokensPerSecond: number;
       elapsedSeconds: number;
       etaSeconds: number;
+      /** Share of the engine's busy time the job got since the previous step (the rest: generation). */
+      deviceShare?: number;
+      generationSteps?: number;
+      deferredMicroSteps?: number;
     }
   | { kind: 'eval'; step: number; loss: number; forgettingLoss?: number; forgettingBaseLoss?: number }
   | { kind: 'checkpoint'; step: number; dir: string }
@@ -323,12 +412,19 @@ export interface TrainResult {
   guardInterventions: number;
   /** The adapter written to outDir. */
   config: AdapterConfig;
+  /** The files written to outDir, hashed from memory as they were written. */
+  files: { name: string; sizeBytes: number; sha256: string }[];
+  /**
+   * The trained adapter, still in the engine's memory: adoptTrainedAdapter() serves it from there;
+   * otherwise discardTrainedAdapter() frees it.
+   */
+  trained: TrainedAdapter;
 }
 
 /** One generation, in token ids. */
 export interface GenerateSpec {
   promptIds: Int32Array;
-  /** A loaded adapter's name, or null for the base alone. */
+  /** The key of an adapter version known to the pool, or null for the base alone. */
   adapter: string | null;
   /** Most tokens to generate; promptIds.length + maxTokens <= maxSeqLen. */
   maxTokens: number;
@@ -396,16 +492,40 @@ export interface EnginePort {
   inspectAdapter(dir: string): Promise<AdapterConfig>;
 
   /**
-   * Loads an adapter folder into a free pool slot under `name` (not loaded yet). Rejects
-   * ADAPTER_INVALID, ADAPTER_MISMATCH, or RESOURCE_EXHAUSTED when every slot is taken.
+   * Makes a stored adapter version known to the pool under `key` without reading it: its first use
+   * reads it in the background. The same key with the same content hash is a no-op; another hash
+   * replaces the old entry (requests running on it keep it to their end). Rejects ADAPTER_INVALID
+   * when the pool cannot take it (e.g. a rank above the engine's maximum).
    */
-  loadAdapter(name: string, dir: string): Promise<AdapterConfig>;
+  registerAdapter(key: string, source: AdapterVersionSource): void;
 
-  /** Frees the slot of a loaded adapter; the server calls it only when no generation uses it. */
-  unloadAdapter(name: string): Promise<void>;
+  /**
+   * Serves the adapter a training run left in memory under `key`, without reading its files; `source`
+   * says where those files are now (to read them again if the host tier drops it).
+   */
+  adoptTrainedAdapter(key: string, trained: TrainedAdapter, source: AdapterVersionSource): void;
 
-  /** Names of the adapters in the pool. */
+  /** Frees a trained adapter that will not be served. */
+  discardTrainedAdapter(trained: TrainedAdapter): void;
+
+  /**
+   * Brings a registered adapter version into a device slot, evicting the least recently used idle one
+   * when needed, and waiting while every slot is busy (the signal stops the wait: CANCELLED). Rejects
+   * ADAPTER_LOAD_FAILED when its files do not load, ADAPTER_NOT_LOADED when the key is unknown.
+   */
+  loadAdapter(key: string, options: { signal: AbortSignal }): Promise<void>;
+
+  /** Forgets an adapter version (every tier); the server calls it only when no generation uses it. */
+  unloadAdapter(key: string): Promise<void>;
+
+  /** Pins (never evicted) or unpins a registered version; PIN_LIMIT when no slot would stay unpinned. */
+  pinAdapter(key: string, pinned: boolean): void;
+
+  /** Keys of the versions in a device slot. */
   loadedAdapters(): string[];
+
+  /** Every registered version's pool state, by key. */
+  adapterPoolStates(): Map<string, AdapterPoolState>;
 
   /**
    * Runs one training run (the server runs at most one at a time) and writes the adapter to
@@ -423,7 +543,9 @@ export interface EnginePort {
   /**
    * Generates tokens; calls onTokens with each batch of new ids (on the event loop, in order).
    * When the signal fires it stops within one decode step, frees its KV-cache room and resolves
-   * with finishReason 'cancelled'. Rejects ADAPTER_NOT_LOADED, RESOURCE_EXHAUSTED (no KV room).
+   * with finishReason 'cancelled'. A version not in a device slot is read and placed first (the
+   * request waits). Rejects ADAPTER_NOT_LOADED (key unknown), ADAPTER_LOAD_FAILED, NUMERICAL_ERROR,
+   * RESOURCE_EXHAUSTED (the engine's queue is full).
    */
   generate(
     spec: GenerateSpec,

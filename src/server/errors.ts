@@ -131,6 +131,9 @@ const engineCodeStatus: Record<EngineErrorCode, { code: status; retryAfterMs?: n
   ADAPTER_MISMATCH: { code: status.FAILED_PRECONDITION },
   INTEGRITY_MISMATCH: { code: status.DATA_LOSS },
   ADAPTER_NOT_LOADED: { code: status.FAILED_PRECONDITION },
+  ADAPTER_LOAD_FAILED: { code: status.FAILED_PRECONDITION },
+  NUMERICAL_ERROR: { code: status.INTERNAL },
+  PIN_LIMIT: { code: status.FAILED_PRECONDITION },
   RESOURCE_EXHAUSTED: { code: status.RESOURCE_EXHAUSTED, retryAfterMs: 1000 },
   CAPACITY_EXCEEDED: { code: status.RESOURCE_EXHAUSTED },  // no RetryInfo: a retry cannot fit either
   CANCELLED: { code: status.CANCELLED },

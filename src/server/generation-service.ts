@@ -1,10 +1,12 @@
-// tuneserve.v1.GenerationService: Generate. Validates the prompt and sampling parameters, pins
-// the adapter (loading it into a free slot on first use), runs the engine, turns token ids into
+// tuneserve.v1.GenerationService: Generate. Validates the prompt and sampling parameters, resolves
+// the adapter reference to one version and leases it (the engine loads it into a slot, waiting when
+// none is free), runs the engine, turns token ids into
 // UTF-8-safe text deltas, cuts at stop sequences, and streams with backpressure: while the client
 // reads slowly, deltas merge instead of queueing, so the engine never waits on the network.
-// Spans under the RPC's: generate.acquire_adapter (waiting for the adapter's pool slot, loading it on
-// first use), generate.prefill (engine call to first token: the engine's own batching wait is inside
-// it, as it does not report when a request joins a batch) and generate.decode (first token to end).
+// Spans under the RPC's: generate.acquire_adapter (resolving the reference and leasing the version),
+// generate.prefill (engine call to first token: the engine's wait for the adapter's slot and its own
+// batching wait are inside it, as it does not report when a request joins a batch) and
+// generate.decode (first token to end).
 
 import { randomInt } from 'node:crypto';
 import {
@@ -18,7 +20,7 @@ import type { AdapterLease } from './adapter-registry.js';
 import type { ChatMessage, GenerateResult, ModelInfo, TokenizerPort } from './engine-port.js';
 import { failedPrecondition, invalidArgument, isEngineError, resourceExhausted, ServiceError } from './errors.js';
 import { requireUse } from './auth.js';
-import { requireId } from './ids.js';
+import { requireAdapterRef } from './ids.js';
 import type { RpcRunner } from './rpc.js';
 import { StopMatcher } from './stop-sequences.js';
 import { CoalescingWriter } from './streams.js';
@@ -96,6 +98,7 @@ function mergeDeltas(older: GenerateResponse, newer: GenerateResponse): Generate
     tokenIds: older.tokenIds.concat(newer.tokenIds),
     finishReason: newer.finishReason,
     usage: newer.usage ?? older.usage,
+    adapterVersion: newer.adapterVersion || older.adapterVersion,
   };
 }
 
@@ -112,7 +115,8 @@ export function generationService(context: ServiceContext, rpc: RpcRunner): Gene
       const tokenizer = engine.tokenizer;
 
       // Validate.
-      const adapterId = request.adapterId === '' ? null : requireId(request.adapterId, 'adapter_id');
+      const ref = request.adapterId === '' ? null : requireAdapterRef(request.adapterId, 'adapter_id');
+      const adapterId = ref === null ? null : ref.adapterId;
       call.annotate({ 'tuneserve.adapter': adapterId ?? '' });
       const prompt = promptOf(request, tokenizer, info);
       const room = info.maxSeqLen - prompt.ids.length;
@@ -149,9 +153,11 @@ export function generationService(context: ServiceContext, rpc: RpcRunner): Gene
       let errorType: string | null = null;
       let phase = call.startSpan('generate.acquire_adapter', { 'tuneserve.adapter': adapterId ?? '' });
       try {
-        if (adapterId !== null) {
-          requireUse(call.principal, 'adapter', adapterId, await adapters.get(adapterId));
-          lease = await adapters.lease(adapterId);
+        if (ref !== null) {
+          requireUse(call.principal, 'adapter', ref.adapterId, await adapters.get(ref.adapterId));
+          // Resolved here, once: the request finishes on this version whatever moves meanwhile.
+          lease = await adapters.lease(ref);
+          call.annotate({ 'tuneserve.adapter.version': lease.version });
         }
         phase.end();
         phase = call.startSpan('generate.prefill', { 'tuneserve.adapter': adapterId ?? '', 'gen_ai.usage.input_tokens': prompt.ids.length });
@@ -166,14 +172,14 @@ export function generationService(context: ServiceContext, rpc: RpcRunner): Gene
           const { emit, stopped } = stops.push(text);
           const tokenIds = request.returnTokenIds ? [...ids] : [];
           if (emit !== '' || tokenIds.length > 0) {
-            deltas.push({ text: emit, tokenIds, finishReason: FinishReason.FINISH_REASON_UNSPECIFIED, usage: undefined });
+            deltas.push({ text: emit, tokenIds, finishReason: FinishReason.FINISH_REASON_UNSPECIFIED, usage: undefined, adapterVersion: 0 });
           }
           return stopped;
         };
-        result = await engine.generate(
+        const generating = engine.generate(
           {
             promptIds: prompt.ids,
-            adapter: adapterId,
+            adapter: lease?.key ?? null,
             maxTokens,
             temperature,
             topK: request.topK,
@@ -195,6 +201,9 @@ export function generationService(context: ServiceContext, rpc: RpcRunner): Gene
             },
           },
         );
+        result = await generating.catch((error: unknown) => {
+          throw lease === null ? error : adapters.loadFailure(error, { adapterId: lease.adapterId, version: lease.version });
+        });
         watch.throwIfStopped();
 
         // Finish: the held-back text, the reason and the usage.
@@ -218,6 +227,7 @@ export function generationService(context: ServiceContext, rpc: RpcRunner): Gene
             completionTokens: result.completionTokens,
             totalTokens: result.promptTokens + result.completionTokens,
           },
+          adapterVersion: lease?.version ?? 0,
         });
         await deltas.flush();
       } catch (error) {

@@ -49,6 +49,8 @@ export interface JobSubmission {
   dataset: { datasetId: string } | { inlineJsonl: Uint8Array };
   initAdapterId: string | null;
   config: Hyperparameters;
+  /** Publish the next version of adapterId when it exists (TrainRequest.new_version). */
+  newVersion?: boolean;
 }
 
 /** What the queue needs around it. */
@@ -98,7 +100,7 @@ export class JobQueue {
   start(engine: EnginePort): void {
     this.engine = engine;
     for (const job of this.deps.store.inState('queued')) {
-      this.deps.adapters.reserveUnchecked(job.adapterId);
+      if (!job.newVersion) this.deps.adapters.reserveUnchecked(job.adapterId);
       this.pending.push(job.jobId);
     }
     if (this.pending.length > 0) this.deps.logger.info({ jobs: this.pending.length }, 're-queued jobs');
@@ -138,8 +140,10 @@ export class JobQueue {
     const { jobId } = submission;
     if (this.submitting.has(jobId) || store.get(jobId) !== null) throw alreadyExists('job', jobId);
     this.submitting.add(jobId);
+    // A new version does not reserve the id: the adapter stays visible and serving while it trains.
+    const reserves = submission.newVersion !== true;
     try {
-      await adapters.reserve(submission.adapterId);
+      if (reserves) await adapters.reserve(submission.adapterId);
       try {
         let datasetPath: string;
         let datasetId: string | null = null;
@@ -165,6 +169,7 @@ export class JobQueue {
             datasetPath,
             initAdapterId: submission.initAdapterId,
             config: submission.config,
+            newVersion: submission.newVersion === true,
           },
           this.pending.length,
           this.now(),
@@ -178,7 +183,7 @@ export class JobQueue {
         this.pump();
         return record;
       } catch (error) {
-        adapters.unreserve(submission.adapterId);
+        if (reserves) adapters.unreserve(submission.adapterId);
         throw error;
       }
     } finally {
@@ -203,7 +208,7 @@ export class JobQueue {
       this.pending.splice(index, 1);
       this.endQueuedSpan(jobId, 'cancelled');
       this.record(jobId, { kind: 'cancelled', stepsCompleted: 0 });
-      this.deps.adapters.unreserve(job.adapterId);
+      if (!job.newVersion) this.deps.adapters.unreserve(job.adapterId);
       this.deps.logger.info({ jobId }, 'job cancelled while queued');
     } else if (this.running?.jobId === jobId) {
       this.running.stop ??= 'cancel';
@@ -238,10 +243,10 @@ export class JobQueue {
         max_queued_jobs: String(maxQueuedJobs),
       });
     }
-    await adapters.reserve(job.adapterId);
+    if (!job.newVersion) await adapters.reserve(job.adapterId);
     const event = store.resume(jobId, checkpoint.step, this.now());
     if (event === null) {
-      adapters.unreserve(job.adapterId);
+      if (!job.newVersion) adapters.unreserve(job.adapterId);
       throw failedPrecondition('JOB_NOT_RESUMABLE', `job ${JSON.stringify(jobId)} changed state meanwhile`, { job_id: jobId });
     }
     this.wake(jobId);
@@ -457,6 +462,7 @@ export class JobQueue {
                 loss: event.loss,
                 learningRate: event.learningRate,
                 tokensPerSecond: event.tokensPerSecond,
+                ...(event.deviceShare === undefined ? {} : { deviceShare: event.deviceShare }),
               });
             } else if (event.kind === 'eval') {
               this.deps.telemetry?.recordTrainingEval({
@@ -475,7 +481,10 @@ export class JobQueue {
           },
         },
       );
-      if (running.stop !== null) throw new Error('stopped');
+      if (running.stop !== null) {
+        engine.discardTrainedAdapter(result.trained);
+        throw new Error('stopped');
+      }
       const metrics = {
         finalLoss: result.finalLoss,
         evalLoss: result.evalLoss,
@@ -489,18 +498,28 @@ export class JobQueue {
         forgettingLoss: result.forgettingLoss,
         guardInterventions: result.guardInterventions,
       };
-      await adapters.publish(outDir, {
-        adapterId: job.adapterId,
-        source: 'trained',
-        jobId: job.jobId,
-        createTime: this.now(),
-        baseFingerprint: engine.modelInfo().fingerprint,
-        config: result.config,
-        metrics,
-        tenant: job.tenant,
-        shared: false,
-      });
-      this.record(job.jobId, { kind: 'completed', adapterId: job.adapterId, metrics });
+      // Train-to-serve: the files were written from the engine's copy (hashed in memory); once they are
+      // published, that same copy serves the new version, so no file is read back.
+      let published;
+      try {
+        published = await adapters.publish(outDir, {
+          adapterId: job.adapterId,
+          source: 'trained',
+          jobId: job.jobId,
+          createTime: this.now(),
+          baseFingerprint: engine.modelInfo().fingerprint,
+          config: result.config,
+          metrics,
+          tenant: job.tenant,
+          shared: false,
+        }, result.files, { newVersion: job.newVersion });
+        if (!job.newVersion) adapters.unreserve(job.adapterId);  // visible before the completed event
+        adapters.adoptTrained(published, result.trained);
+      } catch (error) {
+        engine.discardTrainedAdapter(result.trained);
+        throw error;
+      }
+      this.record(job.jobId, { kind: 'completed', adapterId: job.adapterId, metrics, version: published.version, contentHash: published.contentHash });
       outcome = 'succeeded';
       logger.info({ jobId: job.jobId, adapterId: job.adapterId, finalLoss: result.finalLoss }, 'job succeeded');
     } catch (error) {
@@ -524,7 +543,7 @@ export class JobQueue {
         this.record(job.jobId, { kind: 'failed', reason, message });
       }
     } finally {
-      adapters.unreserve(job.adapterId);
+      if (!job.newVersion) adapters.unreserve(job.adapterId);
       if (workFolder !== null) await fs.rm(workFolder, { recursive: true, force: true });
       // Checkpoints only matter for a run that may be resumed (cancelled, failed and interrupted ones may).
       if (outcome === 'succeeded') {

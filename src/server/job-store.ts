@@ -3,7 +3,7 @@
 // restart keeps each loss curve. Opening the store marks jobs that were running as interrupted.
 
 import Database from 'better-sqlite3';
-import type { DatasetReport, TrainSpec } from './engine-port.js';
+import type { DatasetReport, SchedulingPolicy, TrainSpec } from './engine-port.js';
 
 /** Hyperparameters of a job, defaults filled in (TrainSpec without its paths). */
 export type Hyperparameters = Omit<TrainSpec, 'datasetPath' | 'outDir' | 'checkpointDir' | 'initAdapterDir'>;
@@ -40,20 +40,24 @@ export interface StepRecord {
   tokensPerSecond: number;
   elapsedSeconds: number;
   etaSeconds: number;
+  /** Share of the engine's busy time the job got since the previous step; absent on older records. */
+  deviceShare?: number;
+  generationSteps?: number;
+  deferredMicroSteps?: number;
 }
 
 /** The content of a job event (the wire's JobEvent.kind, in storage form). */
 export type JobEventData =
   | { kind: 'queued'; queuePosition: number }
   | { kind: 'dataset'; report: DatasetReport }
-  | { kind: 'started'; totalSteps: number; trainExamples: number; evalExamples: number }
+  | { kind: 'started'; totalSteps: number; trainExamples: number; evalExamples: number; schedulingPolicy?: SchedulingPolicy }
   | ({ kind: 'step' } & StepRecord)
   | { kind: 'eval'; step: number; loss: number; forgettingLoss?: number; forgettingBaseLoss?: number }
   | { kind: 'checkpoint'; step: number }
   | { kind: 'guard'; step: number; action: 'skip' | 'rollback'; reason: string; rolledBackTo: number }
   | { kind: 'warning'; code: string; message: string }
   | { kind: 'resumed'; checkpointStep: number }
-  | { kind: 'completed'; adapterId: string; metrics: TrainingMetricsRecord }
+  | { kind: 'completed'; adapterId: string; metrics: TrainingMetricsRecord; version?: number; contentHash?: string }
   | { kind: 'failed'; reason: string; message: string }
   | { kind: 'cancelled'; stepsCompleted: number }
   | { kind: 'interrupted'; lastStep: number; lastCheckpointStep: number };
@@ -92,12 +96,15 @@ export interface JobRecord {
   lastSequence: number;
   /** The tenant of the key that submitted it. */
   tenant: string;
+  /** It publishes the next version of an existing adapter (TrainRequest.new_version). */
+  newVersion: boolean;
 }
 
 /** A new job's fields. */
 export interface NewJob {
   jobId: string;
   tenant: string;
+  newVersion?: boolean;
   adapterId: string;
   datasetId: string | null;
   datasetPath: string;
@@ -125,6 +132,7 @@ interface JobRow {
   last_checkpoint_step: number;
   last_sequence: number;
   tenant: string;
+  new_version: number;
 }
 
 interface EventRow {
@@ -135,7 +143,8 @@ interface EventRow {
 }
 
 // 2: jobs.tenant (the tenant of the key that submitted the job; 'default' for older rows).
-const SCHEMA_VERSION = 2;
+// 3: jobs.new_version (the job publishes the next version of an existing adapter; 0 for older rows).
+const SCHEMA_VERSION = 3;
 
 const schema = `
 CREATE TABLE IF NOT EXISTS jobs (
@@ -184,7 +193,7 @@ export class JobStore {
   constructor(
     file: string,
     now: () => number = Date.now,
-    private readonly publishedBy: (job: JobRecord) => { adapterId: string; metrics: TrainingMetricsRecord } | null = () => null,
+    private readonly publishedBy: (job: JobRecord) => { adapterId: string; metrics: TrainingMetricsRecord; version: number; contentHash: string } | null = () => null,
   ) {
     this.db = new Database(file);
     this.db.pragma('journal_mode = WAL');
@@ -198,11 +207,12 @@ export class JobStore {
     this.db.exec(schema);
     const columns = this.db.prepare<[], { name: string }>('PRAGMA table_info(jobs)').all().map((c) => c.name);
     if (!columns.includes('tenant')) this.db.exec("ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default'");
+    if (!columns.includes('new_version')) this.db.exec('ALTER TABLE jobs ADD COLUMN new_version INTEGER NOT NULL DEFAULT 0');
     this.db.pragma(`user_version = ${SCHEMA_VERSION}`);
     this.statements = {
       insertJob: this.db.prepare(
-        `INSERT INTO jobs (job_id, ordinal, state, adapter_id, dataset_id, dataset_path, init_adapter_id, config_json, create_time, tenant)
-         VALUES (@job_id, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM jobs), 'queued', @adapter_id, @dataset_id, @dataset_path, @init_adapter_id, @config_json, @create_time, @tenant)`,
+        `INSERT INTO jobs (job_id, ordinal, state, adapter_id, dataset_id, dataset_path, init_adapter_id, config_json, create_time, tenant, new_version)
+         VALUES (@job_id, (SELECT COALESCE(MAX(ordinal), 0) + 1 FROM jobs), 'queued', @adapter_id, @dataset_id, @dataset_path, @init_adapter_id, @config_json, @create_time, @tenant, @new_version)`,
       ),
       getJob: this.db.prepare<[string], JobRow>('SELECT * FROM jobs WHERE job_id = ?'),
       insertEvent: this.db.prepare(
@@ -232,6 +242,7 @@ export class JobStore {
         config_json: JSON.stringify(job.config),
         create_time: time,
         tenant: job.tenant,
+        new_version: job.newVersion ? 1 : 0,
       });
       this.appendInTransaction(job.jobId, { kind: 'queued', queuePosition }, time);
     })();
@@ -421,6 +432,7 @@ function fromRow(row: JobRow): JobRecord {
     lastCheckpointStep: row.last_checkpoint_step,
     lastSequence: row.last_sequence,
     tenant: row.tenant,
+    newVersion: row.new_version === 1,
   };
 }
 

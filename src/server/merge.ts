@@ -78,7 +78,7 @@ export async function mergeAndUnload(
   try {
     const progress = new CoalescingWriter<MergeAndUnloadResponse>(writer, (_older, newer) => newer);
     const result = await context.engine().merge(
-      { adapterDir: await adapters.verifiedFolder(adapterId, adapter), outDir: work, dtype, into },
+      { adapterDir: await adapters.verifiedFolder(adapterId), outDir: work, dtype, into },
       {
         signal: watch.signal,
         onProgress: ({ tensor, index, total }) => {
@@ -101,7 +101,7 @@ export async function mergeAndUnload(
     let unloaded = false;
     if (request.unloadAdapter) {
       try {
-        await adapters.unload(adapterId);
+        await adapters.unload({ adapterId, version: null, alias: null });
         unloaded = true;
       } catch (error) {
         if (!(error instanceof ServiceError && error.code === status.FAILED_PRECONDITION)) throw error;

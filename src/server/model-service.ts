@@ -3,6 +3,7 @@
 import { Quantization, type GetModelInfoRequest, type GetModelInfoResponse, type ModelServiceServer } from '../gen/tuneserve/v1/model.js';
 import type { ServiceContext } from './context.js';
 import type { RpcRunner } from './rpc.js';
+import { toServingStats } from './wire.js';
 
 const SERVICE = 'ModelService';
 
@@ -59,6 +60,17 @@ export function modelService(context: ServiceContext, rpc: RpcRunner): ModelServ
           maxAdapterBytes: context.limits.maxAdapterBytes,
         },
         scheduling: info.scheduling,
+        schedulingPolicy: { ...info.schedulingPolicy },
+        scheduler: { ...info.scheduler },
+        adapterPool: {
+          deviceSlots: info.pool.deviceSlots,
+          resident: info.pool.resident,
+          pinned: info.pool.pinned,
+          hostBytes: info.pool.hostBytes,
+          hostBudgetBytes: info.pool.hostBudgetBytes,
+          waitingRequests: info.pool.waitingRequests,
+          stats: toServingStats(info.pool.stats),
+        },
         eosTokenIds: [...engine.tokenizer.eosIds],
         hasChatTemplate: engine.tokenizer.hasChatTemplate,
         serverVersion: context.serverVersion,

@@ -3,27 +3,28 @@
 // down into the engine through this class only.
 
 import { createHash } from 'node:crypto';
-import { readFile, rm } from 'node:fs/promises';
+import { mkdir, readFile, rm } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { Engine, type Adapter, type EngineOptions } from '../engine/engine.js';
+import { writeFileAtomic } from '../engine/atomic-file.js';
+import { Engine, type Adapter, type AdapterState, type EngineOptions } from '../engine/engine.js';
 import { loadDataset } from '../engine/dataset.js';
 import type { NativeTrainingPlan } from '../engine/native.js';
 import { applyPacking } from '../engine/packing.js';
 import { EngineError, hasErrorCode } from '../engine/errors.js';
 import { mergeAdapterFolder, mergeFidelity } from '../engine/merge.js';
-import { ADAPTER_WEIGHTS_FILE, createLoraConfig, loraTensorShapes, readAdapterConfig, type LoraConfig } from '../engine/peft-config.js';
+import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, adapterConfigJson, createLoraConfig, loraTensorShapes, readAdapterConfig, type LoraConfig } from '../engine/peft-config.js';
 import { readSafetensorsHeader } from '../engine/safetensors.js';
 import type {
-  AdapterConfig, ChatMessage, EnginePort, GenerateResult, GenerateSpec, MergeResult, MergeSpec, ModelInfo,
-  ResumePoint, TokenizerPort, TrainEvent, TrainResult, TrainSpec, TrainingMemoryPlan,
+  AdapterConfig, AdapterPoolState, AdapterServingStats, AdapterVersionSource, ChatMessage, EnginePort, GenerateResult, GenerateSpec,
+  MergeResult, MergeSpec, ModelInfo, ResumePoint, TokenizerPort, TrainedAdapter, TrainEvent, TrainResult, TrainSpec, TrainingMemoryPlan,
 } from './engine-port.js';
 
 export interface NativeEnginePortOptions extends EngineOptions {
   /** Name reported by GetModelInfo; default the folder's base name. */
   name?: string;
-  /** Adapters that may be loaded at once (besides the one a training run uses). */
+  /** Device slots of the adapter pool (serving, training jobs and merge probes share them). */
   adapterSlots?: number;
   /** Longest prompt + completion (or training row) accepted, in tokens. */
   maxSeqLen?: number;
@@ -32,13 +33,13 @@ export interface NativeEnginePortOptions extends EngineOptions {
 /** dtypes of adapter weights the engine loads. */
 const ADAPTER_DTYPES = ['F32', 'BF16', 'F16', 'F64'];
 
-/** Engine pool slots beyond the serving slots: training jobs' adapters and merge fidelity probes. */
-const ENGINE_EXTRA_SLOTS = 8;
-
-const SCHEDULING =
-  'One executor thread runs all model work: each turn advances every active generation by one token ' +
-  '(continuous batching, each sequence with its own adapter), then runs one training micro-batch, so ' +
-  'generation keeps streaming while a job trains.';
+function schedulingSentence(targetInterTokenMs: number, minTrainingShare: number): string {
+  const turn = 'One executor thread runs all model work: each turn advances every active generation by one token ' +
+    '(continuous batching, each sequence with its own adapter)';
+  if (targetInterTokenMs <= 0) return `${turn}, then runs one training micro-batch, so generation keeps streaming while a job trains.`;
+  return `${turn}; while generations run, a training micro-batch follows only when both fit in the ${targetInterTokenMs} ms ` +
+    `inter-token target, or when training's share of the busy time falls below ${Math.round(minTrainingShare * 100)}%.`;
+}
 
 function portTrainingPlan(p: NativeTrainingPlan): TrainingMemoryPlan {
   return {
@@ -55,12 +56,29 @@ function toPortConfig(l: LoraConfig): AdapterConfig {
   return { rank: l.r, alpha: l.alpha, dropout: l.dropout, targetModules: [...l.targets], useRslora: l.useRslora };
 }
 
+function fromPortConfig(c: AdapterConfig): LoraConfig {
+  return createLoraConfig({ r: c.rank, alpha: c.alpha, dropout: c.dropout, targets: c.targetModules, useRslora: c.useRslora });
+}
+
+function toPortStats(s: AdapterState['stats']): AdapterServingStats {
+  return {
+    requests: s.requests, inputTokens: s.tokensIn, outputTokens: s.tokensOut, hits: s.hits, hostHits: s.hostHits, loads: s.loads,
+    loadSeconds: s.loadSeconds, lastLoadSeconds: s.lastLoadSeconds, placements: s.placements, placeSeconds: s.placeSeconds,
+    evictions: s.evictions, hostEvictions: s.hostEvictions, loadFailures: s.loadFailures,
+  };
+}
+
+/** Codes the engine gives a failed adapter load, as the port reports them. */
+const LOAD_FAILURE_CODES = new Set(['INVALID_SAFETENSORS', 'ADAPTER_MISMATCH', 'IO_ERROR', 'NOT_FOUND', 'INVALID_CONFIG', 'UNSUPPORTED']);
+
 /** Re-labels engine errors with the EnginePort's codes for the context they happened in. */
-function portError(e: unknown, context: 'adapter' | 'dataset' | 'other'): Error {
+function portError(e: unknown, context: 'adapter' | 'dataset' | 'serving' | 'pin' | 'other'): Error {
   if (!hasErrorCode(e)) return e instanceof Error ? e : new Error(String(e));
   const code = e.code;
   let mapped = code;
   if (context === 'adapter' && ['INVALID_CONFIG', 'INVALID_SAFETENSORS', 'UNSUPPORTED', 'NOT_FOUND', 'INVALID_ARGUMENT'].includes(code)) mapped = 'ADAPTER_INVALID';
+  if (context === 'serving' && LOAD_FAILURE_CODES.has(code)) mapped = 'ADAPTER_LOAD_FAILED';
+  if (code === 'FAILED_PRECONDITION' && context === 'pin') mapped = 'PIN_LIMIT';
   if (context === 'dataset' && ['NOT_FOUND'].includes(code)) mapped = 'INVALID_DATASET';
   if (mapped === code) return e;
   return new EngineError(mapped, e.message, undefined, { cause: e });
@@ -68,8 +86,10 @@ function portError(e: unknown, context: 'adapter' | 'dataset' | 'other'): Error 
 
 export class NativeEnginePort implements EnginePort {
   readonly tokenizer: TokenizerPort;
-  private readonly adapters = new Map<string, Adapter>();
-  private readonly adapterSlots: number;
+  /** Registered adapter versions by key, with the content hash they were registered with. */
+  private readonly adapters = new Map<string, { adapter: Adapter; contentHash: string }>();
+  /** Adapters of finished training runs, not yet adopted or discarded. */
+  private readonly trained = new Map<number, Adapter>();
   private readonly maxSeqLen: number;
 
   private constructor(
@@ -78,7 +98,6 @@ export class NativeEnginePort implements EnginePort {
     private readonly fingerprint: string,
     options: NativeEnginePortOptions,
   ) {
-    this.adapterSlots = options.adapterSlots ?? 16;
     this.maxSeqLen = Math.min(options.maxSeqLen ?? 8192, engine.config.maxPositionEmbeddings);
     const tok = engine.tokenizer;
     this.tokenizer = {
@@ -102,10 +121,7 @@ export class NativeEnginePort implements EnginePort {
 
   /** Loads the model folder and computes its fingerprint (config.json + the weights' index). */
   static async open(modelDir: string, options: NativeEnginePortOptions = {}): Promise<NativeEnginePort> {
-    // The engine's pool also holds the adapters of running training jobs and merge fidelity probes.
-    const engine = await Engine.load(modelDir, {
-      ...options, adapterSlots: (options.adapterSlots ?? 16) + ENGINE_EXTRA_SLOTS, maxSeqLen: options.maxSeqLen ?? 8192,
-    });
+    const engine = await Engine.load(modelDir, { ...options, adapterSlots: options.adapterSlots ?? 16, maxSeqLen: options.maxSeqLen ?? 8192 });
     const hash = createHash('sha256');
     hash.update(await readFile(join(engine.folder.dir, 'config.json')));
     for (const shard of engine.folder.shards) {
@@ -124,8 +140,7 @@ export class NativeEnginePort implements EnginePort {
     const info = this.engine.native.info();
     const stats = this.engine.native.stats();
     const plan = info.memoryPlan;
-    let adapterBytes = 0;
-    for (const a of this.adapters.values()) adapterBytes += [...loraTensorShapes(c, a.config).values()].reduce((s, [n, m]) => s + n * m * 4, 0);
+    const pool = this.engine.poolStats();
     return {
       name: this.name,
       config: {
@@ -140,7 +155,7 @@ export class NativeEnginePort implements EnginePort {
       memory: {
         weightsBytes: info.weightBytes,
         // A byte budget of 0 (the CPU backend, whose adapters stay in host memory) reports what they hold.
-        adapterPoolBytes: Math.max(plan.adapterPoolBytes, adapterBytes),
+        adapterPoolBytes: Math.max(plan.adapterPoolBytes, pool.deviceBytes, info.device === 'cpu' ? pool.hostBytes : 0),
         kvCacheBytes: plan.kvCacheBytes,
         trainingWorkspaceBytes: stats.trainingWorkspaceBytes, deviceTotalBytes: stats.deviceTotalBytes,
         deviceFreeBytes: stats.deviceFreeBytes, stepWorkspaceBytes: plan.workspaceBytes,
@@ -150,8 +165,17 @@ export class NativeEnginePort implements EnginePort {
       },
       fingerprint: this.fingerprint,
       maxSeqLen: this.maxSeqLen,
-      adapterSlots: this.adapterSlots,
-      scheduling: SCHEDULING,
+      adapterSlots: pool.slots,
+      scheduling: schedulingSentence(stats.scheduler.targetInterTokenMs, stats.scheduler.minTrainingShare),
+      schedulingPolicy: { targetInterTokenMs: stats.scheduler.targetInterTokenMs, minTrainingShare: stats.scheduler.minTrainingShare },
+      scheduler: {
+        trainingShare: stats.scheduler.trainingShare, generationStepMs: stats.scheduler.generationStepMs,
+        trainingStepMs: stats.scheduler.trainingStepMs, deferredMicroSteps: stats.scheduler.deferredMicroSteps,
+      },
+      pool: {
+        deviceSlots: pool.slots, resident: pool.resident, pinned: pool.pinned, hostBytes: pool.hostBytes, hostBudgetBytes: pool.hostBudget,
+        waitingRequests: stats.waitingForAdapter, stats: toPortStats(pool.stats),
+      },
     };
   }
 
@@ -180,29 +204,72 @@ export class NativeEnginePort implements EnginePort {
     }
   }
 
-  async loadAdapter(name: string, dir: string): Promise<AdapterConfig> {
-    if (this.adapters.has(name)) return toPortConfig(this.adapters.get(name)!.config);
-    if (this.adapters.size >= this.adapterSlots) {
-      throw new EngineError('RESOURCE_EXHAUSTED', `all ${this.adapterSlots} adapter slots are in use; unload one first`);
-    }
+  registerAdapter(key: string, source: AdapterVersionSource): void {
+    const known = this.adapters.get(key);
+    if (known?.contentHash === source.contentHash) return;
+    let adapter: Adapter;
     try {
-      const adapter = await this.engine.loadAdapter(dir);
-      this.adapters.set(name, adapter);
-      return toPortConfig(adapter.config);
+      adapter = this.engine.registerAdapter(fromPortConfig(source.config), join(source.dir, ADAPTER_WEIGHTS_FILE));
     } catch (e) {
       throw portError(e, 'adapter');
     }
+    // Another content under the same key (a deleted and re-made adapter): requests on the old one keep it.
+    if (known) this.engine.removeAdapter(known.adapter);
+    this.adapters.set(key, { adapter, contentHash: source.contentHash });
   }
 
-  async unloadAdapter(name: string): Promise<void> {
-    const a = this.adapters.get(name);
-    if (!a) return;
-    this.adapters.delete(name);
-    this.engine.removeAdapter(a);
+  adoptTrainedAdapter(key: string, trained: TrainedAdapter, source: AdapterVersionSource): void {
+    const adapter = this.trained.get(trained.handle);
+    if (!adapter) throw new EngineError('INVALID_ARGUMENT', `no trained adapter ${trained.handle} is waiting to be adopted`);
+    this.trained.delete(trained.handle);
+    this.engine.setAdapterFile(adapter, join(source.dir, ADAPTER_WEIGHTS_FILE));
+    const known = this.adapters.get(key);
+    if (known) this.engine.removeAdapter(known.adapter);
+    this.adapters.set(key, { adapter, contentHash: source.contentHash });
+  }
+
+  discardTrainedAdapter(trained: TrainedAdapter): void {
+    const adapter = this.trained.get(trained.handle);
+    if (!adapter) return;
+    this.trained.delete(trained.handle);
+    this.engine.removeAdapter(adapter);
+  }
+
+  async loadAdapter(key: string, options: { signal: AbortSignal }): Promise<void> {
+    const known = this.adapters.get(key);
+    if (!known) throw new EngineError('ADAPTER_NOT_LOADED', `adapter ${key} is not registered with the pool`);
+    await this.engine.warmAdapter(known.adapter, options.signal).catch((e: unknown) => { throw portError(e, 'serving'); });
+  }
+
+  async unloadAdapter(key: string): Promise<void> {
+    const known = this.adapters.get(key);
+    if (!known) return;
+    this.adapters.delete(key);
+    this.engine.removeAdapter(known.adapter);
+  }
+
+  pinAdapter(key: string, pinned: boolean): void {
+    const known = this.adapters.get(key);
+    if (!known) throw new EngineError('ADAPTER_NOT_LOADED', `adapter ${key} is not registered with the pool`);
+    try {
+      this.engine.pinAdapter(known.adapter, pinned);
+    } catch (e) {
+      throw portError(e, 'pin');
+    }
   }
 
   loadedAdapters(): string[] {
-    return [...this.adapters.keys()];
+    return [...this.adapterPoolStates()].filter(([, s]) => s.tier === 'device').map(([key]) => key);
+  }
+
+  adapterPoolStates(): Map<string, AdapterPoolState> {
+    const byId = new Map(this.engine.adapterStates().map((s) => [s.id, s]));
+    const out = new Map<string, AdapterPoolState>();
+    for (const [key, { adapter }] of this.adapters) {
+      const s = byId.get(adapter.slot);
+      if (s) out.set(key, { tier: s.tier, pinned: s.pinned, loading: s.loading, stats: toPortStats(s.stats) });
+    }
+    return out;
   }
 
   async train(spec: TrainSpec, options: { onEvent(event: TrainEvent): void; signal: AbortSignal; resume?: ResumePoint }): Promise<TrainResult> {
@@ -246,7 +313,11 @@ export class NativeEnginePort implements EnginePort {
     try {
       const stepsPerEpoch = Math.ceil(Math.ceil(trainExamples.length / spec.batchSize) / spec.gradAccum);
       const totalSteps = spec.maxSteps > 0 ? spec.maxSteps : stepsPerEpoch * spec.epochs;
-      options.onEvent({ kind: 'started', totalSteps, trainExamples: trainRows.length, evalExamples: evalExamples.length });
+      const policy = engine.native.stats().scheduler;
+      options.onEvent({
+        kind: 'started', totalSteps, trainExamples: trainRows.length, evalExamples: evalExamples.length,
+        schedulingPolicy: { targetInterTokenMs: policy.targetInterTokenMs, minTrainingShare: policy.minTrainingShare },
+      });
       let warnedForgetting = false;
       const summary = await engine.train(adapter, trainExamples, {
         lr: spec.learningRate, ...(spec.maxSteps > 0 ? { steps: spec.maxSteps } : {}), epochs: spec.epochs,
@@ -265,7 +336,11 @@ export class NativeEnginePort implements EnginePort {
             options.onEvent({ kind: 'guard', step: e.step, action: e.guardAction, reason: e.guardReason ?? '', rolledBackTo: e.rolledBackTo ?? 0 });
             if (e.guardAction === 'rollback') return;  // no step was taken: training continues from rolledBackTo
           }
-          options.onEvent({ kind: 'step', step: e.step, totalSteps: e.totalSteps, epoch: e.epoch, loss: e.loss, gradNorm: e.gradNorm, learningRate: e.lr, tokensPerSecond: e.tokensPerS, elapsedSeconds: e.elapsedS, etaSeconds: e.etaS });
+          options.onEvent({
+            kind: 'step', step: e.step, totalSteps: e.totalSteps, epoch: e.epoch, loss: e.loss, gradNorm: e.gradNorm, learningRate: e.lr,
+            tokensPerSecond: e.tokensPerS, elapsedSeconds: e.elapsedS, etaSeconds: e.etaS,
+            ...(e.share ? { deviceShare: e.share.share, generationSteps: e.share.generationSteps, deferredMicroSteps: e.share.deferredMicroSteps } : {}),
+          });
           if (e.evalLoss !== undefined || e.forgettingLoss !== undefined) {
             options.onEvent({
               kind: 'eval', step: e.step, loss: e.evalLoss ?? 0,
@@ -286,18 +361,33 @@ export class NativeEnginePort implements EnginePort {
         if (summary.cancelCheckpoint) options.onEvent({ kind: 'checkpoint', step: summary.steps, dir: summary.cancelCheckpoint });
         throw new EngineError('CANCELLED', 'training was cancelled');
       }
-      await engine.saveAdapter(adapter, spec.outDir);
+      // Train-to-serve: the adapter stays in the pool, and its files are made from that copy in memory,
+      // hashed there and written atomically (never read back).
+      const files = await this.writeAdapterFiles(adapter, spec.outDir);
+      this.trained.set(adapter.slot, adapter);
       return {
         finalLoss: summary.finalLoss, evalLoss: summary.evalLoss, steps: summary.steps, tokens: summary.tokens,
         stoppedEarly: summary.stoppedEarly, bestStep: summary.bestStep > 0 ? summary.bestStep : null, bestEvalLoss: summary.bestEvalLoss,
         forgettingBaseLoss: summary.forgettingBaseLoss, forgettingLoss: summary.forgettingLoss, guardInterventions: summary.interventions,
-        config: toPortConfig(adapter.config),
+        config: toPortConfig(adapter.config), files, trained: { handle: adapter.slot },
       };
     } catch (e) {
-      throw portError(e, 'other');
-    } finally {
       engine.removeAdapter(adapter);
+      throw portError(e, 'other');
     }
+  }
+
+  /** adapter_config.json and adapter_model.safetensors of an adapter in memory, written into dir. */
+  private async writeAdapterFiles(adapter: Adapter, dir: string): Promise<TrainResult['files']> {
+    const config = Buffer.from(`${JSON.stringify(adapterConfigJson(adapter.config, { baseModelNameOrPath: this.engine.folder.dir }), null, 2)}\n`);
+    const weights = await this.engine.adapterSafetensors(adapter);
+    await mkdir(dir, { recursive: true });
+    const files: TrainResult['files'] = [];
+    for (const [name, bytes] of [[ADAPTER_CONFIG_FILE, config], [ADAPTER_WEIGHTS_FILE, weights]] as const) {
+      await writeFileAtomic(join(dir, name), bytes);
+      files.push({ name, sizeBytes: bytes.byteLength, sha256: createHash('sha256').update(bytes).digest('hex') });
+    }
+    return files;
   }
 
   /** The shipped general-text set (data/general-text.jsonl) as examples, for the forgetting check. */
@@ -310,13 +400,13 @@ export class NativeEnginePort implements EnginePort {
   async generate(spec: GenerateSpec, options: { onTokens(ids: readonly number[]): void; signal: AbortSignal }): Promise<GenerateResult> {
     let adapter: Adapter | null = null;
     if (spec.adapter !== null) {
-      adapter = this.adapters.get(spec.adapter) ?? null;
-      if (!adapter) throw new EngineError('ADAPTER_NOT_LOADED', `adapter ${spec.adapter} is not loaded`);
+      adapter = this.adapters.get(spec.adapter)?.adapter ?? null;
+      if (!adapter) throw new EngineError('ADAPTER_NOT_LOADED', `adapter ${spec.adapter} is not registered with the pool`);
     }
     const r = await this.engine.generate({
       promptIds: Array.from(spec.promptIds), adapter, maxTokens: spec.maxTokens, temperature: spec.temperature, topK: spec.topK,
       topP: spec.topP, repetitionPenalty: spec.repetitionPenalty, seed: spec.seed, stopIds: spec.stopIds,
-    }, { onTokens: (ids) => options.onTokens(ids), signal: options.signal }).catch((e: unknown) => { throw portError(e, 'other'); });
+    }, { onTokens: (ids) => options.onTokens(ids), signal: options.signal }).catch((e: unknown) => { throw portError(e, 'serving'); });
     return { ids: r.ids, finishReason: r.finishReason, promptTokens: r.promptTokens, completionTokens: r.completionTokens };
   }
 

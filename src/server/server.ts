@@ -255,6 +255,11 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
         adapterSlots: () => loaded.modelInfo().adapterSlots,
         activeGenerations: () => context.generations.active,
         memory: () => loaded.modelInfo().memory,
+        adapterPool: () => ({ versions: loaded.adapterPoolStates(), status: loaded.modelInfo().pool }),
+        scheduler: () => {
+          const info = loaded.modelInfo();
+          return { policy: info.schedulingPolicy, status: info.scheduler };
+        },
       });
       lifecycle = 'serving';
       setHealth('SERVING');
@@ -319,7 +324,19 @@ export async function createServer(options: ServerOptions): Promise<TuneServer> 
           kvCacheBlocks: m.kvCacheBlocks,
           kvCacheBlocksUsed: m.kvCacheBlocksUsed,
         },
-        pool: engine === null || info === null ? null : { slots: info.adapterSlots, loaded: engine.loadedAdapters() },
+        pool: engine === null || info === null ? null : {
+          slots: info.adapterSlots,
+          loaded: engine.loadedAdapters(),
+          pinned: info.pool.pinned,
+          hostBytes: info.pool.hostBytes,
+          hostBudgetBytes: info.pool.hostBudgetBytes,
+          waitingRequests: info.pool.waitingRequests,
+          hits: info.pool.stats.hits,
+          hostHits: info.pool.stats.hostHits,
+          loads: info.pool.stats.loads,
+          evictions: info.pool.stats.evictions,
+          trainingShare: info.scheduler.trainingShare,
+        },
         adapters: adapterViews.map((a) => ({ adapterId: a.adapterId, tenant: tenantOf(a), shared: a.shared === true, loaded: a.loaded, finalLoss: a.metrics?.finalLoss ?? null })),
         jobs: store.list({ states: [], limit: 50, beforeOrdinal: null }).map((j) => ({
           jobId: j.jobId, state: j.state, adapterId: j.adapterId, tenant: j.tenant, step: j.lastStep?.step ?? 0, totalSteps: j.totalSteps,

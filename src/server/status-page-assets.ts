@@ -125,7 +125,11 @@ function render(status) {
   const running = status.jobs.find((j) => j.state === 'running') || status.jobs[0];
   if (!state.userSelected && running && running.jobId !== state.selected) follow(running.jobId);
   const pool = status.pool;
-  document.getElementById('pool').textContent = pool ? pool.loaded.length + ' of ' + pool.slots + ' slots in use' + (pool.loaded.length ? ': ' + pool.loaded.join(', ') : '') : 'engine not ready';
+  document.getElementById('pool').textContent = pool
+    ? pool.loaded.length + ' of ' + pool.slots + ' slots in use' + (pool.loaded.length ? ': ' + pool.loaded.join(', ') : '') +
+      ' · ' + pool.hits + ' hits, ' + pool.hostHits + ' from host memory, ' + pool.loads + ' loads, ' + pool.evictions + ' evictions' +
+      (pool.waitingRequests ? ' · ' + pool.waitingRequests + ' waiting' : '') + ' · training share ' + Math.round(pool.trainingShare * 100) + '%'
+    : 'engine not ready';
   document.getElementById('adapters').replaceChildren(...status.adapters.map((a) => {
     const row = el('tr');
     for (const cell of [a.adapterId, a.tenant, a.shared ? 'yes' : 'no', a.loaded ? 'yes' : 'no', fixed(a.finalLoss)]) row.appendChild(el('td', cell));

@@ -27,8 +27,20 @@ export interface StatusSnapshot {
     kvCacheBlocks: number;
     kvCacheBlocksUsed: number;
   } | null;
-  /** The device adapter pool; its counters (hits, loads, evictions) join here when the engine reports them. */
-  pool: { slots: number; loaded: string[] } | null;
+  /** The adapter pool: slots, the versions in them ("<id>@v<N>"), the host tier, its counters since start, and training's share of the engine. */
+  pool: {
+    slots: number;
+    loaded: string[];
+    pinned: number;
+    hostBytes: number;
+    hostBudgetBytes: number;
+    waitingRequests: number;
+    hits: number;
+    hostHits: number;
+    loads: number;
+    evictions: number;
+    trainingShare: number;
+  } | null;
   adapters: { adapterId: string; tenant: string; shared: boolean; loaded: boolean; finalLoss: number | null }[];
   jobs: {
     jobId: string;

@@ -2,13 +2,12 @@
 // conventions: rpc.server.call.duration for every RPC, the gen_ai.server.* latencies and
 // gen_ai.client.token.usage for generations (labelled with the adapter and the tenant); training
 // progress per job and adapter (loss, learning rate, tokens/s, step); and gauges read from the
-// engine at each collection: queue depth, KV-cache blocks, device memory by use, the adapter pool.
+// engine at each collection: queue depth, KV-cache blocks, device memory by use, the adapter pool
+// (per adapter version: requests, tokens, hits, loads and their time, evictions, tier) and the
+// scheduler (the serving policy and the share training gets).
 // Under `tuneserve serve` instruments come from the global providers that the OpenTelemetry SDK
 // registered (src/server/otel-sdk.ts); tests pass their own readers, or a Prometheus port, and get a
 // MeterProvider of their own.
-//
-// The adapter pool's counters (hits, loads, evictions, switch time) belong to the pool's own issue:
-// they go into observePool() beside the pool gauges below when the engine reports them.
 
 import {
   metrics as otelMetrics,
@@ -25,6 +24,7 @@ import {
 import { PrometheusExporter } from '@opentelemetry/exporter-prometheus';
 import { resourceFromAttributes } from '@opentelemetry/resources';
 import { MeterProvider, type IMetricReader } from '@opentelemetry/sdk-metrics';
+import type { AdapterPoolState, AdapterPoolStatus, AdapterServingStats, SchedulerStatus, SchedulingPolicy } from './engine-port.js';
 
 /** Where to expose Prometheus metrics. */
 export interface PrometheusOptions {
@@ -40,6 +40,10 @@ export interface GaugeSources {
   loadedAdapters(): number;
   adapterSlots(): number;
   activeGenerations(): number;
+  /** Every adapter version the pool knows, by key "<id>@v<N>", and the pool as a whole. */
+  adapterPool(): { versions: Map<string, AdapterPoolState>; status: AdapterPoolStatus };
+  /** The serving policy and what the scheduler measured. */
+  scheduler(): { policy: SchedulingPolicy; status: SchedulerStatus };
   /** The engine's memory figures (EnginePort.modelInfo().memory), read once per collection. */
   memory(): {
     weightsBytes: number;
@@ -64,6 +68,8 @@ export interface TrainingStepMeasurement {
   loss: number;
   learningRate: number;
   tokensPerSecond: number;
+  /** Share of the engine's busy time the job got since its previous step, when the engine reports it. */
+  deviceShare?: number;
 }
 
 /** Facts about one finished generation. */
@@ -108,6 +114,7 @@ export class Telemetry {
   private readonly trainingSteps: Counter;
   private readonly trainingEvalLoss: Gauge;
   private readonly trainingForgettingLoss: Gauge;
+  private readonly trainingDeviceShare: Gauge;
   /** The tracer of the server's spans. */
   readonly tracer: Tracer;
 
@@ -159,6 +166,10 @@ export class Telemetry {
     this.trainingStep = meter.createGauge('tuneserve.training.step', { description: 'Last optimizer step of the job', unit: '{step}' });
     this.trainingSteps = meter.createCounter('tuneserve.training.steps', { description: 'Optimizer steps taken', unit: '{step}' });
     this.trainingEvalLoss = meter.createGauge('tuneserve.training.eval_loss', { description: 'Loss on the held-out rows at the last evaluation', unit: '1' });
+    this.trainingDeviceShare = meter.createGauge('tuneserve.training.device_share', {
+      description: "Share of the engine's busy time the job got over its last step (the rest went to generation)",
+      unit: '1',
+    });
     this.trainingForgettingLoss = meter.createGauge('tuneserve.training.forgetting_loss', {
       description: "Loss on general text at the last evaluation (the forgetting check), with the base model's as tuneserve.phase=base",
       unit: '1',
@@ -220,14 +231,90 @@ export class Telemetry {
     });
   }
 
-  /** The adapter pool's gauges; the pool's counters (hits, loads, evictions, switch time) join here. */
+  /**
+   * The adapter pool: gauges of the pool as a whole, and per adapter version (labels tuneserve.adapter
+   * and tuneserve.adapter.version) the counters it keeps and the tier it is in; then the scheduler.
+   */
   private observePool(sources: GaugeSources): void {
-    this.meter
-      .createObservableGauge('tuneserve.adapters.loaded', { description: 'Adapters in the device pool', unit: '{adapter}' })
+    const m = this.meter;
+    m.createObservableGauge('tuneserve.adapters.loaded', { description: 'Adapter versions in a device slot', unit: '{adapter}' })
       .addCallback((result) => result.observe(sources.loadedAdapters()));
-    this.meter
-      .createObservableGauge('tuneserve.adapters.slots', { description: 'Slots of the device adapter pool', unit: '{adapter}' })
+    m.createObservableGauge('tuneserve.adapters.slots', { description: 'Slots of the device adapter pool', unit: '{adapter}' })
       .addCallback((result) => result.observe(sources.adapterSlots()));
+    m.createObservableGauge('tuneserve.adapters.pinned', { description: 'Pinned adapter versions', unit: '{adapter}' })
+      .addCallback((result) => result.observe(sources.adapterPool().status.pinned));
+    m.createObservableGauge('tuneserve.adapters.waiting', { description: 'Generations waiting for their adapter (being read, or no free slot)', unit: '{request}' })
+      .addCallback((result) => result.observe(sources.adapterPool().status.waitingRequests));
+    m.createObservableGauge('tuneserve.adapters.host.memory', { description: 'Bytes of adapters in the host tier, and its budget (0: none)', unit: 'By' })
+      .addCallback((result) => {
+        const status = sources.adapterPool().status;
+        result.observe(status.hostBytes, { 'tuneserve.memory.use': 'used' });
+        result.observe(status.hostBudgetBytes, { 'tuneserve.memory.use': 'budget' });
+      });
+    m.createObservableGauge('tuneserve.adapters.tier', { description: 'Adapter versions known to the pool, by tier', unit: '{adapter}' })
+      .addCallback((result) => {
+        const counts: Record<string, number> = { disk: 0, host: 0, device: 0 };
+        for (const state of sources.adapterPool().versions.values()) counts[state.tier]! += 1;
+        for (const [tier, count] of Object.entries(counts)) result.observe(count, { 'tuneserve.adapter.tier': tier });
+      });
+
+    const perVersion = (
+      name: string,
+      description: string,
+      unit: string,
+      read: (s: AdapterServingStats) => [number, Attributes][],
+    ): void => {
+      m.createObservableCounter(name, { description, unit }).addCallback((result) => {
+        for (const [key, state] of sources.adapterPool().versions) {
+          const at = key.lastIndexOf('@v');
+          const version = { 'tuneserve.adapter': key.slice(0, at), 'tuneserve.adapter.version': key.slice(at + 2) };
+          for (const [value, attributes] of read(state.stats)) result.observe(value, { ...version, ...attributes });
+        }
+      });
+    };
+    perVersion('tuneserve.adapter.requests', 'Generation requests per adapter version', '{request}', (s) => [[s.requests, {}]]);
+    perVersion('tuneserve.adapter.tokens', 'Prompt (input) and generated (output) tokens per adapter version', '{token}', (s) => [
+      [s.inputTokens, { 'gen_ai.token.type': 'input' }],
+      [s.outputTokens, { 'gen_ai.token.type': 'output' }],
+    ]);
+    perVersion('tuneserve.adapter.hits', 'Requests that found their adapter in a device slot (tier device) or placed it from host memory (tier host)', '{request}', (s) => [
+      [s.hits, { 'tuneserve.adapter.tier': 'device' }],
+      [s.hostHits, { 'tuneserve.adapter.tier': 'host' }],
+    ]);
+    perVersion('tuneserve.adapter.loads', 'Reads of an adapter version from disk into host memory', '{load}', (s) => [[s.loads, {}]]);
+    perVersion('tuneserve.adapter.load.time', 'Seconds spent reading adapter versions from disk', 's', (s) => [[s.loadSeconds, {}]]);
+    perVersion('tuneserve.adapter.evictions', 'Adapter versions moved out of a device slot (tier device) or out of host memory (tier host)', '{eviction}', (s) => [
+      [s.evictions, { 'tuneserve.adapter.tier': 'device' }],
+      [s.hostEvictions, { 'tuneserve.adapter.tier': 'host' }],
+    ]);
+    perVersion('tuneserve.adapter.load.failures', 'Reads of an adapter version that failed (the requests waiting for it failed)', '{load}', (s) => [[s.loadFailures, {}]]);
+    m.createObservableGauge('tuneserve.adapter.resident', { description: 'The tier an adapter version is in: 0 disk, 1 host, 2 device', unit: '1' })
+      .addCallback((result) => {
+        const rank: Record<string, number> = { disk: 0, host: 1, device: 2 };
+        for (const [key, state] of sources.adapterPool().versions) {
+          const at = key.lastIndexOf('@v');
+          result.observe(rank[state.tier]!, { 'tuneserve.adapter': key.slice(0, at), 'tuneserve.adapter.version': key.slice(at + 2) });
+        }
+      });
+
+    m.createObservableGauge('tuneserve.scheduler.training_share', { description: "Training's share of the engine's busy time over the last seconds", unit: '1' })
+      .addCallback((result) => result.observe(sources.scheduler().status.trainingShare));
+    m.createObservableGauge('tuneserve.scheduler.policy', {
+      description: 'The serving policy: the inter-token target in seconds (0: alternate generation and training steps) and the minimum training share',
+      unit: '1',
+    }).addCallback((result) => {
+      const { policy } = sources.scheduler();
+      result.observe(policy.targetInterTokenMs / 1000, { 'tuneserve.policy.setting': 'inter_token_target_seconds' });
+      result.observe(policy.minTrainingShare, { 'tuneserve.policy.setting': 'min_training_share' });
+    });
+    m.createObservableGauge('tuneserve.scheduler.step.time', { description: 'Moving average of one generation step and one training micro-step', unit: 's' })
+      .addCallback((result) => {
+        const { status } = sources.scheduler();
+        result.observe(status.generationStepMs / 1000, { 'tuneserve.phase': 'generation' });
+        result.observe(status.trainingStepMs / 1000, { 'tuneserve.phase': 'training' });
+      });
+    m.createObservableCounter('tuneserve.scheduler.deferred_micro_steps', { description: 'Turns in which the policy held training back for generation', unit: '{step}' })
+      .addCallback((result) => result.observe(sources.scheduler().status.deferredMicroSteps));
   }
 
   /** Records one evaluation of a training job (and the forgetting check when it ran). */
@@ -245,6 +332,7 @@ export class Telemetry {
     this.trainingLearningRate.record(m.learningRate, attributes);
     this.trainingTokensPerSecond.record(m.tokensPerSecond, attributes);
     this.trainingStep.record(m.step, attributes);
+    if (m.deviceShare !== undefined) this.trainingDeviceShare.record(m.deviceShare, attributes);
     this.trainingSteps.add(1, { 'tuneserve.adapter': m.adapter, 'tuneserve.tenant': m.tenant });
   }
 

@@ -66,6 +66,10 @@ async function submissionOf(request: TrainRequest, context: ServiceContext, call
     requireUse(call.principal, 'dataset', datasetId, await context.datasets.get(datasetId));
     dataset = { datasetId };
   }
+  // A new version of an existing adapter: only its own tenant (or an admin) may add one.
+  if (request.newVersion && (await context.adapters.exists(adapterId))) {
+    requireManage(call.principal, 'adapter', adapterId, await context.adapters.get(adapterId));
+  }
   const initAdapterId = request.initAdapterId === '' ? null : requireId(request.initAdapterId, 'init_adapter_id');
   const init = initAdapterId === null ? null : await context.adapters.get(initAdapterId);
   if (init !== null && initAdapterId !== null) requireUse(call.principal, 'adapter', initAdapterId, init);
@@ -74,6 +78,7 @@ async function submissionOf(request: TrainRequest, context: ServiceContext, call
     tenant: call.principal.tenant,
     trace: trace.setSpan(otelContext.active(), call.span),
     adapterId,
+    newVersion: request.newVersion,
     dataset,
     initAdapterId,
     config: resolveHyperparameters(request.config, init?.config ?? null, { maxSeqLen: info.maxSeqLen, maxPositionEmbeddings: info.config.maxPositionEmbeddings }),

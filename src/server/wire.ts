@@ -2,8 +2,8 @@
 // speak records internally and messages on the wire; this file is the only place they meet.
 
 import { tenantOf } from './auth.js';
-import { AdapterSource, type Adapter } from '../gen/tuneserve/v1/adapters.js';
-import type { TrainingMetrics } from '../gen/tuneserve/v1/common.js';
+import { AdapterSource, AdapterTier, type Adapter } from '../gen/tuneserve/v1/adapters.js';
+import type { AdapterServingStats as AdapterServingStatsMessage, TrainingMetrics } from '../gen/tuneserve/v1/common.js';
 import type { Dataset } from '../gen/tuneserve/v1/datasets.js';
 import {
   GuardPolicy,
@@ -18,7 +18,7 @@ import {
 } from '../gen/tuneserve/v1/training.js';
 import type { AdapterView } from './adapter-registry.js';
 import type { DatasetRecord } from './datasets.js';
-import type { DatasetReport } from './engine-port.js';
+import type { AdapterConfig, AdapterServingStats, AdapterTier as Tier, DatasetReport } from './engine-port.js';
 import type {
   Hyperparameters,
   JobEventData,
@@ -128,6 +128,10 @@ export function toTrainingStep(step: StepRecord): TrainingStep {
     tokensPerSecond: step.tokensPerSecond,
     elapsedSeconds: step.elapsedSeconds,
     etaSeconds: step.etaSeconds,
+    // Steps stored before the scheduler reported its share: unknown, reported as 0.
+    deviceShare: step.deviceShare ?? 0,
+    generationSteps: step.generationSteps ?? 0,
+    deferredMicroSteps: step.deferredMicroSteps ?? 0,
   };
 }
 
@@ -151,6 +155,7 @@ export function toJob(job: JobRecord, queuePosition: number): Job {
     failureMessage: job.failureMessage ?? '',
     lastCheckpointStep: job.lastCheckpointStep,
     lastSequence: job.lastSequence,
+    newVersion: job.newVersion,
   };
 }
 
@@ -166,7 +171,10 @@ export function toJobEvent(event: JobEventRecord): JobEvent {
       wire.datasetReport = toDatasetReport(data.report);
       break;
     case 'started':
-      wire.started = { totalSteps: data.totalSteps, trainExamples: data.trainExamples, evalExamples: data.evalExamples };
+      wire.started = {
+        totalSteps: data.totalSteps, trainExamples: data.trainExamples, evalExamples: data.evalExamples,
+        schedulingPolicy: data.schedulingPolicy,
+      };
       break;
     case 'step':
       wire.step = toTrainingStep(data);
@@ -187,7 +195,9 @@ export function toJobEvent(event: JobEventRecord): JobEvent {
       wire.checkpoint = { step: data.step };
       break;
     case 'completed':
-      wire.completed = { adapterId: data.adapterId, metrics: toTrainingMetrics(data.metrics) };
+      wire.completed = {
+        adapterId: data.adapterId, metrics: toTrainingMetrics(data.metrics), adapterVersion: data.version ?? 1, contentHash: data.contentHash ?? '',
+      };
       break;
     case 'failed':
       wire.failed = { reason: data.reason, message: data.message };
@@ -261,26 +271,68 @@ export function toDataset(record: DatasetRecord): Dataset {
   };
 }
 
+const tiers: Record<Tier, AdapterTier> = {
+  disk: AdapterTier.ADAPTER_TIER_DISK,
+  host: AdapterTier.ADAPTER_TIER_HOST,
+  device: AdapterTier.ADAPTER_TIER_DEVICE,
+};
+
+/** The pool's counters as a message. */
+export function toServingStats(s: AdapterServingStats): AdapterServingStatsMessage {
+  return {
+    requests: s.requests, inputTokens: s.inputTokens, outputTokens: s.outputTokens, hits: s.hits, hostHits: s.hostHits,
+    loads: s.loads, loadSeconds: s.loadSeconds, lastLoadSeconds: s.lastLoadSeconds, evictions: s.evictions,
+    hostEvictions: s.hostEvictions, loadFailures: s.loadFailures, placements: s.placements, placeSeconds: s.placeSeconds,
+  };
+}
+
+function toLoraConfig(config: AdapterConfig): Adapter['config'] {
+  return {
+    rank: config.rank,
+    alpha: config.alpha,
+    dropout: config.dropout,
+    targetModules: [...config.targetModules],
+    useRslora: config.useRslora,
+  };
+}
+
+const sources = (source: 'trained' | 'imported'): AdapterSource =>
+  source === 'trained' ? AdapterSource.ADAPTER_SOURCE_TRAINED : AdapterSource.ADAPTER_SOURCE_IMPORTED;
+
 /** A stored adapter as a message. */
 export function toAdapter(view: AdapterView, baseFingerprint: string): Adapter {
   return {
     adapterId: view.adapterId,
-    config: {
-      rank: view.config.rank,
-      alpha: view.config.alpha,
-      dropout: view.config.dropout,
-      targetModules: [...view.config.targetModules],
-      useRslora: view.config.useRslora,
-    },
+    config: toLoraConfig(view.config),
     baseFingerprint: view.baseFingerprint,
     matchesBase: view.baseFingerprint === baseFingerprint,
     loaded: view.loaded,
     createTime: new Date(view.createTime),
-    source: view.source === 'trained' ? AdapterSource.ADAPTER_SOURCE_TRAINED : AdapterSource.ADAPTER_SOURCE_IMPORTED,
+    source: sources(view.source),
     jobId: view.jobId ?? '',
     metrics: view.metrics === null ? undefined : toTrainingMetrics(view.metrics),
     sizeBytes: view.sizeBytes,
     tenant: tenantOf(view),
     shared: view.shared === true,
+    version: view.version,
+    contentHash: view.contentHash,
+    versions: view.versions.map((v) => ({
+      version: v.version,
+      contentHash: v.contentHash,
+      createTime: new Date(v.createTime),
+      source: sources(v.source),
+      jobId: v.jobId ?? '',
+      sizeBytes: v.sizeBytes,
+      tier: v.pool === null ? AdapterTier.ADAPTER_TIER_UNSPECIFIED : tiers[v.pool.tier],
+      pinned: v.pool?.pinned ?? false,
+      stats: v.pool === null ? undefined : toServingStats(v.pool.stats),
+      config: toLoraConfig(v.config),
+      metrics: v.metrics === null ? undefined : toTrainingMetrics(v.metrics),
+    })),
+    aliases: Object.entries(view.aliases)
+      .sort(([a], [b]) => a.localeCompare(b))
+      .map(([name, alias]) => ({ name, version: alias.version, history: [...alias.history] })),
+    stats: toServingStats(view.stats),
+    tier: view.tier === null ? AdapterTier.ADAPTER_TIER_UNSPECIFIED : tiers[view.tier],
   };
 }

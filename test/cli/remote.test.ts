@@ -74,7 +74,8 @@ describe('tuneserve remote', () => {
 
     const listed = await remote('adapters', 'list');
     expect(listed.stdout.split('\n')[0]).toMatch(/^ADAPTER\s+LOADED\s+FITS BASE\s+RANK/);
-    expect(listed.stdout).toMatch(/^cli-mem\s+no\s+yes\s+16\s+32\s+q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj\s+trained/m);
+    // Loaded: a finished job's adapter stays in the pool and serves from there (train-to-serve).
+    expect(listed.stdout).toMatch(/^cli-mem\s+yes\s+yes\s+16\s+32\s+q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj\s+trained/m);
   }, 120_000);
 
   it('trains with the progress readout and reuses the uploaded dataset', async () => {

@@ -4,11 +4,15 @@
 // rows (through the real row validator) and reports a falling loss, merges that write placeholder files. End-to-end tests against
 // the real engine live elsewhere.
 
+import { createHash } from 'node:crypto';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { parseRowLine } from '../../src/engine/rows.js';
 import type {
   AdapterConfig,
+  AdapterPoolState,
+  AdapterServingStats,
+  AdapterVersionSource,
   ChatMessage,
   DatasetReport,
   Detokenizer,
@@ -23,6 +27,7 @@ import type {
   TokenizerPort,
   TrainEvent,
   ResumePoint,
+  TrainedAdapter,
   TrainResult,
   TrainSpec,
 } from '../../src/server/engine-port.js';
@@ -115,6 +120,27 @@ export interface DoubleRecords {
   trainSpecs: TrainSpec[];
   /** The checkpoint step each train() call continued from (null: a fresh start). */
   resumes: (number | null)[];
+  /** Adapter files the double read to bring a version into its pool (a trained, adopted one needs none). */
+  adapterReads: string[];
+}
+
+/** One version in the double's pool. */
+interface DoubleVersion {
+  source: AdapterVersionSource;
+  tier: 'disk' | 'host' | 'device';
+  pinned: boolean;
+  users: number;
+  lastUsed: number;
+  stats: AdapterServingStats;
+  /** A trained adapter kept from its job: in memory, nothing to read. */
+  inMemory: boolean;
+}
+
+function zeroStats(): AdapterServingStats {
+  return {
+    requests: 0, inputTokens: 0, outputTokens: 0, hits: 0, hostHits: 0, loads: 0, loadSeconds: 0, lastLoadSeconds: 0,
+    placements: 0, placeSeconds: 0, evictions: 0, hostEvictions: 0, loadFailures: 0,
+  };
 }
 
 /** The files of a placeholder PEFT folder the double accepts (or refuses, for another hidden size). */
@@ -179,8 +205,16 @@ export class EngineDouble implements EnginePort {
     generations: [],
     trainSpecs: [],
     resumes: [],
+    adapterReads: [],
   };
-  private readonly slots = new Map<string, AdapterConfig>();
+  /** The pool: versions by key, in device slots (at most adapterSlots), host memory or on disk. */
+  private readonly pool = new Map<string, DoubleVersion>();
+  private readonly trained = new Map<number, AdapterConfig>();
+  private nextTrained = 1;
+  private tick = 0;
+  private waiting = 0;
+  /** Wakes waiters when a slot may have freed up. */
+  private slotWaiters = new Set<() => void>();
 
   constructor(settings: Partial<DoubleSettings> = {}) {
     this.settings = {
@@ -235,6 +269,20 @@ export class EngineDouble implements EnginePort {
       maxSeqLen: 8192,
       adapterSlots: this.settings.adapterSlots,
       scheduling: 'test double: one generation step or one training step per event-loop turn',
+      schedulingPolicy: { targetInterTokenMs: 0, minTrainingShare: 0.1 },
+      scheduler: { trainingShare: 0, generationStepMs: 0, trainingStepMs: 0, deferredMicroSteps: 0 },
+      pool: {
+        deviceSlots: this.settings.adapterSlots,
+        resident: [...this.pool.values()].filter((v) => v.tier === 'device').length,
+        pinned: [...this.pool.values()].filter((v) => v.pinned).length,
+        hostBytes: 0,
+        hostBudgetBytes: 0,
+        waitingRequests: this.waiting,
+        stats: [...this.pool.values()].reduce((sum, v) => {
+          for (const key of Object.keys(sum) as (keyof AdapterServingStats)[]) sum[key] += v.stats[key];
+          return sum;
+        }, zeroStats()),
+      },
     };
   }
 
@@ -243,21 +291,100 @@ export class EngineDouble implements EnginePort {
     return readDoubleAdapter(dir);
   }
 
-  async loadAdapter(name: string, dir: string): Promise<AdapterConfig> {
-    this.records.paths.push(dir);
-    if (this.slots.has(name)) throw engineError('INVALID_ARGUMENT', `${name} is already loaded`);
-    const config = await readDoubleAdapter(dir);
-    if (this.slots.size >= this.settings.adapterSlots) throw engineError('RESOURCE_EXHAUSTED', 'no free adapter slot');
-    this.slots.set(name, config);
-    return config;
+  registerAdapter(key: string, source: AdapterVersionSource): void {
+    this.records.paths.push(source.dir);
+    const known = this.pool.get(key);
+    if (known?.source.contentHash === source.contentHash) return;
+    this.pool.set(key, { source, tier: 'disk', pinned: false, users: 0, lastUsed: ++this.tick, stats: zeroStats(), inMemory: false });
   }
 
-  async unloadAdapter(name: string): Promise<void> {
-    this.slots.delete(name);
+  adoptTrainedAdapter(key: string, trained: TrainedAdapter, source: AdapterVersionSource): void {
+    if (!this.trained.delete(trained.handle)) throw engineError('INVALID_ARGUMENT', `no trained adapter ${trained.handle}`);
+    this.pool.set(key, { source, tier: 'host', pinned: false, users: 0, lastUsed: ++this.tick, stats: zeroStats(), inMemory: true });
+  }
+
+  discardTrainedAdapter(trained: TrainedAdapter): void {
+    this.trained.delete(trained.handle);
+  }
+
+  async loadAdapter(key: string, options: { signal: AbortSignal }): Promise<void> {
+    const version = await this.acquire(key, options.signal, false);
+    version.users -= 1;
+    this.wakeSlotWaiters();
+  }
+
+  async unloadAdapter(key: string): Promise<void> {
+    this.pool.delete(key);
+    this.wakeSlotWaiters();
+  }
+
+  pinAdapter(key: string, pinned: boolean): void {
+    const version = this.pool.get(key);
+    if (!version) throw engineError('ADAPTER_NOT_LOADED', `${key} is not registered`);
+    const others = [...this.pool.values()].filter((v) => v.pinned && v !== version).length;
+    if (pinned && others + 1 >= this.settings.adapterSlots) throw engineError('PIN_LIMIT', 'one slot must stay unpinned');
+    version.pinned = pinned;
   }
 
   loadedAdapters(): string[] {
-    return [...this.slots.keys()];
+    return [...this.pool].filter(([, v]) => v.tier === 'device').map(([key]) => key);
+  }
+
+  adapterPoolStates(): Map<string, AdapterPoolState> {
+    return new Map([...this.pool].map(([key, v]) => [key, { tier: v.tier, pinned: v.pinned, loading: false, stats: { ...v.stats } }]));
+  }
+
+  private wakeSlotWaiters(): void {
+    const waiters = [...this.slotWaiters];
+    this.slotWaiters.clear();
+    for (const wake of waiters) wake();
+  }
+
+  /** A version in a device slot with one more user: read when on disk, the LRU idle slot taken, waiting while none is idle. */
+  private async acquire(key: string, signal: AbortSignal, count: boolean): Promise<DoubleVersion> {
+    for (;;) {
+      const version = this.pool.get(key);
+      if (!version) throw engineError('ADAPTER_NOT_LOADED', `${key} is not registered`);
+      if (version.tier === 'disk') {
+        this.records.adapterReads.push(version.source.dir);
+        try {
+          await readDoubleAdapter(version.source.dir);
+        } catch (error) {
+          version.stats.loadFailures += 1;
+          throw engineError('ADAPTER_LOAD_FAILED', (error as Error).message);
+        }
+        version.tier = 'host';
+        version.stats.loads += 1;
+      }
+      if (version.tier === 'device') {
+        if (count) version.stats.hits += 1;
+      } else {
+        const resident = [...this.pool.values()].filter((v) => v.tier === 'device');
+        if (resident.length >= this.settings.adapterSlots) {
+          const idle = resident.filter((v) => v.users === 0 && !v.pinned).sort((x, y) => x.lastUsed - y.lastUsed)[0];
+          if (!idle) {
+            // Every slot is busy: wait for a release (or the caller's signal).
+            if (signal.aborted) throw engineError('CANCELLED', 'cancelled while waiting for an adapter slot');
+            this.waiting += 1;
+            await new Promise<void>((resolve) => {
+              const wake = () => { signal.removeEventListener('abort', wake); this.slotWaiters.delete(wake); resolve(); };
+              this.slotWaiters.add(wake);
+              signal.addEventListener('abort', wake, { once: true });
+            });
+            this.waiting -= 1;
+            continue;
+          }
+          idle.tier = 'host';
+          idle.stats.evictions += 1;
+        }
+        version.tier = 'device';
+        version.stats.placements += 1;
+        if (count) version.stats.hostHits += 1;
+      }
+      version.users += 1;
+      version.lastUsed = ++this.tick;
+      return version;
+    }
   }
 
   async train(spec: TrainSpec, options: { onEvent(event: TrainEvent): void; signal: AbortSignal; resume?: ResumePoint }): Promise<TrainResult> {
@@ -327,7 +454,14 @@ export class EngineDouble implements EnginePort {
       if (spec.checkpointEvery > 0 && step % spec.checkpointEvery === 0) await checkpoint(step);
     }
     await writeDoubleAdapter(spec.outDir, { rank: spec.rank, targets: spec.targetModules });
+    const files = Object.entries(doubleAdapterFiles({ rank: spec.rank, targets: spec.targetModules })).map(([name, bytes]) => ({
+      name, sizeBytes: bytes.length, sha256: createHash('sha256').update(bytes).digest('hex'),
+    }));
+    const handle = this.nextTrained++;
+    this.trained.set(handle, { rank: spec.rank, alpha: spec.alpha, dropout: spec.dropout, targetModules: spec.targetModules, useRslora: false });
     return {
+      files,
+      trained: { handle },
       finalLoss: loss,
       evalLoss: evalExamples > 0 ? loss * 1.1 : null,
       steps: totalSteps,
@@ -352,7 +486,25 @@ export class EngineDouble implements EnginePort {
       this.settings.failNextGenerate = null;
       throw engineError(failure, 'injected failure');
     }
-    if (spec.adapter !== null && !this.slots.has(spec.adapter)) throw engineError('ADAPTER_NOT_LOADED', `${spec.adapter} is not loaded`);
+    const adapter = spec.adapter === null ? null : await this.acquire(spec.adapter, options.signal, true);
+    try {
+      if (adapter) {
+        adapter.stats.requests += 1;
+        adapter.stats.inputTokens += spec.promptIds.length;
+      }
+      const result = await this.decode(spec, options);
+      if (adapter) adapter.stats.outputTokens += result.completionTokens;
+      return result;
+    } finally {
+      if (adapter) {
+        adapter.users -= 1;
+        adapter.lastUsed = ++this.tick;
+        this.wakeSlotWaiters();
+      }
+    }
+  }
+
+  private async decode(spec: GenerateSpec, options: { onTokens(ids: readonly number[]): void; signal: AbortSignal }): Promise<GenerateResult> {
     // The scripted text then EOT, repeated (as a model ignoring EOS would go on) until maxTokens.
     const script = [...(this.settings.scriptIds?.(spec) ?? encoder.encode(this.settings.script(spec))), EOT];
     const ids: number[] = [];

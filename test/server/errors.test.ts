@@ -96,8 +96,9 @@ describe('error statuses', () => {
   });
 
   it('FAILED_PRECONDITION for wrong state: dataset in use, job ended, adapter for another base, adapter in use', async () => {
-    harness = await startHarness({ engine: new EngineDouble({ trainStepMs: 20, decodeStepMs: 10, script: () => 'z'.repeat(1000) }) });
-    const { clients } = harness;
+    const double = () => new EngineDouble({ trainStepMs: 20, decodeStepMs: 10, script: () => 'z'.repeat(1000) });
+    harness = await startHarness({ engine: double() });
+    let { clients } = harness;
     await upload(clients, 'qa', ROWS);
     await collect(clients.training.train(train({ jobId: 'busy', datasetId: 'qa', detach: true, config: TrainingConfig.fromPartial({ maxSteps: 1000 }) })));
     await expectStatus(call(clients.datasets.deleteDataset, clients.datasets, { datasetId: 'qa' }), status.FAILED_PRECONDITION, { reason: 'DATASET_IN_USE' });
@@ -115,6 +116,10 @@ describe('error statuses', () => {
     const metadataFile = path.join(harness.dataRoot, 'adapters', 'old', 'tuneserve.json');
     const metadata = JSON.parse(await fs.readFile(metadataFile, 'utf8')) as { baseFingerprint: string };
     await fs.writeFile(metadataFile, JSON.stringify({ ...metadata, baseFingerprint: '0'.repeat(64) }));
+    // A stored version's record is read once (versions never change): a restart, as onto another base, reads it again.
+    await harness.stop();
+    harness = await startHarness({ engine: double(), sandbox: harness.sandbox });
+    ({ clients } = harness);
     await expectStatus(call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'old' }), status.FAILED_PRECONDITION, { reason: 'BASE_MISMATCH' });
     const { adapter } = await call(clients.adapters.getAdapter, clients.adapters, { adapterId: 'old' });
     expect(adapter?.matchesBase).toBe(false);
@@ -137,7 +142,7 @@ describe('error statuses', () => {
     });
   });
 
-  it('RESOURCE_EXHAUSTED with a retry hint: training queue, generation capacity, adapter pool, merge slot', async () => {
+  it('RESOURCE_EXHAUSTED with a retry hint: training queue, generation capacity, merge slot (a full adapter pool evicts instead)', async () => {
     harness = await startHarness({
       engine: new EngineDouble({ trainStepMs: 20, decodeStepMs: 10, mergeTensorMs: 50, mergeTensors: 100, adapterSlots: 2, script: () => 'q'.repeat(1000) }),
       server: { limits: { maxQueuedJobs: 1, maxConcurrentGenerations: 1 } },
@@ -159,13 +164,17 @@ describe('error statuses', () => {
     expectError(second.error, status.RESOURCE_EXHAUSTED, { reason: 'GENERATION_CAPACITY', retry: true });
     first.cancel();
 
+    // A full adapter pool is no refusal: the least recently used idle adapter leaves its slot. Pinning
+    // every slot is refused instead (one must stay free for the others).
     for (const id of ['a1', 'a2', 'a3']) await importAdapter(clients, id);
     await call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'a1' });
     await call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'a2' });
-    await expectStatus(call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'a3' }), status.RESOURCE_EXHAUSTED, {
-      reason: 'ADAPTER_POOL_FULL',
-      retry: true,
-    });
+    const { adapter: a3 } = await call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'a3' });
+    expect(a3?.loaded).toBe(true);
+    const { adapter: a1 } = await call(clients.adapters.getAdapter, clients.adapters, { adapterId: 'a1' });
+    expect(a1).toMatchObject({ loaded: false, stats: { evictions: 1 } });
+    await call(clients.adapters.pinAdapter, clients.adapters, { adapterId: 'a2', pinned: true });
+    await expectStatus(call(clients.adapters.pinAdapter, clients.adapters, { adapterId: 'a3', pinned: true }), status.FAILED_PRECONDITION, { reason: 'PIN_LIMIT' });
 
     const merging = clients.adapters.mergeAndUnload({ adapterId: 'a1', outputName: 'm1', dtype: 0, base: 0, unloadAdapter: false });
     await new Promise<void>((resolve) => merging.once('data', () => resolve()));

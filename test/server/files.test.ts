@@ -207,7 +207,7 @@ describe('adapter files', () => {
     const { clients, engine } = harness;
     await importAdapter(clients, 'bot');
     await call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'bot' });
-    expect(engine.loadedAdapters()).toEqual(['bot']);
+    expect(engine.loadedAdapters()).toEqual(['bot@v1']);
     await call(clients.adapters.deleteAdapter, clients.adapters, { adapterId: 'bot' });
     expect(engine.loadedAdapters()).toEqual([]);
     await expectStatus(call(clients.adapters.getAdapter, clients.adapters, { adapterId: 'bot' }), status.NOT_FOUND);

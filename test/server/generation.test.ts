@@ -78,8 +78,11 @@ describe('generation', () => {
     const [a, b, none] = await Promise.all(
       ['alpha', 'beta', ''].map((adapterId) => collect(clients.generation.generate(request({ text: 'same prompt', adapterId })))),
     );
-    expect(text(a?.messages ?? [])).toBe('[alpha] same prompt');
-    expect(text(b?.messages ?? [])).toBe('[beta] same prompt');
+    // The engine sees each adapter's version key (the double prints it).
+    expect(text(a?.messages ?? [])).toBe('[alpha@v1] same prompt');
+    expect(text(b?.messages ?? [])).toBe('[beta@v1] same prompt');
+    expect(a?.messages.at(-1)?.adapterVersion).toBe(1);
+    expect(none?.messages.at(-1)?.adapterVersion).toBe(0);
     expect(text(none?.messages ?? [])).toBe('[base] same prompt');
     const { adapters } = await call(clients.adapters.listAdapters, clients.adapters, { pageSize: 0, pageToken: '', loadedOnly: true });
     expect(adapters.map((x) => x.adapterId)).toEqual(['alpha', 'beta']);

@@ -234,14 +234,17 @@ export function importAdapter(
     hidden?: number;
     manifest?: { name: string; sizeBytes: number; sha256: string }[];
     chunkSize?: number;
+    /** Publish as the next version when the adapter exists. */
+    newVersion?: boolean;
+    metadata?: Metadata;
   } = {},
 ): Promise<ImportAdapterResponse> {
   const files = options.files ?? doubleAdapterFiles(options.hidden === undefined ? {} : { hidden: options.hidden });
   const manifest =
     options.manifest ?? Object.entries(files).map(([name, bytes]) => ({ name, sizeBytes: bytes.length, sha256: sha256(bytes) }));
   return new Promise((resolve, reject) => {
-    const stream = clients.adapters.importAdapter((error, response) => (error ? reject(error) : resolve(response)));
-    stream.write({ header: { adapterId, files: manifest } });
+    const stream = clients.adapters.importAdapter(options.metadata ?? new Metadata(), (error, response) => (error ? reject(error) : resolve(response)));
+    stream.write({ header: { adapterId, files: manifest, shared: false, newVersion: options.newVersion === true } });
     const chunkSize = options.chunkSize ?? 64 * 1024;
     for (const [name, bytes] of Object.entries(files)) {
       for (let offset = 0; offset < bytes.length; offset += chunkSize) {

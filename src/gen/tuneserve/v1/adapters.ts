@@ -23,16 +23,67 @@ import {
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 import { Timestamp } from "../../google/protobuf/timestamp.js";
-import { FileChunk, FileEntry, TrainingMetrics } from "./common.js";
+import { AdapterServingStats, FileChunk, FileEntry, TrainingMetrics } from "./common.js";
 
 export const protobufPackage = "tuneserve.v1";
 
 export const protobufFileName = "tuneserve/v1/adapters.proto";
 
 /**
- * LoRA adapters: PEFT folders stored under the server's data root, loaded into fixed device
- * slots for generation, moved in and out as file streams, and merged into the base weights.
+ * LoRA adapters: PEFT folders stored under the server's data root, each id a line of immutable,
+ * content-hashed versions with movable aliases; served from a pool of device slots over a host-memory
+ * tier, moved in and out as file streams, and merged into the base weights.
  */
+
+/** Where an adapter version is in the pool. */
+export enum AdapterTier {
+  /** ADAPTER_TIER_UNSPECIFIED - Not known to the pool yet (never used since the server started). */
+  ADAPTER_TIER_UNSPECIFIED = 0,
+  /** ADAPTER_TIER_DISK - Only on disk: the next request reads it. */
+  ADAPTER_TIER_DISK = 1,
+  /** ADAPTER_TIER_HOST - In host memory: the next request places it in a device slot without reading a file. */
+  ADAPTER_TIER_HOST = 2,
+  /** ADAPTER_TIER_DEVICE - In a device slot: requests use it at once. */
+  ADAPTER_TIER_DEVICE = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function adapterTierFromJSON(object: any): AdapterTier {
+  switch (object) {
+    case 0:
+    case "ADAPTER_TIER_UNSPECIFIED":
+      return AdapterTier.ADAPTER_TIER_UNSPECIFIED;
+    case 1:
+    case "ADAPTER_TIER_DISK":
+      return AdapterTier.ADAPTER_TIER_DISK;
+    case 2:
+    case "ADAPTER_TIER_HOST":
+      return AdapterTier.ADAPTER_TIER_HOST;
+    case 3:
+    case "ADAPTER_TIER_DEVICE":
+      return AdapterTier.ADAPTER_TIER_DEVICE;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return AdapterTier.UNRECOGNIZED;
+  }
+}
+
+export function adapterTierToJSON(object: AdapterTier): string {
+  switch (object) {
+    case AdapterTier.ADAPTER_TIER_UNSPECIFIED:
+      return "ADAPTER_TIER_UNSPECIFIED";
+    case AdapterTier.ADAPTER_TIER_DISK:
+      return "ADAPTER_TIER_DISK";
+    case AdapterTier.ADAPTER_TIER_HOST:
+      return "ADAPTER_TIER_HOST";
+    case AdapterTier.ADAPTER_TIER_DEVICE:
+      return "ADAPTER_TIER_DEVICE";
+    case AdapterTier.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
 
 /** Where a stored adapter came from. */
 export enum AdapterSource {
@@ -173,6 +224,106 @@ export function mergeBaseToJSON(object: MergeBase): string {
   }
 }
 
+/** One immutable version of an adapter. */
+export interface AdapterVersion {
+  /** 1, 2, ... in the order they were published. */
+  version: number;
+  /** Hex SHA-256 over its weights and config files' SHA-256s: equal content, equal hash. */
+  contentHash: string;
+  /** When it was published. */
+  createTime?:
+    | Date
+    | undefined;
+  /** How it got here. */
+  source: AdapterSource;
+  /** The job that trained it, for TRAINED versions. */
+  jobId: string;
+  /** Total size of its files in bytes. */
+  sizeBytes: number;
+  /** Where it is in the pool now. */
+  tier: AdapterTier;
+  /** Whether it is pinned in the pool. */
+  pinned: boolean;
+  /** The pool's counters for it since the server started. */
+  stats?:
+    | AdapterServingStats
+    | undefined;
+  /** Its LoRA settings. */
+  config?:
+    | LoraConfig
+    | undefined;
+  /** Training metrics, for TRAINED versions. */
+  metrics?: TrainingMetrics | undefined;
+}
+
+/** A movable name for one version of an adapter. */
+export interface AdapterAlias {
+  /** The alias (requests name it as <adapter_id>@<name>). */
+  name: string;
+  /** The version it points at. */
+  version: number;
+  /** The versions it pointed at before, oldest first (RollbackAdapterAlias returns to the last). */
+  history: number[];
+}
+
+/** SetAdapterAlias's request. */
+export interface SetAdapterAliasRequest {
+  /** The adapter (an id, no version). */
+  adapterId: string;
+  /** The alias, ^[a-z][a-z0-9_-]{0,31}$; "latest" and v<digits> are reserved. */
+  alias: string;
+  /** The version to point it at. */
+  version: number;
+}
+
+/** SetAdapterAlias's response. */
+export interface SetAdapterAliasResponse {
+  /** The adapter as it is now. */
+  adapter?: Adapter | undefined;
+}
+
+/** RollbackAdapterAlias's request. */
+export interface RollbackAdapterAliasRequest {
+  /** The adapter (an id, no version). */
+  adapterId: string;
+  /** The alias to move back. */
+  alias: string;
+}
+
+/** RollbackAdapterAlias's response. */
+export interface RollbackAdapterAliasResponse {
+  /** The adapter as it is now. */
+  adapter?: Adapter | undefined;
+}
+
+/** DeleteAdapterAlias's request. */
+export interface DeleteAdapterAliasRequest {
+  /** The adapter (an id, no version). */
+  adapterId: string;
+  /** The alias to remove. */
+  alias: string;
+}
+
+/** DeleteAdapterAlias's response. */
+export interface DeleteAdapterAliasResponse {
+  /** The adapter as it is now. */
+  adapter?: Adapter | undefined;
+}
+
+/** PinAdapter's request. */
+export interface PinAdapterRequest {
+  /** An adapter reference (see common.proto): the version to pin or unpin. */
+  adapterId: string;
+  /** true: pin (and bring into a device slot); false: unpin. */
+  pinned: boolean;
+}
+
+/** PinAdapter's response. */
+export interface PinAdapterResponse {
+  /** The adapter as it is now. */
+  adapter?: Adapter | undefined;
+}
+
 /** LoRA settings of an adapter (from its adapter_config.json). */
 export interface LoraConfig {
   /** Rank r. */
@@ -202,9 +353,9 @@ export interface Adapter {
   baseFingerprint: string;
   /** Whether base_fingerprint equals the loaded base's fingerprint. */
   matchesBase: boolean;
-  /** Whether it occupies a device pool slot now. */
+  /** Whether one of its versions occupies a device slot now. */
   loaded: boolean;
-  /** When it was stored. */
+  /** When its latest version was stored. */
   createTime?:
     | Date
     | undefined;
@@ -225,6 +376,23 @@ export interface Adapter {
   tenant: string;
   /** Whether every tenant may see and use it (SetAdapterShared); otherwise only its own tenant. */
   shared: boolean;
+  /**
+   * Its latest version (what the plain id names). config, metrics, source, job_id and size_bytes
+   * above describe that version.
+   */
+  version: number;
+  /** The latest version's content hash. */
+  contentHash: string;
+  /** Every version, oldest first. */
+  versions: AdapterVersion[];
+  /** Its aliases, by name. */
+  aliases: AdapterAlias[];
+  /** The pool's counters summed over its versions since the server started. */
+  stats?:
+    | AdapterServingStats
+    | undefined;
+  /** The highest tier any of its versions is in. */
+  tier: AdapterTier;
 }
 
 /** SetAdapterShared's request. */
@@ -273,7 +441,7 @@ export interface GetAdapterResponse {
 
 /** Which adapter to load. */
 export interface LoadAdapterRequest {
-  /** Id of the adapter. */
+  /** An adapter reference (see common.proto). */
   adapterId: string;
 }
 
@@ -285,7 +453,7 @@ export interface LoadAdapterResponse {
 
 /** Which adapter to unload. */
 export interface UnloadAdapterRequest {
-  /** Id of the adapter. */
+  /** An adapter id (every version) or reference (that version). */
   adapterId: string;
 }
 
@@ -317,6 +485,11 @@ export interface ImportAdapterHeader {
   files: FileEntry[];
   /** Whether every tenant may see and use the adapter (see SetAdapterShared). */
   shared: boolean;
+  /**
+   * When an adapter with this id exists, publish these files as its next version instead of failing
+   * with ALREADY_EXISTS (it must belong to the caller's tenant). Without one, it becomes version 1.
+   */
+  newVersion: boolean;
 }
 
 /** One message of an import stream. */
@@ -337,7 +510,7 @@ export interface ImportAdapterResponse {
 
 /** Which adapter to export. */
 export interface ExportAdapterRequest {
-  /** Id of the adapter. */
+  /** An adapter reference (see common.proto). */
   adapterId: string;
   /** Bytes per chunk, 0 means 1 MiB; at most 2 MiB. */
   chunkSize: number;
@@ -429,6 +602,1032 @@ export interface MergeAndUnloadResponse {
   /** The merge finished (last message). */
   result?: MergeResult | undefined;
 }
+
+function createBaseAdapterVersion(): AdapterVersion {
+  return {
+    version: 0,
+    contentHash: "",
+    createTime: undefined,
+    source: 0,
+    jobId: "",
+    sizeBytes: 0,
+    tier: 0,
+    pinned: false,
+    stats: undefined,
+    config: undefined,
+    metrics: undefined,
+  };
+}
+
+export const AdapterVersion: MessageFns<AdapterVersion> = {
+  encode(message: AdapterVersion, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.version !== 0) {
+      writer.uint32(8).uint32(message.version);
+    }
+    if (message.contentHash !== "") {
+      writer.uint32(18).string(message.contentHash);
+    }
+    if (message.createTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.createTime), writer.uint32(26).fork()).join();
+    }
+    if (message.source !== 0) {
+      writer.uint32(32).int32(message.source);
+    }
+    if (message.jobId !== "") {
+      writer.uint32(42).string(message.jobId);
+    }
+    if (message.sizeBytes !== 0) {
+      writer.uint32(48).uint64(message.sizeBytes);
+    }
+    if (message.tier !== 0) {
+      writer.uint32(56).int32(message.tier);
+    }
+    if (message.pinned !== false) {
+      writer.uint32(64).bool(message.pinned);
+    }
+    if (message.stats !== undefined) {
+      AdapterServingStats.encode(message.stats, writer.uint32(74).fork()).join();
+    }
+    if (message.config !== undefined) {
+      LoraConfig.encode(message.config, writer.uint32(82).fork()).join();
+    }
+    if (message.metrics !== undefined) {
+      TrainingMetrics.encode(message.metrics, writer.uint32(90).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AdapterVersion {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAdapterVersion();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.version = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.contentHash = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.createTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.source = reader.int32() as any;
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.jobId = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.sizeBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.tier = reader.int32() as any;
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.pinned = reader.bool();
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.stats = AdapterServingStats.decode(reader, reader.uint32());
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.config = LoraConfig.decode(reader, reader.uint32());
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.metrics = TrainingMetrics.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AdapterVersion {
+    return {
+      version: isSet(object.version) ? globalThis.Number(object.version) : 0,
+      contentHash: isSet(object.contentHash)
+        ? globalThis.String(object.contentHash)
+        : isSet(object.content_hash)
+        ? globalThis.String(object.content_hash)
+        : "",
+      createTime: isSet(object.createTime)
+        ? fromJsonTimestamp(object.createTime)
+        : isSet(object.create_time)
+        ? fromJsonTimestamp(object.create_time)
+        : undefined,
+      source: isSet(object.source) ? adapterSourceFromJSON(object.source) : 0,
+      jobId: isSet(object.jobId)
+        ? globalThis.String(object.jobId)
+        : isSet(object.job_id)
+        ? globalThis.String(object.job_id)
+        : "",
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+      tier: isSet(object.tier) ? adapterTierFromJSON(object.tier) : 0,
+      pinned: isSet(object.pinned) ? globalThis.Boolean(object.pinned) : false,
+      stats: isSet(object.stats) ? AdapterServingStats.fromJSON(object.stats) : undefined,
+      config: isSet(object.config) ? LoraConfig.fromJSON(object.config) : undefined,
+      metrics: isSet(object.metrics) ? TrainingMetrics.fromJSON(object.metrics) : undefined,
+    };
+  },
+
+  toJSON(message: AdapterVersion): unknown {
+    const obj: any = {};
+    if (message.version !== 0) {
+      obj.version = Math.round(message.version);
+    }
+    if (message.contentHash !== "") {
+      obj.contentHash = message.contentHash;
+    }
+    if (message.createTime !== undefined) {
+      obj.createTime = message.createTime.toISOString();
+    }
+    if (message.source !== 0) {
+      obj.source = adapterSourceToJSON(message.source);
+    }
+    if (message.jobId !== "") {
+      obj.jobId = message.jobId;
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.tier !== 0) {
+      obj.tier = adapterTierToJSON(message.tier);
+    }
+    if (message.pinned !== false) {
+      obj.pinned = message.pinned;
+    }
+    if (message.stats !== undefined) {
+      obj.stats = AdapterServingStats.toJSON(message.stats);
+    }
+    if (message.config !== undefined) {
+      obj.config = LoraConfig.toJSON(message.config);
+    }
+    if (message.metrics !== undefined) {
+      obj.metrics = TrainingMetrics.toJSON(message.metrics);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AdapterVersion>): AdapterVersion {
+    return AdapterVersion.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AdapterVersion>): AdapterVersion {
+    const message = createBaseAdapterVersion();
+    message.version = object.version ?? 0;
+    message.contentHash = object.contentHash ?? "";
+    message.createTime = object.createTime ?? undefined;
+    message.source = object.source ?? 0;
+    message.jobId = object.jobId ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.tier = object.tier ?? 0;
+    message.pinned = object.pinned ?? false;
+    message.stats = (object.stats !== undefined && object.stats !== null)
+      ? AdapterServingStats.fromPartial(object.stats)
+      : undefined;
+    message.config = (object.config !== undefined && object.config !== null)
+      ? LoraConfig.fromPartial(object.config)
+      : undefined;
+    message.metrics = (object.metrics !== undefined && object.metrics !== null)
+      ? TrainingMetrics.fromPartial(object.metrics)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseAdapterAlias(): AdapterAlias {
+  return { name: "", version: 0, history: [] };
+}
+
+export const AdapterAlias: MessageFns<AdapterAlias> = {
+  encode(message: AdapterAlias, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.version !== 0) {
+      writer.uint32(16).uint32(message.version);
+    }
+    if (message.history.length !== 0) {
+      writer.uint32(26).fork();
+      for (const v of message.history) {
+        writer.uint32(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AdapterAlias {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAdapterAlias();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.version = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag === 24) {
+              message.history.push(reader.uint32());
+
+              continue;
+            }
+
+            if (tag === 26) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.history.push(reader.uint32());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AdapterAlias {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      version: isSet(object.version) ? globalThis.Number(object.version) : 0,
+      history: globalThis.Array.isArray(object?.history) ? object.history.map((e: any) => globalThis.Number(e)) : [],
+    };
+  },
+
+  toJSON(message: AdapterAlias): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.version !== 0) {
+      obj.version = Math.round(message.version);
+    }
+    if (message.history?.length) {
+      obj.history = message.history.map((e) => Math.round(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AdapterAlias>): AdapterAlias {
+    return AdapterAlias.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AdapterAlias>): AdapterAlias {
+    const message = createBaseAdapterAlias();
+    message.name = object.name ?? "";
+    message.version = object.version ?? 0;
+    message.history = object.history?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseSetAdapterAliasRequest(): SetAdapterAliasRequest {
+  return { adapterId: "", alias: "", version: 0 };
+}
+
+export const SetAdapterAliasRequest: MessageFns<SetAdapterAliasRequest> = {
+  encode(message: SetAdapterAliasRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.adapterId !== "") {
+      writer.uint32(10).string(message.adapterId);
+    }
+    if (message.alias !== "") {
+      writer.uint32(18).string(message.alias);
+    }
+    if (message.version !== 0) {
+      writer.uint32(24).uint32(message.version);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetAdapterAliasRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetAdapterAliasRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.adapterId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.alias = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.version = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetAdapterAliasRequest {
+    return {
+      adapterId: isSet(object.adapterId)
+        ? globalThis.String(object.adapterId)
+        : isSet(object.adapter_id)
+        ? globalThis.String(object.adapter_id)
+        : "",
+      alias: isSet(object.alias) ? globalThis.String(object.alias) : "",
+      version: isSet(object.version) ? globalThis.Number(object.version) : 0,
+    };
+  },
+
+  toJSON(message: SetAdapterAliasRequest): unknown {
+    const obj: any = {};
+    if (message.adapterId !== "") {
+      obj.adapterId = message.adapterId;
+    }
+    if (message.alias !== "") {
+      obj.alias = message.alias;
+    }
+    if (message.version !== 0) {
+      obj.version = Math.round(message.version);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetAdapterAliasRequest>): SetAdapterAliasRequest {
+    return SetAdapterAliasRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetAdapterAliasRequest>): SetAdapterAliasRequest {
+    const message = createBaseSetAdapterAliasRequest();
+    message.adapterId = object.adapterId ?? "";
+    message.alias = object.alias ?? "";
+    message.version = object.version ?? 0;
+    return message;
+  },
+};
+
+function createBaseSetAdapterAliasResponse(): SetAdapterAliasResponse {
+  return { adapter: undefined };
+}
+
+export const SetAdapterAliasResponse: MessageFns<SetAdapterAliasResponse> = {
+  encode(message: SetAdapterAliasResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.adapter !== undefined) {
+      Adapter.encode(message.adapter, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetAdapterAliasResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetAdapterAliasResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.adapter = Adapter.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetAdapterAliasResponse {
+    return { adapter: isSet(object.adapter) ? Adapter.fromJSON(object.adapter) : undefined };
+  },
+
+  toJSON(message: SetAdapterAliasResponse): unknown {
+    const obj: any = {};
+    if (message.adapter !== undefined) {
+      obj.adapter = Adapter.toJSON(message.adapter);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SetAdapterAliasResponse>): SetAdapterAliasResponse {
+    return SetAdapterAliasResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SetAdapterAliasResponse>): SetAdapterAliasResponse {
+    const message = createBaseSetAdapterAliasResponse();
+    message.adapter = (object.adapter !== undefined && object.adapter !== null)
+      ? Adapter.fromPartial(object.adapter)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseRollbackAdapterAliasRequest(): RollbackAdapterAliasRequest {
+  return { adapterId: "", alias: "" };
+}
+
+export const RollbackAdapterAliasRequest: MessageFns<RollbackAdapterAliasRequest> = {
+  encode(message: RollbackAdapterAliasRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.adapterId !== "") {
+      writer.uint32(10).string(message.adapterId);
+    }
+    if (message.alias !== "") {
+      writer.uint32(18).string(message.alias);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RollbackAdapterAliasRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRollbackAdapterAliasRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.adapterId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.alias = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RollbackAdapterAliasRequest {
+    return {
+      adapterId: isSet(object.adapterId)
+        ? globalThis.String(object.adapterId)
+        : isSet(object.adapter_id)
+        ? globalThis.String(object.adapter_id)
+        : "",
+      alias: isSet(object.alias) ? globalThis.String(object.alias) : "",
+    };
+  },
+
+  toJSON(message: RollbackAdapterAliasRequest): unknown {
+    const obj: any = {};
+    if (message.adapterId !== "") {
+      obj.adapterId = message.adapterId;
+    }
+    if (message.alias !== "") {
+      obj.alias = message.alias;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RollbackAdapterAliasRequest>): RollbackAdapterAliasRequest {
+    return RollbackAdapterAliasRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RollbackAdapterAliasRequest>): RollbackAdapterAliasRequest {
+    const message = createBaseRollbackAdapterAliasRequest();
+    message.adapterId = object.adapterId ?? "";
+    message.alias = object.alias ?? "";
+    return message;
+  },
+};
+
+function createBaseRollbackAdapterAliasResponse(): RollbackAdapterAliasResponse {
+  return { adapter: undefined };
+}
+
+export const RollbackAdapterAliasResponse: MessageFns<RollbackAdapterAliasResponse> = {
+  encode(message: RollbackAdapterAliasResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.adapter !== undefined) {
+      Adapter.encode(message.adapter, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RollbackAdapterAliasResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRollbackAdapterAliasResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.adapter = Adapter.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RollbackAdapterAliasResponse {
+    return { adapter: isSet(object.adapter) ? Adapter.fromJSON(object.adapter) : undefined };
+  },
+
+  toJSON(message: RollbackAdapterAliasResponse): unknown {
+    const obj: any = {};
+    if (message.adapter !== undefined) {
+      obj.adapter = Adapter.toJSON(message.adapter);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RollbackAdapterAliasResponse>): RollbackAdapterAliasResponse {
+    return RollbackAdapterAliasResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RollbackAdapterAliasResponse>): RollbackAdapterAliasResponse {
+    const message = createBaseRollbackAdapterAliasResponse();
+    message.adapter = (object.adapter !== undefined && object.adapter !== null)
+      ? Adapter.fromPartial(object.adapter)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseDeleteAdapterAliasRequest(): DeleteAdapterAliasRequest {
+  return { adapterId: "", alias: "" };
+}
+
+export const DeleteAdapterAliasRequest: MessageFns<DeleteAdapterAliasRequest> = {
+  encode(message: DeleteAdapterAliasRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.adapterId !== "") {
+      writer.uint32(10).string(message.adapterId);
+    }
+    if (message.alias !== "") {
+      writer.uint32(18).string(message.alias);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeleteAdapterAliasRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeleteAdapterAliasRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.adapterId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.alias = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeleteAdapterAliasRequest {
+    return {
+      adapterId: isSet(object.adapterId)
+        ? globalThis.String(object.adapterId)
+        : isSet(object.adapter_id)
+        ? globalThis.String(object.adapter_id)
+        : "",
+      alias: isSet(object.alias) ? globalThis.String(object.alias) : "",
+    };
+  },
+
+  toJSON(message: DeleteAdapterAliasRequest): unknown {
+    const obj: any = {};
+    if (message.adapterId !== "") {
+      obj.adapterId = message.adapterId;
+    }
+    if (message.alias !== "") {
+      obj.alias = message.alias;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeleteAdapterAliasRequest>): DeleteAdapterAliasRequest {
+    return DeleteAdapterAliasRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeleteAdapterAliasRequest>): DeleteAdapterAliasRequest {
+    const message = createBaseDeleteAdapterAliasRequest();
+    message.adapterId = object.adapterId ?? "";
+    message.alias = object.alias ?? "";
+    return message;
+  },
+};
+
+function createBaseDeleteAdapterAliasResponse(): DeleteAdapterAliasResponse {
+  return { adapter: undefined };
+}
+
+export const DeleteAdapterAliasResponse: MessageFns<DeleteAdapterAliasResponse> = {
+  encode(message: DeleteAdapterAliasResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.adapter !== undefined) {
+      Adapter.encode(message.adapter, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeleteAdapterAliasResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeleteAdapterAliasResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.adapter = Adapter.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeleteAdapterAliasResponse {
+    return { adapter: isSet(object.adapter) ? Adapter.fromJSON(object.adapter) : undefined };
+  },
+
+  toJSON(message: DeleteAdapterAliasResponse): unknown {
+    const obj: any = {};
+    if (message.adapter !== undefined) {
+      obj.adapter = Adapter.toJSON(message.adapter);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeleteAdapterAliasResponse>): DeleteAdapterAliasResponse {
+    return DeleteAdapterAliasResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeleteAdapterAliasResponse>): DeleteAdapterAliasResponse {
+    const message = createBaseDeleteAdapterAliasResponse();
+    message.adapter = (object.adapter !== undefined && object.adapter !== null)
+      ? Adapter.fromPartial(object.adapter)
+      : undefined;
+    return message;
+  },
+};
+
+function createBasePinAdapterRequest(): PinAdapterRequest {
+  return { adapterId: "", pinned: false };
+}
+
+export const PinAdapterRequest: MessageFns<PinAdapterRequest> = {
+  encode(message: PinAdapterRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.adapterId !== "") {
+      writer.uint32(10).string(message.adapterId);
+    }
+    if (message.pinned !== false) {
+      writer.uint32(16).bool(message.pinned);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PinAdapterRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePinAdapterRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.adapterId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.pinned = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PinAdapterRequest {
+    return {
+      adapterId: isSet(object.adapterId)
+        ? globalThis.String(object.adapterId)
+        : isSet(object.adapter_id)
+        ? globalThis.String(object.adapter_id)
+        : "",
+      pinned: isSet(object.pinned) ? globalThis.Boolean(object.pinned) : false,
+    };
+  },
+
+  toJSON(message: PinAdapterRequest): unknown {
+    const obj: any = {};
+    if (message.adapterId !== "") {
+      obj.adapterId = message.adapterId;
+    }
+    if (message.pinned !== false) {
+      obj.pinned = message.pinned;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PinAdapterRequest>): PinAdapterRequest {
+    return PinAdapterRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PinAdapterRequest>): PinAdapterRequest {
+    const message = createBasePinAdapterRequest();
+    message.adapterId = object.adapterId ?? "";
+    message.pinned = object.pinned ?? false;
+    return message;
+  },
+};
+
+function createBasePinAdapterResponse(): PinAdapterResponse {
+  return { adapter: undefined };
+}
+
+export const PinAdapterResponse: MessageFns<PinAdapterResponse> = {
+  encode(message: PinAdapterResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.adapter !== undefined) {
+      Adapter.encode(message.adapter, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PinAdapterResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePinAdapterResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.adapter = Adapter.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PinAdapterResponse {
+    return { adapter: isSet(object.adapter) ? Adapter.fromJSON(object.adapter) : undefined };
+  },
+
+  toJSON(message: PinAdapterResponse): unknown {
+    const obj: any = {};
+    if (message.adapter !== undefined) {
+      obj.adapter = Adapter.toJSON(message.adapter);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PinAdapterResponse>): PinAdapterResponse {
+    return PinAdapterResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PinAdapterResponse>): PinAdapterResponse {
+    const message = createBasePinAdapterResponse();
+    message.adapter = (object.adapter !== undefined && object.adapter !== null)
+      ? Adapter.fromPartial(object.adapter)
+      : undefined;
+    return message;
+  },
+};
 
 function createBaseLoraConfig(): LoraConfig {
   return { rank: 0, alpha: 0, dropout: 0, targetModules: [], useRslora: false };
@@ -585,6 +1784,12 @@ function createBaseAdapter(): Adapter {
     sizeBytes: 0,
     tenant: "",
     shared: false,
+    version: 0,
+    contentHash: "",
+    versions: [],
+    aliases: [],
+    stats: undefined,
+    tier: 0,
   };
 }
 
@@ -625,6 +1830,24 @@ export const Adapter: MessageFns<Adapter> = {
     }
     if (message.shared !== false) {
       writer.uint32(96).bool(message.shared);
+    }
+    if (message.version !== 0) {
+      writer.uint32(104).uint32(message.version);
+    }
+    if (message.contentHash !== "") {
+      writer.uint32(114).string(message.contentHash);
+    }
+    for (const v of message.versions) {
+      AdapterVersion.encode(v!, writer.uint32(122).fork()).join();
+    }
+    for (const v of message.aliases) {
+      AdapterAlias.encode(v!, writer.uint32(130).fork()).join();
+    }
+    if (message.stats !== undefined) {
+      AdapterServingStats.encode(message.stats, writer.uint32(138).fork()).join();
+    }
+    if (message.tier !== 0) {
+      writer.uint32(144).int32(message.tier);
     }
     return writer;
   },
@@ -738,6 +1961,54 @@ export const Adapter: MessageFns<Adapter> = {
             message.shared = reader.bool();
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.version = reader.uint32();
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.contentHash = reader.string();
+            continue;
+          }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.versions.push(AdapterVersion.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.aliases.push(AdapterAlias.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 17: {
+            if (tag !== 138) {
+              break;
+            }
+
+            message.stats = AdapterServingStats.decode(reader, reader.uint32());
+            continue;
+          }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.tier = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -788,6 +2059,20 @@ export const Adapter: MessageFns<Adapter> = {
         : 0,
       tenant: isSet(object.tenant) ? globalThis.String(object.tenant) : "",
       shared: isSet(object.shared) ? globalThis.Boolean(object.shared) : false,
+      version: isSet(object.version) ? globalThis.Number(object.version) : 0,
+      contentHash: isSet(object.contentHash)
+        ? globalThis.String(object.contentHash)
+        : isSet(object.content_hash)
+        ? globalThis.String(object.content_hash)
+        : "",
+      versions: globalThis.Array.isArray(object?.versions)
+        ? object.versions.map((e: any) => AdapterVersion.fromJSON(e))
+        : [],
+      aliases: globalThis.Array.isArray(object?.aliases)
+        ? object.aliases.map((e: any) => AdapterAlias.fromJSON(e))
+        : [],
+      stats: isSet(object.stats) ? AdapterServingStats.fromJSON(object.stats) : undefined,
+      tier: isSet(object.tier) ? adapterTierFromJSON(object.tier) : 0,
     };
   },
 
@@ -829,6 +2114,24 @@ export const Adapter: MessageFns<Adapter> = {
     if (message.shared !== false) {
       obj.shared = message.shared;
     }
+    if (message.version !== 0) {
+      obj.version = Math.round(message.version);
+    }
+    if (message.contentHash !== "") {
+      obj.contentHash = message.contentHash;
+    }
+    if (message.versions?.length) {
+      obj.versions = message.versions.map((e) => AdapterVersion.toJSON(e));
+    }
+    if (message.aliases?.length) {
+      obj.aliases = message.aliases.map((e) => AdapterAlias.toJSON(e));
+    }
+    if (message.stats !== undefined) {
+      obj.stats = AdapterServingStats.toJSON(message.stats);
+    }
+    if (message.tier !== 0) {
+      obj.tier = adapterTierToJSON(message.tier);
+    }
     return obj;
   },
 
@@ -853,6 +2156,14 @@ export const Adapter: MessageFns<Adapter> = {
     message.sizeBytes = object.sizeBytes ?? 0;
     message.tenant = object.tenant ?? "";
     message.shared = object.shared ?? false;
+    message.version = object.version ?? 0;
+    message.contentHash = object.contentHash ?? "";
+    message.versions = object.versions?.map((e) => AdapterVersion.fromPartial(e)) || [];
+    message.aliases = object.aliases?.map((e) => AdapterAlias.fromPartial(e)) || [];
+    message.stats = (object.stats !== undefined && object.stats !== null)
+      ? AdapterServingStats.fromPartial(object.stats)
+      : undefined;
+    message.tier = object.tier ?? 0;
     return message;
   },
 };
@@ -1769,7 +3080,7 @@ export const DeleteAdapterResponse: MessageFns<DeleteAdapterResponse> = {
 };
 
 function createBaseImportAdapterHeader(): ImportAdapterHeader {
-  return { adapterId: "", files: [], shared: false };
+  return { adapterId: "", files: [], shared: false, newVersion: false };
 }
 
 export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
@@ -1782,6 +3093,9 @@ export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
     }
     if (message.shared !== false) {
       writer.uint32(24).bool(message.shared);
+    }
+    if (message.newVersion !== false) {
+      writer.uint32(32).bool(message.newVersion);
     }
     return writer;
   },
@@ -1823,6 +3137,14 @@ export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
             message.shared = reader.bool();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.newVersion = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1844,6 +3166,11 @@ export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
         : "",
       files: globalThis.Array.isArray(object?.files) ? object.files.map((e: any) => FileEntry.fromJSON(e)) : [],
       shared: isSet(object.shared) ? globalThis.Boolean(object.shared) : false,
+      newVersion: isSet(object.newVersion)
+        ? globalThis.Boolean(object.newVersion)
+        : isSet(object.new_version)
+        ? globalThis.Boolean(object.new_version)
+        : false,
     };
   },
 
@@ -1858,6 +3185,9 @@ export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
     if (message.shared !== false) {
       obj.shared = message.shared;
     }
+    if (message.newVersion !== false) {
+      obj.newVersion = message.newVersion;
+    }
     return obj;
   },
 
@@ -1869,6 +3199,7 @@ export const ImportAdapterHeader: MessageFns<ImportAdapterHeader> = {
     message.adapterId = object.adapterId ?? "";
     message.files = object.files?.map((e) => FileEntry.fromPartial(e)) || [];
     message.shared = object.shared ?? false;
+    message.newVersion = object.newVersion ?? false;
     return message;
   },
 };
@@ -2958,7 +4289,15 @@ export const MergeAndUnloadResponse: MessageFns<MergeAndUnloadResponse> = {
   },
 };
 
-/** Manages stored adapters and the device adapter pool. */
+/**
+ * Manages stored adapters and the adapter pool.
+ *
+ * The pool: a fixed number of device slots over a host-memory tier. An adapter not in a slot is read
+ * from disk in the background (running generations keep streaming) and placed in a free slot, or in
+ * the slot of the least recently used adapter that no request is using and that is not pinned. A
+ * request waits for that instead of failing; when every slot is busy, the least recently used busy
+ * adapter takes no new requests until its running ones end, and its slot goes to the waiter.
+ */
 export type AdapterServiceService = typeof AdapterServiceService;
 export const AdapterServiceService = {
   /** Lists stored adapters in id order. */
@@ -2972,7 +4311,10 @@ export const AdapterServiceService = {
       Buffer.from(ListAdaptersResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ListAdaptersResponse => ListAdaptersResponse.decode(value),
   },
-  /** Returns one adapter: config, metrics, created time, base fingerprint. Errors: NOT_FOUND. */
+  /**
+   * Returns one adapter: config, metrics, created time, base fingerprint, its versions and aliases,
+   * and the pool's counters. Errors: NOT_FOUND.
+   */
   getAdapter: {
     path: "/tuneserve.v1.AdapterService/GetAdapter" as const,
     requestStream: false as const,
@@ -2983,10 +4325,11 @@ export const AdapterServiceService = {
     responseDeserialize: (value: Buffer): GetAdapterResponse => GetAdapterResponse.decode(value),
   },
   /**
-   * Loads an adapter into a device pool slot (no-op when loaded). Errors: NOT_FOUND,
-   * FAILED_PRECONDITION (built for another base), RESOURCE_EXHAUSTED (every slot taken: unload
-   * one first; eviction is never implicit), DATA_LOSS (reason INTEGRITY_MISMATCH: a file of the
-   * adapter changed on disk since it was stored; it is not loaded).
+   * Brings an adapter version into a device slot (no-op when it is there), evicting the least
+   * recently used idle adapter when the pool is full, and waiting (within the call's deadline) while
+   * every slot is busy. Errors: NOT_FOUND, FAILED_PRECONDITION (built for another base),
+   * INVALID_ARGUMENT (its files do not load), DATA_LOSS (reason INTEGRITY_MISMATCH: a file of the
+   * version changed on disk since it was stored; it is not loaded).
    */
   loadAdapter: {
     path: "/tuneserve.v1.AdapterService/LoadAdapter" as const,
@@ -2998,8 +4341,8 @@ export const AdapterServiceService = {
     responseDeserialize: (value: Buffer): LoadAdapterResponse => LoadAdapterResponse.decode(value),
   },
   /**
-   * Frees an adapter's pool slot (no-op when not loaded). Errors: NOT_FOUND,
-   * FAILED_PRECONDITION (generations are using it).
+   * Drops an adapter's versions (or the one named) from the pool, device and host tiers (no-op when
+   * not loaded). Errors: NOT_FOUND, FAILED_PRECONDITION (generations are using it).
    */
   unloadAdapter: {
     path: "/tuneserve.v1.AdapterService/UnloadAdapter" as const,
@@ -3090,23 +4433,85 @@ export const AdapterServiceService = {
       Buffer.from(SetAdapterSharedResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): SetAdapterSharedResponse => SetAdapterSharedResponse.decode(value),
   },
+  /**
+   * Points an alias of an adapter (e.g. support@prod) at one of its versions, atomically: a request
+   * resolves the alias once, when it starts, and finishes on that version. The version it pointed at
+   * before is remembered for RollbackAdapterAlias. Errors: INVALID_ARGUMENT, NOT_FOUND (adapter or
+   * version), PERMISSION_DENIED.
+   */
+  setAdapterAlias: {
+    path: "/tuneserve.v1.AdapterService/SetAdapterAlias" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SetAdapterAliasRequest): Buffer =>
+      Buffer.from(SetAdapterAliasRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SetAdapterAliasRequest => SetAdapterAliasRequest.decode(value),
+    responseSerialize: (value: SetAdapterAliasResponse): Buffer =>
+      Buffer.from(SetAdapterAliasResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SetAdapterAliasResponse => SetAdapterAliasResponse.decode(value),
+  },
+  /**
+   * Moves an alias back to the version it pointed at before its last move. Errors: NOT_FOUND,
+   * FAILED_PRECONDITION (NO_ALIAS_HISTORY), PERMISSION_DENIED.
+   */
+  rollbackAdapterAlias: {
+    path: "/tuneserve.v1.AdapterService/RollbackAdapterAlias" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RollbackAdapterAliasRequest): Buffer =>
+      Buffer.from(RollbackAdapterAliasRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RollbackAdapterAliasRequest => RollbackAdapterAliasRequest.decode(value),
+    responseSerialize: (value: RollbackAdapterAliasResponse): Buffer =>
+      Buffer.from(RollbackAdapterAliasResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): RollbackAdapterAliasResponse => RollbackAdapterAliasResponse.decode(value),
+  },
+  /** Removes an alias. Errors: NOT_FOUND, PERMISSION_DENIED. */
+  deleteAdapterAlias: {
+    path: "/tuneserve.v1.AdapterService/DeleteAdapterAlias" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DeleteAdapterAliasRequest): Buffer =>
+      Buffer.from(DeleteAdapterAliasRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DeleteAdapterAliasRequest => DeleteAdapterAliasRequest.decode(value),
+    responseSerialize: (value: DeleteAdapterAliasResponse): Buffer =>
+      Buffer.from(DeleteAdapterAliasResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DeleteAdapterAliasResponse => DeleteAdapterAliasResponse.decode(value),
+  },
+  /**
+   * Pins an adapter version in the pool (brought into a device slot and never evicted) or unpins it.
+   * At least one slot always stays unpinned. Errors: NOT_FOUND, FAILED_PRECONDITION (PIN_LIMIT),
+   * PERMISSION_DENIED.
+   */
+  pinAdapter: {
+    path: "/tuneserve.v1.AdapterService/PinAdapter" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: PinAdapterRequest): Buffer => Buffer.from(PinAdapterRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PinAdapterRequest => PinAdapterRequest.decode(value),
+    responseSerialize: (value: PinAdapterResponse): Buffer => Buffer.from(PinAdapterResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): PinAdapterResponse => PinAdapterResponse.decode(value),
+  },
 } as const;
 
 export interface AdapterServiceServer extends UntypedServiceImplementation {
   /** Lists stored adapters in id order. */
   listAdapters: handleUnaryCall<ListAdaptersRequest, ListAdaptersResponse>;
-  /** Returns one adapter: config, metrics, created time, base fingerprint. Errors: NOT_FOUND. */
+  /**
+   * Returns one adapter: config, metrics, created time, base fingerprint, its versions and aliases,
+   * and the pool's counters. Errors: NOT_FOUND.
+   */
   getAdapter: handleUnaryCall<GetAdapterRequest, GetAdapterResponse>;
   /**
-   * Loads an adapter into a device pool slot (no-op when loaded). Errors: NOT_FOUND,
-   * FAILED_PRECONDITION (built for another base), RESOURCE_EXHAUSTED (every slot taken: unload
-   * one first; eviction is never implicit), DATA_LOSS (reason INTEGRITY_MISMATCH: a file of the
-   * adapter changed on disk since it was stored; it is not loaded).
+   * Brings an adapter version into a device slot (no-op when it is there), evicting the least
+   * recently used idle adapter when the pool is full, and waiting (within the call's deadline) while
+   * every slot is busy. Errors: NOT_FOUND, FAILED_PRECONDITION (built for another base),
+   * INVALID_ARGUMENT (its files do not load), DATA_LOSS (reason INTEGRITY_MISMATCH: a file of the
+   * version changed on disk since it was stored; it is not loaded).
    */
   loadAdapter: handleUnaryCall<LoadAdapterRequest, LoadAdapterResponse>;
   /**
-   * Frees an adapter's pool slot (no-op when not loaded). Errors: NOT_FOUND,
-   * FAILED_PRECONDITION (generations are using it).
+   * Drops an adapter's versions (or the one named) from the pool, device and host tiers (no-op when
+   * not loaded). Errors: NOT_FOUND, FAILED_PRECONDITION (generations are using it).
    */
   unloadAdapter: handleUnaryCall<UnloadAdapterRequest, UnloadAdapterResponse>;
   /**
@@ -3141,6 +4546,26 @@ export interface AdapterServiceServer extends UntypedServiceImplementation {
    * own tenant or an admin key may. Errors: NOT_FOUND, PERMISSION_DENIED.
    */
   setAdapterShared: handleUnaryCall<SetAdapterSharedRequest, SetAdapterSharedResponse>;
+  /**
+   * Points an alias of an adapter (e.g. support@prod) at one of its versions, atomically: a request
+   * resolves the alias once, when it starts, and finishes on that version. The version it pointed at
+   * before is remembered for RollbackAdapterAlias. Errors: INVALID_ARGUMENT, NOT_FOUND (adapter or
+   * version), PERMISSION_DENIED.
+   */
+  setAdapterAlias: handleUnaryCall<SetAdapterAliasRequest, SetAdapterAliasResponse>;
+  /**
+   * Moves an alias back to the version it pointed at before its last move. Errors: NOT_FOUND,
+   * FAILED_PRECONDITION (NO_ALIAS_HISTORY), PERMISSION_DENIED.
+   */
+  rollbackAdapterAlias: handleUnaryCall<RollbackAdapterAliasRequest, RollbackAdapterAliasResponse>;
+  /** Removes an alias. Errors: NOT_FOUND, PERMISSION_DENIED. */
+  deleteAdapterAlias: handleUnaryCall<DeleteAdapterAliasRequest, DeleteAdapterAliasResponse>;
+  /**
+   * Pins an adapter version in the pool (brought into a device slot and never evicted) or unpins it.
+   * At least one slot always stays unpinned. Errors: NOT_FOUND, FAILED_PRECONDITION (PIN_LIMIT),
+   * PERMISSION_DENIED.
+   */
+  pinAdapter: handleUnaryCall<PinAdapterRequest, PinAdapterResponse>;
 }
 
 export interface AdapterServiceClient extends Client {
@@ -3160,7 +4585,10 @@ export interface AdapterServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ListAdaptersResponse) => void,
   ): ClientUnaryCall;
-  /** Returns one adapter: config, metrics, created time, base fingerprint. Errors: NOT_FOUND. */
+  /**
+   * Returns one adapter: config, metrics, created time, base fingerprint, its versions and aliases,
+   * and the pool's counters. Errors: NOT_FOUND.
+   */
   getAdapter(
     request: GetAdapterRequest,
     callback: (error: ServiceError | null, response: GetAdapterResponse) => void,
@@ -3177,10 +4605,11 @@ export interface AdapterServiceClient extends Client {
     callback: (error: ServiceError | null, response: GetAdapterResponse) => void,
   ): ClientUnaryCall;
   /**
-   * Loads an adapter into a device pool slot (no-op when loaded). Errors: NOT_FOUND,
-   * FAILED_PRECONDITION (built for another base), RESOURCE_EXHAUSTED (every slot taken: unload
-   * one first; eviction is never implicit), DATA_LOSS (reason INTEGRITY_MISMATCH: a file of the
-   * adapter changed on disk since it was stored; it is not loaded).
+   * Brings an adapter version into a device slot (no-op when it is there), evicting the least
+   * recently used idle adapter when the pool is full, and waiting (within the call's deadline) while
+   * every slot is busy. Errors: NOT_FOUND, FAILED_PRECONDITION (built for another base),
+   * INVALID_ARGUMENT (its files do not load), DATA_LOSS (reason INTEGRITY_MISMATCH: a file of the
+   * version changed on disk since it was stored; it is not loaded).
    */
   loadAdapter(
     request: LoadAdapterRequest,
@@ -3198,8 +4627,8 @@ export interface AdapterServiceClient extends Client {
     callback: (error: ServiceError | null, response: LoadAdapterResponse) => void,
   ): ClientUnaryCall;
   /**
-   * Frees an adapter's pool slot (no-op when not loaded). Errors: NOT_FOUND,
-   * FAILED_PRECONDITION (generations are using it).
+   * Drops an adapter's versions (or the one named) from the pool, device and host tiers (no-op when
+   * not loaded). Errors: NOT_FOUND, FAILED_PRECONDITION (generations are using it).
    */
   unloadAdapter(
     request: UnloadAdapterRequest,
@@ -3306,6 +4735,82 @@ export interface AdapterServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: SetAdapterSharedResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Points an alias of an adapter (e.g. support@prod) at one of its versions, atomically: a request
+   * resolves the alias once, when it starts, and finishes on that version. The version it pointed at
+   * before is remembered for RollbackAdapterAlias. Errors: INVALID_ARGUMENT, NOT_FOUND (adapter or
+   * version), PERMISSION_DENIED.
+   */
+  setAdapterAlias(
+    request: SetAdapterAliasRequest,
+    callback: (error: ServiceError | null, response: SetAdapterAliasResponse) => void,
+  ): ClientUnaryCall;
+  setAdapterAlias(
+    request: SetAdapterAliasRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SetAdapterAliasResponse) => void,
+  ): ClientUnaryCall;
+  setAdapterAlias(
+    request: SetAdapterAliasRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SetAdapterAliasResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Moves an alias back to the version it pointed at before its last move. Errors: NOT_FOUND,
+   * FAILED_PRECONDITION (NO_ALIAS_HISTORY), PERMISSION_DENIED.
+   */
+  rollbackAdapterAlias(
+    request: RollbackAdapterAliasRequest,
+    callback: (error: ServiceError | null, response: RollbackAdapterAliasResponse) => void,
+  ): ClientUnaryCall;
+  rollbackAdapterAlias(
+    request: RollbackAdapterAliasRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: RollbackAdapterAliasResponse) => void,
+  ): ClientUnaryCall;
+  rollbackAdapterAlias(
+    request: RollbackAdapterAliasRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: RollbackAdapterAliasResponse) => void,
+  ): ClientUnaryCall;
+  /** Removes an alias. Errors: NOT_FOUND, PERMISSION_DENIED. */
+  deleteAdapterAlias(
+    request: DeleteAdapterAliasRequest,
+    callback: (error: ServiceError | null, response: DeleteAdapterAliasResponse) => void,
+  ): ClientUnaryCall;
+  deleteAdapterAlias(
+    request: DeleteAdapterAliasRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DeleteAdapterAliasResponse) => void,
+  ): ClientUnaryCall;
+  deleteAdapterAlias(
+    request: DeleteAdapterAliasRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DeleteAdapterAliasResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Pins an adapter version in the pool (brought into a device slot and never evicted) or unpins it.
+   * At least one slot always stays unpinned. Errors: NOT_FOUND, FAILED_PRECONDITION (PIN_LIMIT),
+   * PERMISSION_DENIED.
+   */
+  pinAdapter(
+    request: PinAdapterRequest,
+    callback: (error: ServiceError | null, response: PinAdapterResponse) => void,
+  ): ClientUnaryCall;
+  pinAdapter(
+    request: PinAdapterRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: PinAdapterResponse) => void,
+  ): ClientUnaryCall;
+  pinAdapter(
+    request: PinAdapterRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PinAdapterResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -18,6 +18,9 @@ export const protobufFileName = "tuneserve/v1/common.proto";
  * Conventions for the whole package:
  * - Ids of adapters, datasets, jobs and output folders are chosen by clients and match
  *   ^[a-z0-9][a-z0-9._-]{0,63}$ and never contain "..". Clients never send file paths.
+ * - Where a field says it takes an adapter reference, it accepts "<id>" (the latest version),
+ *   "<id>@v<N>" (version N) or "<id>@<alias>" (the version the alias points at now; aliases match
+ *   ^[a-z][a-z0-9_-]{0,31}$, and "latest" and v<digits> are reserved).
  * - Errors carry google.rpc.Status in grpc-status-details-bin with one google.rpc.ErrorInfo
  *   (domain "tuneserve.dev", reason UPPER_SNAKE_CASE), google.rpc.BadRequest naming the field for
  *   INVALID_ARGUMENT, and google.rpc.RetryInfo when a later retry is expected to succeed.
@@ -82,6 +85,52 @@ export interface TrainingMetrics {
     | undefined;
   /** Interventions of the guard (skipped batches and rollbacks). */
   guardInterventions: number;
+}
+
+/** How generation and training share the engine's executor thread while both have work. */
+export interface SchedulingPolicy {
+  /**
+   * Inter-token latency generation aims for while a job trains, in milliseconds. 0: one training
+   * micro-step after every generation step. Otherwise a micro-step runs after a generation step only
+   * when the measured step times (moving averages) of both fit in the target, or when training's share
+   * of the busy time fell below min_training_share.
+   */
+  targetInterTokenMs: number;
+  /**
+   * The share of the busy time (0 to 1) a training job gets at least while generations run, so it is
+   * never starved.
+   */
+  minTrainingShare: number;
+}
+
+/** What the adapter pool counted for one adapter version (or summed over several). */
+export interface AdapterServingStats {
+  /** Generation requests submitted with it. */
+  requests: number;
+  /** Their prompt tokens. */
+  inputTokens: number;
+  /** Tokens generated with it. */
+  outputTokens: number;
+  /** Requests that found it in a device slot. */
+  hits: number;
+  /** Requests that found it in the host tier and had it placed in a slot (no file read). */
+  hostHits: number;
+  /** Reads of its files from disk into the host tier. */
+  loads: number;
+  /** Seconds those reads took in total. */
+  loadSeconds: number;
+  /** Seconds the latest read took. */
+  lastLoadSeconds: number;
+  /** Times its device slot was given to another adapter. */
+  evictions: number;
+  /** Times its host copy was dropped (host tier over its budget). */
+  hostEvictions: number;
+  /** Reads that failed (the requests waiting for it failed with it). */
+  loadFailures: number;
+  /** Copies from the host tier into a device slot (aliases on the CPU). */
+  placements: number;
+  /** Seconds those copies took in total. */
+  placeSeconds: number;
 }
 
 function createBaseFileEntry(): FileEntry {
@@ -547,6 +596,406 @@ export const TrainingMetrics: MessageFns<TrainingMetrics> = {
     message.forgettingBaseLoss = object.forgettingBaseLoss ?? undefined;
     message.forgettingLoss = object.forgettingLoss ?? undefined;
     message.guardInterventions = object.guardInterventions ?? 0;
+    return message;
+  },
+};
+
+function createBaseSchedulingPolicy(): SchedulingPolicy {
+  return { targetInterTokenMs: 0, minTrainingShare: 0 };
+}
+
+export const SchedulingPolicy: MessageFns<SchedulingPolicy> = {
+  encode(message: SchedulingPolicy, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.targetInterTokenMs !== 0) {
+      writer.uint32(9).double(message.targetInterTokenMs);
+    }
+    if (message.minTrainingShare !== 0) {
+      writer.uint32(17).double(message.minTrainingShare);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SchedulingPolicy {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSchedulingPolicy();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 9) {
+              break;
+            }
+
+            message.targetInterTokenMs = reader.double();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.minTrainingShare = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SchedulingPolicy {
+    return {
+      targetInterTokenMs: isSet(object.targetInterTokenMs)
+        ? globalThis.Number(object.targetInterTokenMs)
+        : isSet(object.target_inter_token_ms)
+        ? globalThis.Number(object.target_inter_token_ms)
+        : 0,
+      minTrainingShare: isSet(object.minTrainingShare)
+        ? globalThis.Number(object.minTrainingShare)
+        : isSet(object.min_training_share)
+        ? globalThis.Number(object.min_training_share)
+        : 0,
+    };
+  },
+
+  toJSON(message: SchedulingPolicy): unknown {
+    const obj: any = {};
+    if (message.targetInterTokenMs !== 0) {
+      obj.targetInterTokenMs = floatToJson(message.targetInterTokenMs);
+    }
+    if (message.minTrainingShare !== 0) {
+      obj.minTrainingShare = floatToJson(message.minTrainingShare);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SchedulingPolicy>): SchedulingPolicy {
+    return SchedulingPolicy.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SchedulingPolicy>): SchedulingPolicy {
+    const message = createBaseSchedulingPolicy();
+    message.targetInterTokenMs = object.targetInterTokenMs ?? 0;
+    message.minTrainingShare = object.minTrainingShare ?? 0;
+    return message;
+  },
+};
+
+function createBaseAdapterServingStats(): AdapterServingStats {
+  return {
+    requests: 0,
+    inputTokens: 0,
+    outputTokens: 0,
+    hits: 0,
+    hostHits: 0,
+    loads: 0,
+    loadSeconds: 0,
+    lastLoadSeconds: 0,
+    evictions: 0,
+    hostEvictions: 0,
+    loadFailures: 0,
+    placements: 0,
+    placeSeconds: 0,
+  };
+}
+
+export const AdapterServingStats: MessageFns<AdapterServingStats> = {
+  encode(message: AdapterServingStats, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requests !== 0) {
+      writer.uint32(8).uint64(message.requests);
+    }
+    if (message.inputTokens !== 0) {
+      writer.uint32(16).uint64(message.inputTokens);
+    }
+    if (message.outputTokens !== 0) {
+      writer.uint32(24).uint64(message.outputTokens);
+    }
+    if (message.hits !== 0) {
+      writer.uint32(32).uint64(message.hits);
+    }
+    if (message.hostHits !== 0) {
+      writer.uint32(40).uint64(message.hostHits);
+    }
+    if (message.loads !== 0) {
+      writer.uint32(48).uint64(message.loads);
+    }
+    if (message.loadSeconds !== 0) {
+      writer.uint32(57).double(message.loadSeconds);
+    }
+    if (message.lastLoadSeconds !== 0) {
+      writer.uint32(65).double(message.lastLoadSeconds);
+    }
+    if (message.evictions !== 0) {
+      writer.uint32(72).uint64(message.evictions);
+    }
+    if (message.hostEvictions !== 0) {
+      writer.uint32(80).uint64(message.hostEvictions);
+    }
+    if (message.loadFailures !== 0) {
+      writer.uint32(88).uint64(message.loadFailures);
+    }
+    if (message.placements !== 0) {
+      writer.uint32(96).uint64(message.placements);
+    }
+    if (message.placeSeconds !== 0) {
+      writer.uint32(105).double(message.placeSeconds);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AdapterServingStats {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAdapterServingStats();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.requests = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.inputTokens = longToNumber(reader.uint64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.outputTokens = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.hits = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.hostHits = longToNumber(reader.uint64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.loads = longToNumber(reader.uint64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 57) {
+              break;
+            }
+
+            message.loadSeconds = reader.double();
+            continue;
+          }
+          case 8: {
+            if (tag !== 65) {
+              break;
+            }
+
+            message.lastLoadSeconds = reader.double();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.evictions = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.hostEvictions = longToNumber(reader.uint64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.loadFailures = longToNumber(reader.uint64());
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.placements = longToNumber(reader.uint64());
+            continue;
+          }
+          case 13: {
+            if (tag !== 105) {
+              break;
+            }
+
+            message.placeSeconds = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AdapterServingStats {
+    return {
+      requests: isSet(object.requests) ? globalThis.Number(object.requests) : 0,
+      inputTokens: isSet(object.inputTokens)
+        ? globalThis.Number(object.inputTokens)
+        : isSet(object.input_tokens)
+        ? globalThis.Number(object.input_tokens)
+        : 0,
+      outputTokens: isSet(object.outputTokens)
+        ? globalThis.Number(object.outputTokens)
+        : isSet(object.output_tokens)
+        ? globalThis.Number(object.output_tokens)
+        : 0,
+      hits: isSet(object.hits) ? globalThis.Number(object.hits) : 0,
+      hostHits: isSet(object.hostHits)
+        ? globalThis.Number(object.hostHits)
+        : isSet(object.host_hits)
+        ? globalThis.Number(object.host_hits)
+        : 0,
+      loads: isSet(object.loads) ? globalThis.Number(object.loads) : 0,
+      loadSeconds: isSet(object.loadSeconds)
+        ? globalThis.Number(object.loadSeconds)
+        : isSet(object.load_seconds)
+        ? globalThis.Number(object.load_seconds)
+        : 0,
+      lastLoadSeconds: isSet(object.lastLoadSeconds)
+        ? globalThis.Number(object.lastLoadSeconds)
+        : isSet(object.last_load_seconds)
+        ? globalThis.Number(object.last_load_seconds)
+        : 0,
+      evictions: isSet(object.evictions) ? globalThis.Number(object.evictions) : 0,
+      hostEvictions: isSet(object.hostEvictions)
+        ? globalThis.Number(object.hostEvictions)
+        : isSet(object.host_evictions)
+        ? globalThis.Number(object.host_evictions)
+        : 0,
+      loadFailures: isSet(object.loadFailures)
+        ? globalThis.Number(object.loadFailures)
+        : isSet(object.load_failures)
+        ? globalThis.Number(object.load_failures)
+        : 0,
+      placements: isSet(object.placements) ? globalThis.Number(object.placements) : 0,
+      placeSeconds: isSet(object.placeSeconds)
+        ? globalThis.Number(object.placeSeconds)
+        : isSet(object.place_seconds)
+        ? globalThis.Number(object.place_seconds)
+        : 0,
+    };
+  },
+
+  toJSON(message: AdapterServingStats): unknown {
+    const obj: any = {};
+    if (message.requests !== 0) {
+      obj.requests = Math.round(message.requests);
+    }
+    if (message.inputTokens !== 0) {
+      obj.inputTokens = Math.round(message.inputTokens);
+    }
+    if (message.outputTokens !== 0) {
+      obj.outputTokens = Math.round(message.outputTokens);
+    }
+    if (message.hits !== 0) {
+      obj.hits = Math.round(message.hits);
+    }
+    if (message.hostHits !== 0) {
+      obj.hostHits = Math.round(message.hostHits);
+    }
+    if (message.loads !== 0) {
+      obj.loads = Math.round(message.loads);
+    }
+    if (message.loadSeconds !== 0) {
+      obj.loadSeconds = floatToJson(message.loadSeconds);
+    }
+    if (message.lastLoadSeconds !== 0) {
+      obj.lastLoadSeconds = floatToJson(message.lastLoadSeconds);
+    }
+    if (message.evictions !== 0) {
+      obj.evictions = Math.round(message.evictions);
+    }
+    if (message.hostEvictions !== 0) {
+      obj.hostEvictions = Math.round(message.hostEvictions);
+    }
+    if (message.loadFailures !== 0) {
+      obj.loadFailures = Math.round(message.loadFailures);
+    }
+    if (message.placements !== 0) {
+      obj.placements = Math.round(message.placements);
+    }
+    if (message.placeSeconds !== 0) {
+      obj.placeSeconds = floatToJson(message.placeSeconds);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AdapterServingStats>): AdapterServingStats {
+    return AdapterServingStats.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AdapterServingStats>): AdapterServingStats {
+    const message = createBaseAdapterServingStats();
+    message.requests = object.requests ?? 0;
+    message.inputTokens = object.inputTokens ?? 0;
+    message.outputTokens = object.outputTokens ?? 0;
+    message.hits = object.hits ?? 0;
+    message.hostHits = object.hostHits ?? 0;
+    message.loads = object.loads ?? 0;
+    message.loadSeconds = object.loadSeconds ?? 0;
+    message.lastLoadSeconds = object.lastLoadSeconds ?? 0;
+    message.evictions = object.evictions ?? 0;
+    message.hostEvictions = object.hostEvictions ?? 0;
+    message.loadFailures = object.loadFailures ?? 0;
+    message.placements = object.placements ?? 0;
+    message.placeSeconds = object.placeSeconds ?? 0;
     return message;
   },
 };

@@ -111,7 +111,10 @@ export interface GenerateRequest {
   tokenIds?:
     | TokenIdsPrompt
     | undefined;
-  /** Adapter to generate with; empty uses the base model alone. */
+  /**
+   * Adapter to generate with, as a reference (see common.proto: id, id@vN or id@alias); empty uses
+   * the base model alone.
+   */
   adapterId: string;
   /** Most tokens to generate, 1 to max_seq_len - prompt tokens; 0 means min(256, that room). */
   maxTokens: number;
@@ -179,7 +182,14 @@ export interface GenerateResponse {
   /** Set on the last message only. */
   finishReason: FinishReason;
   /** Set on the last message only. */
-  usage?: TokenUsage | undefined;
+  usage?:
+    | TokenUsage
+    | undefined;
+  /**
+   * The adapter version the request ran on (what its reference resolved to when it started); set on
+   * the last message only, 0 for the base model.
+   */
+  adapterVersion: number;
 }
 
 function createBaseChatMessage(): ChatMessage {
@@ -848,7 +858,7 @@ export const TokenUsage: MessageFns<TokenUsage> = {
 };
 
 function createBaseGenerateResponse(): GenerateResponse {
-  return { text: "", tokenIds: [], finishReason: 0, usage: undefined };
+  return { text: "", tokenIds: [], finishReason: 0, usage: undefined, adapterVersion: 0 };
 }
 
 export const GenerateResponse: MessageFns<GenerateResponse> = {
@@ -868,6 +878,9 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     }
     if (message.usage !== undefined) {
       TokenUsage.encode(message.usage, writer.uint32(34).fork()).join();
+    }
+    if (message.adapterVersion !== 0) {
+      writer.uint32(40).uint32(message.adapterVersion);
     }
     return writer;
   },
@@ -927,6 +940,14 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
             message.usage = TokenUsage.decode(reader, reader.uint32());
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.adapterVersion = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -953,6 +974,11 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
         ? finishReasonFromJSON(object.finish_reason)
         : 0,
       usage: isSet(object.usage) ? TokenUsage.fromJSON(object.usage) : undefined,
+      adapterVersion: isSet(object.adapterVersion)
+        ? globalThis.Number(object.adapterVersion)
+        : isSet(object.adapter_version)
+        ? globalThis.Number(object.adapter_version)
+        : 0,
     };
   },
 
@@ -970,6 +996,9 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     if (message.usage !== undefined) {
       obj.usage = TokenUsage.toJSON(message.usage);
     }
+    if (message.adapterVersion !== 0) {
+      obj.adapterVersion = Math.round(message.adapterVersion);
+    }
     return obj;
   },
 
@@ -984,6 +1013,7 @@ export const GenerateResponse: MessageFns<GenerateResponse> = {
     message.usage = (object.usage !== undefined && object.usage !== null)
       ? TokenUsage.fromPartial(object.usage)
       : undefined;
+    message.adapterVersion = object.adapterVersion ?? 0;
     return message;
   },
 };
@@ -995,12 +1025,17 @@ export const GenerationServiceService = {
    * Generates a completion and streams it as text deltas; the last message carries the finish
    * reason and token usage. Concurrent requests with different adapters are batched together,
    * each decoded with its own adapter. A cancelled or expired call stops within one decode step.
-   * An adapter that is stored but not loaded is loaded on first use when a pool slot is free.
+   * An adapter not in a device slot is read in the background and placed in a free slot or the slot
+   * of the least recently used idle adapter; the request waits for that (within its deadline) rather
+   * than failing. The adapter reference is resolved once, when the request starts: it finishes on that
+   * version whatever is published or moved meanwhile. A request fails alone when its adapter's files
+   * do not load (FAILED_PRECONDITION ADAPTER_LOAD_FAILED) or its logits turn non-finite (INTERNAL
+   * NUMERICAL_ERROR); the requests batched with it go on.
    * Errors: INVALID_ARGUMENT, NOT_FOUND (adapter), FAILED_PRECONDITION (adapter built for another
-   * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or the KV-cache
-   * queue full, with RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo,
-   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED,
-   * DATA_LOSS (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
+   * base), RESOURCE_EXHAUSTED (too many concurrent generations or the engine queue full, with
+   * RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo, when prompt +
+   * max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED, DATA_LOSS
+   * (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
    */
   generate: {
     path: "/tuneserve.v1.GenerationService/Generate" as const,
@@ -1018,12 +1053,17 @@ export interface GenerationServiceServer extends UntypedServiceImplementation {
    * Generates a completion and streams it as text deltas; the last message carries the finish
    * reason and token usage. Concurrent requests with different adapters are batched together,
    * each decoded with its own adapter. A cancelled or expired call stops within one decode step.
-   * An adapter that is stored but not loaded is loaded on first use when a pool slot is free.
+   * An adapter not in a device slot is read in the background and placed in a free slot or the slot
+   * of the least recently used idle adapter; the request waits for that (within its deadline) rather
+   * than failing. The adapter reference is resolved once, when the request starts: it finishes on that
+   * version whatever is published or moved meanwhile. A request fails alone when its adapter's files
+   * do not load (FAILED_PRECONDITION ADAPTER_LOAD_FAILED) or its logits turn non-finite (INTERNAL
+   * NUMERICAL_ERROR); the requests batched with it go on.
    * Errors: INVALID_ARGUMENT, NOT_FOUND (adapter), FAILED_PRECONDITION (adapter built for another
-   * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or the KV-cache
-   * queue full, with RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo,
-   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED,
-   * DATA_LOSS (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
+   * base), RESOURCE_EXHAUSTED (too many concurrent generations or the engine queue full, with
+   * RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo, when prompt +
+   * max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED, DATA_LOSS
+   * (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
    */
   generate: handleServerStreamingCall<GenerateRequest, GenerateResponse>;
 }
@@ -1033,12 +1073,17 @@ export interface GenerationServiceClient extends Client {
    * Generates a completion and streams it as text deltas; the last message carries the finish
    * reason and token usage. Concurrent requests with different adapters are batched together,
    * each decoded with its own adapter. A cancelled or expired call stops within one decode step.
-   * An adapter that is stored but not loaded is loaded on first use when a pool slot is free.
+   * An adapter not in a device slot is read in the background and placed in a free slot or the slot
+   * of the least recently used idle adapter; the request waits for that (within its deadline) rather
+   * than failing. The adapter reference is resolved once, when the request starts: it finishes on that
+   * version whatever is published or moved meanwhile. A request fails alone when its adapter's files
+   * do not load (FAILED_PRECONDITION ADAPTER_LOAD_FAILED) or its logits turn non-finite (INTERNAL
+   * NUMERICAL_ERROR); the requests batched with it go on.
    * Errors: INVALID_ARGUMENT, NOT_FOUND (adapter), FAILED_PRECONDITION (adapter built for another
-   * base), RESOURCE_EXHAUSTED (too many concurrent generations, adapter pool full or the KV-cache
-   * queue full, with RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo,
-   * when prompt + max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED,
-   * DATA_LOSS (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
+   * base), RESOURCE_EXHAUSTED (too many concurrent generations or the engine queue full, with
+   * RetryInfo saying when to retry; reason CAPACITY_EXCEEDED, without RetryInfo, when prompt +
+   * max_tokens is more than the whole KV cache holds), CANCELLED, DEADLINE_EXCEEDED, DATA_LOSS
+   * (INTEGRITY_MISMATCH: a file of the adapter changed on disk since it was stored).
    */
   generate(request: GenerateRequest, options?: Partial<CallOptions>): ClientReadableStream<GenerateResponse>;
   generate(

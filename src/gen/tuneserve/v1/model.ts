@@ -18,6 +18,7 @@ import {
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
+import { AdapterServingStats, SchedulingPolicy } from "./common.js";
 
 export const protobufPackage = "tuneserve.v1";
 
@@ -244,6 +245,46 @@ export interface GetModelInfoResponse {
   serverVersion: string;
   /** Element type of activations and the KV cache: f32 (the CPU, or CUDA's float32 check mode) or bf16. */
   computeDtype: string;
+  /** The policy by which generation and training share the engine. */
+  schedulingPolicy?:
+    | SchedulingPolicy
+    | undefined;
+  /** The scheduler's measurements now. */
+  scheduler?:
+    | SchedulerStatus
+    | undefined;
+  /** The adapter pool now. */
+  adapterPool?: AdapterPoolStatus | undefined;
+}
+
+/** What the scheduler measured. */
+export interface SchedulerStatus {
+  /** Training's share of the engine's busy time over the last seconds, 0 to 1. */
+  trainingShare: number;
+  /** Moving average of one generation step, milliseconds. */
+  generationStepMs: number;
+  /** Moving average of one training micro-step, milliseconds. */
+  trainingStepMs: number;
+  /** Turns since start in which the policy held training back for generation. */
+  deferredMicroSteps: number;
+}
+
+/** The adapter pool: device slots over a host-memory tier. */
+export interface AdapterPoolStatus {
+  /** Device slots. */
+  deviceSlots: number;
+  /** Slots holding an adapter now. */
+  resident: number;
+  /** Pinned adapter versions. */
+  pinned: number;
+  /** Bytes of adapters in host memory (on the CPU device these are also the ones in slots). */
+  hostBytes: number;
+  /** The host tier's size; 0 means no limit. */
+  hostBudgetBytes: number;
+  /** Generation requests waiting for their adapter (being read, or no slot free yet). */
+  waitingRequests: number;
+  /** The counters of every adapter since start, summed. */
+  stats?: AdapterServingStats | undefined;
 }
 
 function createBaseModelArchitecture(): ModelArchitecture {
@@ -1611,6 +1652,9 @@ function createBaseGetModelInfoResponse(): GetModelInfoResponse {
     hasChatTemplate: false,
     serverVersion: "",
     computeDtype: "",
+    schedulingPolicy: undefined,
+    scheduler: undefined,
+    adapterPool: undefined,
   };
 }
 
@@ -1658,6 +1702,15 @@ export const GetModelInfoResponse: MessageFns<GetModelInfoResponse> = {
     }
     if (message.computeDtype !== "") {
       writer.uint32(106).string(message.computeDtype);
+    }
+    if (message.schedulingPolicy !== undefined) {
+      SchedulingPolicy.encode(message.schedulingPolicy, writer.uint32(114).fork()).join();
+    }
+    if (message.scheduler !== undefined) {
+      SchedulerStatus.encode(message.scheduler, writer.uint32(122).fork()).join();
+    }
+    if (message.adapterPool !== undefined) {
+      AdapterPoolStatus.encode(message.adapterPool, writer.uint32(130).fork()).join();
     }
     return writer;
   },
@@ -1789,6 +1842,30 @@ export const GetModelInfoResponse: MessageFns<GetModelInfoResponse> = {
             message.computeDtype = reader.string();
             continue;
           }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.schedulingPolicy = SchedulingPolicy.decode(reader, reader.uint32());
+            continue;
+          }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.scheduler = SchedulerStatus.decode(reader, reader.uint32());
+            continue;
+          }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.adapterPool = AdapterPoolStatus.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1844,6 +1921,17 @@ export const GetModelInfoResponse: MessageFns<GetModelInfoResponse> = {
         : isSet(object.compute_dtype)
         ? globalThis.String(object.compute_dtype)
         : "",
+      schedulingPolicy: isSet(object.schedulingPolicy)
+        ? SchedulingPolicy.fromJSON(object.schedulingPolicy)
+        : isSet(object.scheduling_policy)
+        ? SchedulingPolicy.fromJSON(object.scheduling_policy)
+        : undefined,
+      scheduler: isSet(object.scheduler) ? SchedulerStatus.fromJSON(object.scheduler) : undefined,
+      adapterPool: isSet(object.adapterPool)
+        ? AdapterPoolStatus.fromJSON(object.adapterPool)
+        : isSet(object.adapter_pool)
+        ? AdapterPoolStatus.fromJSON(object.adapter_pool)
+        : undefined,
     };
   },
 
@@ -1888,6 +1976,15 @@ export const GetModelInfoResponse: MessageFns<GetModelInfoResponse> = {
     if (message.computeDtype !== "") {
       obj.computeDtype = message.computeDtype;
     }
+    if (message.schedulingPolicy !== undefined) {
+      obj.schedulingPolicy = SchedulingPolicy.toJSON(message.schedulingPolicy);
+    }
+    if (message.scheduler !== undefined) {
+      obj.scheduler = SchedulerStatus.toJSON(message.scheduler);
+    }
+    if (message.adapterPool !== undefined) {
+      obj.adapterPool = AdapterPoolStatus.toJSON(message.adapterPool);
+    }
     return obj;
   },
 
@@ -1915,6 +2012,339 @@ export const GetModelInfoResponse: MessageFns<GetModelInfoResponse> = {
     message.hasChatTemplate = object.hasChatTemplate ?? false;
     message.serverVersion = object.serverVersion ?? "";
     message.computeDtype = object.computeDtype ?? "";
+    message.schedulingPolicy = (object.schedulingPolicy !== undefined && object.schedulingPolicy !== null)
+      ? SchedulingPolicy.fromPartial(object.schedulingPolicy)
+      : undefined;
+    message.scheduler = (object.scheduler !== undefined && object.scheduler !== null)
+      ? SchedulerStatus.fromPartial(object.scheduler)
+      : undefined;
+    message.adapterPool = (object.adapterPool !== undefined && object.adapterPool !== null)
+      ? AdapterPoolStatus.fromPartial(object.adapterPool)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseSchedulerStatus(): SchedulerStatus {
+  return { trainingShare: 0, generationStepMs: 0, trainingStepMs: 0, deferredMicroSteps: 0 };
+}
+
+export const SchedulerStatus: MessageFns<SchedulerStatus> = {
+  encode(message: SchedulerStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.trainingShare !== 0) {
+      writer.uint32(9).double(message.trainingShare);
+    }
+    if (message.generationStepMs !== 0) {
+      writer.uint32(17).double(message.generationStepMs);
+    }
+    if (message.trainingStepMs !== 0) {
+      writer.uint32(25).double(message.trainingStepMs);
+    }
+    if (message.deferredMicroSteps !== 0) {
+      writer.uint32(32).uint64(message.deferredMicroSteps);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SchedulerStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSchedulerStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 9) {
+              break;
+            }
+
+            message.trainingShare = reader.double();
+            continue;
+          }
+          case 2: {
+            if (tag !== 17) {
+              break;
+            }
+
+            message.generationStepMs = reader.double();
+            continue;
+          }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.trainingStepMs = reader.double();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.deferredMicroSteps = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SchedulerStatus {
+    return {
+      trainingShare: isSet(object.trainingShare)
+        ? globalThis.Number(object.trainingShare)
+        : isSet(object.training_share)
+        ? globalThis.Number(object.training_share)
+        : 0,
+      generationStepMs: isSet(object.generationStepMs)
+        ? globalThis.Number(object.generationStepMs)
+        : isSet(object.generation_step_ms)
+        ? globalThis.Number(object.generation_step_ms)
+        : 0,
+      trainingStepMs: isSet(object.trainingStepMs)
+        ? globalThis.Number(object.trainingStepMs)
+        : isSet(object.training_step_ms)
+        ? globalThis.Number(object.training_step_ms)
+        : 0,
+      deferredMicroSteps: isSet(object.deferredMicroSteps)
+        ? globalThis.Number(object.deferredMicroSteps)
+        : isSet(object.deferred_micro_steps)
+        ? globalThis.Number(object.deferred_micro_steps)
+        : 0,
+    };
+  },
+
+  toJSON(message: SchedulerStatus): unknown {
+    const obj: any = {};
+    if (message.trainingShare !== 0) {
+      obj.trainingShare = floatToJson(message.trainingShare);
+    }
+    if (message.generationStepMs !== 0) {
+      obj.generationStepMs = floatToJson(message.generationStepMs);
+    }
+    if (message.trainingStepMs !== 0) {
+      obj.trainingStepMs = floatToJson(message.trainingStepMs);
+    }
+    if (message.deferredMicroSteps !== 0) {
+      obj.deferredMicroSteps = Math.round(message.deferredMicroSteps);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SchedulerStatus>): SchedulerStatus {
+    return SchedulerStatus.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SchedulerStatus>): SchedulerStatus {
+    const message = createBaseSchedulerStatus();
+    message.trainingShare = object.trainingShare ?? 0;
+    message.generationStepMs = object.generationStepMs ?? 0;
+    message.trainingStepMs = object.trainingStepMs ?? 0;
+    message.deferredMicroSteps = object.deferredMicroSteps ?? 0;
+    return message;
+  },
+};
+
+function createBaseAdapterPoolStatus(): AdapterPoolStatus {
+  return {
+    deviceSlots: 0,
+    resident: 0,
+    pinned: 0,
+    hostBytes: 0,
+    hostBudgetBytes: 0,
+    waitingRequests: 0,
+    stats: undefined,
+  };
+}
+
+export const AdapterPoolStatus: MessageFns<AdapterPoolStatus> = {
+  encode(message: AdapterPoolStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.deviceSlots !== 0) {
+      writer.uint32(8).uint32(message.deviceSlots);
+    }
+    if (message.resident !== 0) {
+      writer.uint32(16).uint32(message.resident);
+    }
+    if (message.pinned !== 0) {
+      writer.uint32(24).uint32(message.pinned);
+    }
+    if (message.hostBytes !== 0) {
+      writer.uint32(32).uint64(message.hostBytes);
+    }
+    if (message.hostBudgetBytes !== 0) {
+      writer.uint32(40).uint64(message.hostBudgetBytes);
+    }
+    if (message.waitingRequests !== 0) {
+      writer.uint32(48).uint32(message.waitingRequests);
+    }
+    if (message.stats !== undefined) {
+      AdapterServingStats.encode(message.stats, writer.uint32(58).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AdapterPoolStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAdapterPoolStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.deviceSlots = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.resident = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.pinned = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.hostBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.hostBudgetBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.waitingRequests = reader.uint32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.stats = AdapterServingStats.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AdapterPoolStatus {
+    return {
+      deviceSlots: isSet(object.deviceSlots)
+        ? globalThis.Number(object.deviceSlots)
+        : isSet(object.device_slots)
+        ? globalThis.Number(object.device_slots)
+        : 0,
+      resident: isSet(object.resident) ? globalThis.Number(object.resident) : 0,
+      pinned: isSet(object.pinned) ? globalThis.Number(object.pinned) : 0,
+      hostBytes: isSet(object.hostBytes)
+        ? globalThis.Number(object.hostBytes)
+        : isSet(object.host_bytes)
+        ? globalThis.Number(object.host_bytes)
+        : 0,
+      hostBudgetBytes: isSet(object.hostBudgetBytes)
+        ? globalThis.Number(object.hostBudgetBytes)
+        : isSet(object.host_budget_bytes)
+        ? globalThis.Number(object.host_budget_bytes)
+        : 0,
+      waitingRequests: isSet(object.waitingRequests)
+        ? globalThis.Number(object.waitingRequests)
+        : isSet(object.waiting_requests)
+        ? globalThis.Number(object.waiting_requests)
+        : 0,
+      stats: isSet(object.stats) ? AdapterServingStats.fromJSON(object.stats) : undefined,
+    };
+  },
+
+  toJSON(message: AdapterPoolStatus): unknown {
+    const obj: any = {};
+    if (message.deviceSlots !== 0) {
+      obj.deviceSlots = Math.round(message.deviceSlots);
+    }
+    if (message.resident !== 0) {
+      obj.resident = Math.round(message.resident);
+    }
+    if (message.pinned !== 0) {
+      obj.pinned = Math.round(message.pinned);
+    }
+    if (message.hostBytes !== 0) {
+      obj.hostBytes = Math.round(message.hostBytes);
+    }
+    if (message.hostBudgetBytes !== 0) {
+      obj.hostBudgetBytes = Math.round(message.hostBudgetBytes);
+    }
+    if (message.waitingRequests !== 0) {
+      obj.waitingRequests = Math.round(message.waitingRequests);
+    }
+    if (message.stats !== undefined) {
+      obj.stats = AdapterServingStats.toJSON(message.stats);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<AdapterPoolStatus>): AdapterPoolStatus {
+    return AdapterPoolStatus.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<AdapterPoolStatus>): AdapterPoolStatus {
+    const message = createBaseAdapterPoolStatus();
+    message.deviceSlots = object.deviceSlots ?? 0;
+    message.resident = object.resident ?? 0;
+    message.pinned = object.pinned ?? 0;
+    message.hostBytes = object.hostBytes ?? 0;
+    message.hostBudgetBytes = object.hostBudgetBytes ?? 0;
+    message.waitingRequests = object.waitingRequests ?? 0;
+    message.stats = (object.stats !== undefined && object.stats !== null)
+      ? AdapterServingStats.fromPartial(object.stats)
+      : undefined;
     return message;
   },
 };

@@ -21,7 +21,7 @@ import {
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 import { Timestamp } from "../../google/protobuf/timestamp.js";
-import { TrainingMetrics } from "./common.js";
+import { SchedulingPolicy, TrainingMetrics } from "./common.js";
 
 export const protobufPackage = "tuneserve.v1";
 
@@ -342,6 +342,12 @@ export interface TrainRequest {
   initAdapterId: string;
   /** End the stream after the queued event; watch the job later with WatchJob. */
   detach: boolean;
+  /**
+   * When adapter_id exists, publish the trained adapter as its next version (the adapter must belong
+   * to the caller's tenant) instead of failing with ALREADY_EXISTS. The existing versions keep
+   * serving while the job runs.
+   */
+  newVersion: boolean;
 }
 
 /** One event of a training job, as streamed by Train and WatchJob. */
@@ -469,6 +475,8 @@ export interface JobStarted {
   trainExamples: number;
   /** Rows held out for evaluation. */
   evalExamples: number;
+  /** How the job shares the engine with generation (the server's setting when it started). */
+  schedulingPolicy?: SchedulingPolicy | undefined;
 }
 
 /**
@@ -554,6 +562,15 @@ export interface TrainingStep {
   elapsedSeconds: number;
   /** Estimated seconds to the last step. */
   etaSeconds: number;
+  /**
+   * Share of the engine's busy time this job got since the previous step, 0 to 1 (the rest went to
+   * generation steps); 1 when nothing was generated meanwhile.
+   */
+  deviceShare: number;
+  /** Generation steps the engine ran since the previous step. */
+  generationSteps: number;
+  /** Turns since the previous step in which the scheduling policy held training back for generation. */
+  deferredMicroSteps: number;
 }
 
 /** Loss on the held-out rows, and the forgetting check's figures. */
@@ -588,7 +605,13 @@ export interface JobCompleted {
   /** Id of the adapter it created (TrainRequest.adapter_id). */
   adapterId: string;
   /** What the run measured. */
-  metrics?: TrainingMetrics | undefined;
+  metrics?:
+    | TrainingMetrics
+    | undefined;
+  /** The version it published (1 for a new adapter; the next one with new_version). */
+  adapterVersion: number;
+  /** That version's content hash. */
+  contentHash: string;
 }
 
 /** The job failed. */
@@ -661,6 +684,8 @@ export interface Job {
   lastCheckpointStep: number;
   /** Sequence number of the job's latest event (WatchJob.after_sequence resumes from it). */
   lastSequence: number;
+  /** TrainRequest.new_version: the job publishes the next version of an existing adapter. */
+  newVersion: boolean;
 }
 
 /** Which job to return. */
@@ -1347,6 +1372,7 @@ function createBaseTrainRequest(): TrainRequest {
     config: undefined,
     initAdapterId: "",
     detach: false,
+    newVersion: false,
   };
 }
 
@@ -1372,6 +1398,9 @@ export const TrainRequest: MessageFns<TrainRequest> = {
     }
     if (message.detach !== false) {
       writer.uint32(56).bool(message.detach);
+    }
+    if (message.newVersion !== false) {
+      writer.uint32(64).bool(message.newVersion);
     }
     return writer;
   },
@@ -1445,6 +1474,14 @@ export const TrainRequest: MessageFns<TrainRequest> = {
             message.detach = reader.bool();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.newVersion = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1486,6 +1523,11 @@ export const TrainRequest: MessageFns<TrainRequest> = {
         ? globalThis.String(object.init_adapter_id)
         : "",
       detach: isSet(object.detach) ? globalThis.Boolean(object.detach) : false,
+      newVersion: isSet(object.newVersion)
+        ? globalThis.Boolean(object.newVersion)
+        : isSet(object.new_version)
+        ? globalThis.Boolean(object.new_version)
+        : false,
     };
   },
 
@@ -1512,6 +1554,9 @@ export const TrainRequest: MessageFns<TrainRequest> = {
     if (message.detach !== false) {
       obj.detach = message.detach;
     }
+    if (message.newVersion !== false) {
+      obj.newVersion = message.newVersion;
+    }
     return obj;
   },
 
@@ -1529,6 +1574,7 @@ export const TrainRequest: MessageFns<TrainRequest> = {
       : undefined;
     message.initAdapterId = object.initAdapterId ?? "";
     message.detach = object.detach ?? false;
+    message.newVersion = object.newVersion ?? false;
     return message;
   },
 };
@@ -2477,7 +2523,7 @@ export const JobQueued: MessageFns<JobQueued> = {
 };
 
 function createBaseJobStarted(): JobStarted {
-  return { totalSteps: 0, trainExamples: 0, evalExamples: 0 };
+  return { totalSteps: 0, trainExamples: 0, evalExamples: 0, schedulingPolicy: undefined };
 }
 
 export const JobStarted: MessageFns<JobStarted> = {
@@ -2490,6 +2536,9 @@ export const JobStarted: MessageFns<JobStarted> = {
     }
     if (message.evalExamples !== 0) {
       writer.uint32(24).uint32(message.evalExamples);
+    }
+    if (message.schedulingPolicy !== undefined) {
+      SchedulingPolicy.encode(message.schedulingPolicy, writer.uint32(34).fork()).join();
     }
     return writer;
   },
@@ -2531,6 +2580,14 @@ export const JobStarted: MessageFns<JobStarted> = {
             message.evalExamples = reader.uint32();
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.schedulingPolicy = SchedulingPolicy.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2560,6 +2617,11 @@ export const JobStarted: MessageFns<JobStarted> = {
         : isSet(object.eval_examples)
         ? globalThis.Number(object.eval_examples)
         : 0,
+      schedulingPolicy: isSet(object.schedulingPolicy)
+        ? SchedulingPolicy.fromJSON(object.schedulingPolicy)
+        : isSet(object.scheduling_policy)
+        ? SchedulingPolicy.fromJSON(object.scheduling_policy)
+        : undefined,
     };
   },
 
@@ -2574,6 +2636,9 @@ export const JobStarted: MessageFns<JobStarted> = {
     if (message.evalExamples !== 0) {
       obj.evalExamples = Math.round(message.evalExamples);
     }
+    if (message.schedulingPolicy !== undefined) {
+      obj.schedulingPolicy = SchedulingPolicy.toJSON(message.schedulingPolicy);
+    }
     return obj;
   },
 
@@ -2585,6 +2650,9 @@ export const JobStarted: MessageFns<JobStarted> = {
     message.totalSteps = object.totalSteps ?? 0;
     message.trainExamples = object.trainExamples ?? 0;
     message.evalExamples = object.evalExamples ?? 0;
+    message.schedulingPolicy = (object.schedulingPolicy !== undefined && object.schedulingPolicy !== null)
+      ? SchedulingPolicy.fromPartial(object.schedulingPolicy)
+      : undefined;
     return message;
   },
 };
@@ -3162,6 +3230,9 @@ function createBaseTrainingStep(): TrainingStep {
     tokensPerSecond: 0,
     elapsedSeconds: 0,
     etaSeconds: 0,
+    deviceShare: 0,
+    generationSteps: 0,
+    deferredMicroSteps: 0,
   };
 }
 
@@ -3193,6 +3264,15 @@ export const TrainingStep: MessageFns<TrainingStep> = {
     }
     if (message.etaSeconds !== 0) {
       writer.uint32(73).double(message.etaSeconds);
+    }
+    if (message.deviceShare !== 0) {
+      writer.uint32(81).double(message.deviceShare);
+    }
+    if (message.generationSteps !== 0) {
+      writer.uint32(88).uint32(message.generationSteps);
+    }
+    if (message.deferredMicroSteps !== 0) {
+      writer.uint32(96).uint32(message.deferredMicroSteps);
     }
     return writer;
   },
@@ -3282,6 +3362,30 @@ export const TrainingStep: MessageFns<TrainingStep> = {
             message.etaSeconds = reader.double();
             continue;
           }
+          case 10: {
+            if (tag !== 81) {
+              break;
+            }
+
+            message.deviceShare = reader.double();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.generationSteps = reader.uint32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.deferredMicroSteps = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3329,6 +3433,21 @@ export const TrainingStep: MessageFns<TrainingStep> = {
         : isSet(object.eta_seconds)
         ? globalThis.Number(object.eta_seconds)
         : 0,
+      deviceShare: isSet(object.deviceShare)
+        ? globalThis.Number(object.deviceShare)
+        : isSet(object.device_share)
+        ? globalThis.Number(object.device_share)
+        : 0,
+      generationSteps: isSet(object.generationSteps)
+        ? globalThis.Number(object.generationSteps)
+        : isSet(object.generation_steps)
+        ? globalThis.Number(object.generation_steps)
+        : 0,
+      deferredMicroSteps: isSet(object.deferredMicroSteps)
+        ? globalThis.Number(object.deferredMicroSteps)
+        : isSet(object.deferred_micro_steps)
+        ? globalThis.Number(object.deferred_micro_steps)
+        : 0,
     };
   },
 
@@ -3361,6 +3480,15 @@ export const TrainingStep: MessageFns<TrainingStep> = {
     if (message.etaSeconds !== 0) {
       obj.etaSeconds = floatToJson(message.etaSeconds);
     }
+    if (message.deviceShare !== 0) {
+      obj.deviceShare = floatToJson(message.deviceShare);
+    }
+    if (message.generationSteps !== 0) {
+      obj.generationSteps = Math.round(message.generationSteps);
+    }
+    if (message.deferredMicroSteps !== 0) {
+      obj.deferredMicroSteps = Math.round(message.deferredMicroSteps);
+    }
     return obj;
   },
 
@@ -3378,6 +3506,9 @@ export const TrainingStep: MessageFns<TrainingStep> = {
     message.tokensPerSecond = object.tokensPerSecond ?? 0;
     message.elapsedSeconds = object.elapsedSeconds ?? 0;
     message.etaSeconds = object.etaSeconds ?? 0;
+    message.deviceShare = object.deviceShare ?? 0;
+    message.generationSteps = object.generationSteps ?? 0;
+    message.deferredMicroSteps = object.deferredMicroSteps ?? 0;
     return message;
   },
 };
@@ -3595,7 +3726,7 @@ export const CheckpointSaved: MessageFns<CheckpointSaved> = {
 };
 
 function createBaseJobCompleted(): JobCompleted {
-  return { adapterId: "", metrics: undefined };
+  return { adapterId: "", metrics: undefined, adapterVersion: 0, contentHash: "" };
 }
 
 export const JobCompleted: MessageFns<JobCompleted> = {
@@ -3605,6 +3736,12 @@ export const JobCompleted: MessageFns<JobCompleted> = {
     }
     if (message.metrics !== undefined) {
       TrainingMetrics.encode(message.metrics, writer.uint32(18).fork()).join();
+    }
+    if (message.adapterVersion !== 0) {
+      writer.uint32(24).uint32(message.adapterVersion);
+    }
+    if (message.contentHash !== "") {
+      writer.uint32(34).string(message.contentHash);
     }
     return writer;
   },
@@ -3638,6 +3775,22 @@ export const JobCompleted: MessageFns<JobCompleted> = {
             message.metrics = TrainingMetrics.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.adapterVersion = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.contentHash = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3658,6 +3811,16 @@ export const JobCompleted: MessageFns<JobCompleted> = {
         ? globalThis.String(object.adapter_id)
         : "",
       metrics: isSet(object.metrics) ? TrainingMetrics.fromJSON(object.metrics) : undefined,
+      adapterVersion: isSet(object.adapterVersion)
+        ? globalThis.Number(object.adapterVersion)
+        : isSet(object.adapter_version)
+        ? globalThis.Number(object.adapter_version)
+        : 0,
+      contentHash: isSet(object.contentHash)
+        ? globalThis.String(object.contentHash)
+        : isSet(object.content_hash)
+        ? globalThis.String(object.content_hash)
+        : "",
     };
   },
 
@@ -3668,6 +3831,12 @@ export const JobCompleted: MessageFns<JobCompleted> = {
     }
     if (message.metrics !== undefined) {
       obj.metrics = TrainingMetrics.toJSON(message.metrics);
+    }
+    if (message.adapterVersion !== 0) {
+      obj.adapterVersion = Math.round(message.adapterVersion);
+    }
+    if (message.contentHash !== "") {
+      obj.contentHash = message.contentHash;
     }
     return obj;
   },
@@ -3681,6 +3850,8 @@ export const JobCompleted: MessageFns<JobCompleted> = {
     message.metrics = (object.metrics !== undefined && object.metrics !== null)
       ? TrainingMetrics.fromPartial(object.metrics)
       : undefined;
+    message.adapterVersion = object.adapterVersion ?? 0;
+    message.contentHash = object.contentHash ?? "";
     return message;
   },
 };
@@ -3955,6 +4126,7 @@ function createBaseJob(): Job {
     failureMessage: "",
     lastCheckpointStep: 0,
     lastSequence: 0,
+    newVersion: false,
   };
 }
 
@@ -4010,6 +4182,9 @@ export const Job: MessageFns<Job> = {
     }
     if (message.lastSequence !== 0) {
       writer.uint32(136).uint32(message.lastSequence);
+    }
+    if (message.newVersion !== false) {
+      writer.uint32(144).bool(message.newVersion);
     }
     return writer;
   },
@@ -4163,6 +4338,14 @@ export const Job: MessageFns<Job> = {
             message.lastSequence = reader.uint32();
             continue;
           }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.newVersion = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4250,6 +4433,11 @@ export const Job: MessageFns<Job> = {
         : isSet(object.last_sequence)
         ? globalThis.Number(object.last_sequence)
         : 0,
+      newVersion: isSet(object.newVersion)
+        ? globalThis.Boolean(object.newVersion)
+        : isSet(object.new_version)
+        ? globalThis.Boolean(object.new_version)
+        : false,
     };
   },
 
@@ -4306,6 +4494,9 @@ export const Job: MessageFns<Job> = {
     if (message.lastSequence !== 0) {
       obj.lastSequence = Math.round(message.lastSequence);
     }
+    if (message.newVersion !== false) {
+      obj.newVersion = message.newVersion;
+    }
     return obj;
   },
 
@@ -4337,6 +4528,7 @@ export const Job: MessageFns<Job> = {
     message.failureMessage = object.failureMessage ?? "";
     message.lastCheckpointStep = object.lastCheckpointStep ?? 0;
     message.lastSequence = object.lastSequence ?? 0;
+    message.newVersion = object.newVersion ?? false;
     return message;
   },
 };
