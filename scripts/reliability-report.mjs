@@ -101,10 +101,10 @@ export function writeReport(runFolder, target) {
     for (const l of loads) {
       out(l.description);
       out();
-      out('| sent | completed | failed, by code | lost | hung | latency p50 / p99 | first token p50 / p99 | server peak RSS | stalled readers: RSS growth, drain waits |');
+      out('| sent | completed | failed, by code | lost | hung | latency p50 / p99 | first token p50 / p99 | inter-token p50 / p99 | server peak RSS |');
       out('|---|---|---|---|---|---|---|---|---|');
       const failed = Object.entries(l.failedByCode).map(([c, n]) => `${c} ${n}`).join(', ') || 'none';
-      out(`| ${int(l.sent)} | ${int(l.completed)} | ${cell(failed)} | ${l.lost} | ${l.hung} | ${l.latencyMs.p50} / ${l.latencyMs.p99} ms | ${l.firstTokenMs.p50} / ${l.firstTokenMs.p99} ms | ${l.peakRssMb} MB | ${l.stalled.rssGrowthMb} MB, ${l.stalled.drainWaits} |`);
+      out(`| ${int(l.sent)} | ${int(l.completed)} | ${cell(failed)} | ${l.lost} | ${l.hung} | ${l.latencyMs.p50} / ${l.latencyMs.p99} ms | ${l.firstTokenMs.p50} / ${l.firstTokenMs.p99} ms | ${l.interTokenMs.p50} / ${l.interTokenMs.p99} ms | ${l.peakRssMb} MB |`);
       out();
       for (const note of l.alongside ?? []) out(`- ${note}`);
       out();

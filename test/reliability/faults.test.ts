@@ -1,8 +1,8 @@
 // Faults on real `tuneserve serve` processes (tiny model, CPU, plaintext on 127.0.0.1), each followed by
 // the checks that say nothing was lost or half-written:
-// - SIGKILL during an adapter save, at each point of it (the save's temp folder created, its config in
-//   place, the weights file being written, the folder renamed into the job's work folder, the
-//   metadata being written, the folder published): after a restart nothing half-written is visible,
+// - SIGKILL during an adapter save, at each point of it (its folder created in the job's work folder,
+//   the config being written, the weights file being written, then in place, the metadata being
+//   written, the folder published): after a restart nothing half-written is visible,
 //   every stored adapter (an earlier one among them, byte for byte) passes its integrity check and
 //   loads, the job's history is intact, and the job resumes to a complete adapter;
 // - SIGKILL during a merge, at each point of it (temp folder, shard, tokenizer, manifest, publish):
@@ -154,10 +154,10 @@ describe('faults on real serve processes', () => {
   it('SIGKILL at each point of an adapter save: nothing half-written visible, the earlier adapter intact, the job resumes', async () => {
     const dataRoot = join(sandbox, 'save-data');
     const points: Array<[string, RegExp]> = [
-      ['save started (temp folder created)', /^tmp\/job-[^/]+\/\.adapter\.tmp-[^/]+$/],
-      ['adapter_config.json written', /\.adapter\.tmp-[^/]+\/adapter_config\.json$/],
-      ['weights file being written', /\.adapter\.tmp-[^/]+\/adapter_model\.safetensors\.tmp-/],
-      ['folder renamed into the work folder', /^tmp\/job-[^/]+\/adapter$/],
+      ['save started (folder created in the work folder)', /^tmp\/job-[^/]+\/adapter$/],
+      ['adapter_config.json being written', /^tmp\/job-[^/]+\/adapter\/\.adapter_config\.json\.tmp-/],
+      ['weights file being written', /^tmp\/job-[^/]+\/adapter\/\.adapter_model\.safetensors\.tmp-/],
+      ['weights file in place', /^tmp\/job-[^/]+\/adapter\/adapter_model\.safetensors$/],
       ['tuneserve.json being written', /^tmp\/job-[^/]+\/adapter\/\.tuneserve\.json\.tmp-/],
       ['adapter published', /^adapters\/save-\d+$/],
     ];

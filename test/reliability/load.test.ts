@@ -1,11 +1,12 @@
-// Load with faults on loopback, on a real `tuneserve serve` process (tiny model, CPU): Generate streams at
-// a concurrency above the server's generation limit, each cancelled, given a short deadline, read slowly
-// or read to the end, over the base and an adapter; meanwhile a training job runs, datasets are
-// uploaded and deleted and adapters imported and deleted, and some export readers stall (never read).
-// Figures: sent, completed, failed by code, lost (must be 0), hung (must be 0), latency and first-token
-// p50/p99, the server's peak RSS; the stalled readers must not grow the server's memory without bound
-// (the server waits for 'drain' instead of buffering: its drain-wait counter moves, its RSS barely does),
-// and once they read again they get every byte. The driver is test/helpers/load-driver.ts.
+// Load with faults on loopback, on a real `tuneserve serve` process (tiny model, CPU): Generate streams
+// from the load generator (src/loadgen, Poisson arrivals, more streams than the server's generation
+// limit, random client cancels and deadlines) over the base and an adapter, plus slow readers that pause
+// after every message; meanwhile a training job runs, datasets are uploaded and deleted and adapters
+// imported and deleted, and some export readers stall (never read). Figures: sent, completed, failed by
+// code, lost (must be 0), hung (must be 0), latency / first-token / inter-token p50 and p99, the server's
+// peak RSS; the stalled readers must not grow the server's memory without bound (the server waits for
+// 'drain' instead of buffering: its drain-wait counter moves, its RSS barely does), and once they read
+// again they get every byte.
 
 import { createHash } from 'node:crypto';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -13,16 +14,18 @@ import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { ClientReadableStream } from '@grpc/grpc-js';
+import { Metadata, status, type ClientReadableStream, type ServiceError } from '@grpc/grpc-js';
 
 import { createClients, importAdapterFolder, uploadDatasetFile, type TuneClients } from '../../src/client/index.js';
 import { Engine } from '../../src/engine/engine.js';
 import { makeModel } from '../../src/engine/make-model.js';
 import { createLoraConfig } from '../../src/engine/peft-config.js';
 import type { ExportAdapterResponse } from '../../src/gen/tuneserve/v1/adapters.js';
+import { GenerateRequest } from '../../src/gen/tuneserve/v1/generation.js';
+import { percentiles, runLoad } from '../../src/loadgen/load.js';
 import { JobState, TrainingConfig } from '../../src/gen/tuneserve/v1/training.js';
 import { FULL, record } from '../helpers/fuzz.js';
-import { runGenerateLoad } from '../helpers/load-driver.js';
+import { Random } from '../helpers/random.js';
 import { inheritedSanitizerEnv, SANITIZER_REPORT } from '../helpers/sanitizer.js';
 import { startServe, type ServeProcess } from '../helpers/serve-process.js';
 import { call, collect, eventually } from '../server/harness.js';
@@ -130,9 +133,49 @@ describe('load with faults on loopback', () => {
 
     let peak = 0;
     const sampler = setInterval(() => void memoryOf(pid).then((m) => { peak = Math.max(peak, m.peak); }).catch(() => {}), 250);
-    const figures = await runGenerateLoad(clients, { requests: FULL ? 3000 : 300, concurrency: 12, seed: 51, adapters: ['', 'ad'], maxTokens: [2, 24] });
+    // Slow readers alongside the generator's streams: each pauses 20-200 ms after every message.
+    const slow = { sent: 0, completed: 0, failed: {} as Record<string, number>, lost: 0, hung: 0 };
+    const slowLoop = (async () => {
+      for (let k = 0; loading; k++) {
+        const random = new Random(7000 + k);
+        const deadline = Date.now() + 60_000;
+        const stream = clients.generation.generate(GenerateRequest.fromPartial({ text: 'Tell me a story.', adapterId: random.pick(['', 'ad']), maxTokens: random.int(4, 24) }), new Metadata(), { deadline });
+        slow.sent++;
+        const ended = new Promise<number>((resolve) => {
+          stream.on('data', () => {
+            stream.pause();
+            setTimeout(() => stream.resume(), random.int(20, 200));
+          });
+          stream.on('error', (error: ServiceError) => resolve(error.code));
+          stream.on('end', () => resolve(status.OK));
+        });
+        const code = await Promise.race([ended, new Promise<null>((resolve) => setTimeout(() => resolve(null), 65_000))]);
+        if (code === null) {
+          if ((await Promise.race([ended, new Promise<null>((resolve) => setTimeout(() => resolve(null), 30_000))])) === null) slow.lost++;
+          else slow.hung++;
+        } else if (code === status.OK) slow.completed++;
+        else slow.failed[status[code]!] = (slow.failed[status[code]!] ?? 0) + 1;
+      }
+    })();
+
+    const report = await runLoad({
+      clients, adapters: ['', 'ad'], requests: FULL ? 3000 : 300, ratePerSecond: 25, streams: 12, seed: 51,
+      promptTokens: { min: 4, max: 32 }, maxTokens: { min: 2, max: 24 }, cancelFraction: 0.2, deadlineFraction: 0.2,
+      deadlineMs: { min: 20, max: 600 }, expectedMsPerToken: 200, hungGraceMs: 15_000,
+    });
     loading = false;
-    await churnLoop;
+    await Promise.all([churnLoop, slowLoop]);
+    const latency = percentiles(report.records.filter((r) => r.outcome === 'completed' && r.endedAt !== null).map((r) => r.endedAt! - r.sentAt));
+    const failedByCode: Record<string, number> = { ...report.failed };
+    for (const [code, n] of Object.entries(slow.failed)) failedByCode[code] = (failedByCode[code] ?? 0) + n;
+    if (report.cancelled > 0) failedByCode.CANCELLED = (failedByCode.CANCELLED ?? 0) + report.cancelled;
+    const figures = {
+      sent: report.sent + slow.sent, completed: report.completed + slow.completed, failedByCode,
+      lost: report.lost + slow.lost, hung: report.hung + slow.hung,
+      latencyMs: { p50: Math.round(latency.p50), p99: Math.round(latency.p99) },
+      firstTokenMs: { p50: Math.round(report.ttftMs.p50), p99: Math.round(report.ttftMs.p99) },
+      interTokenMs: { p50: Math.round(report.interTokenMs.p50), p99: Math.round(report.interTokenMs.p99) },
+    };
 
     // The stalled readers held the server back through the whole load, then got every byte.
     const waits = (await drainWaits()) - waitsBefore;
@@ -156,15 +199,16 @@ describe('load with faults on loopback', () => {
     alongside.push(`${churn} rounds of upload + import + delete of a dataset and an adapter ran in between, all succeeded`);
 
     const rssGrowthMb = Math.round(rssStalled - rssBefore);
-    const description = `${figures.sent} Generate streams, 12 at a time against a limit of 8 concurrent generations (the excess refused with RetryInfo, which the driver honours), `
-      + `over the base and a rank-256 adapter; behaviours: ${Object.entries(figures.byBehaviour).map(([b, n]) => `${b} ${n}`).join(', ')} `
-      + '(cancel: the client cancels after 0–300 ms; deadline: 20–600 ms; slow: pauses 20–200 ms after each message).';
+    const description = `${figures.sent} Generate streams on loopback: ${report.sent} from the load generator (src/loadgen: Poisson arrivals at 25/s, up to 12 `
+      + 'open against a limit of 8 concurrent generations, 20% cancelled by the client after a random number of tokens, 20% with a 20–600 ms '
+      + `deadline) and ${slow.sent} slow readers pausing 20–200 ms after every message; over the base and a rank-256 adapter.`;
     alongside.unshift(`with the ${stalledCount} readers stalled, the server's RSS grew ${rssGrowthMb} MB (buffering their files would take ${Math.round((stalledCount * want.length) / 2 ** 20)} MB) and it waited for 'drain' ${waitsStalled} times`);
     record('load', { ...figures, description, peakRssMb: Math.round(peak), stalled: { readers: stalledCount, rssGrowthMb, drainWaits: waits }, alongside });
 
     expect(figures.lost).toBe(0);
     expect(figures.hung).toBe(0);
     expect(figures.completed).toBeGreaterThan(figures.sent / 4);
+    expect(slow.completed).toBeGreaterThan(0);
     // Sixteen stalled 2.5 MB exports would add 40 MB buffered whole; what the server may hold per stream
     // (16 queued 4 KiB messages plus HTTP/2's 64 KiB window) is about 2 MB for all of them, and 20 MB
     // leaves room for the allocator.

@@ -26,7 +26,7 @@ import { AdapterServiceService, ImportAdapterRequest } from '../../src/gen/tunes
 import { DatasetServiceService, UploadDatasetRequest } from '../../src/gen/tuneserve/v1/datasets.js';
 import { GenerationServiceService } from '../../src/gen/tuneserve/v1/generation.js';
 import { ModelServiceService } from '../../src/gen/tuneserve/v1/model.js';
-import { TrainingServiceService } from '../../src/gen/tuneserve/v1/training.js';
+import { TrainingConfig, TrainingServiceService } from '../../src/gen/tuneserve/v1/training.js';
 import { statusDetailsOf } from '../../src/server/status-details.js';
 import { fuzz, record } from '../helpers/fuzz.js';
 import type { Random } from '../helpers/random.js';
@@ -149,8 +149,12 @@ function request(name: string, d: Draw): Record<string, unknown> {
     case 'listAdapters': return { pageSize: d.uint(10), pageToken: random.chance(0.7) ? '' : id(), loadedOnly: d.bool() };
     case 'listDatasets': return { pageSize: d.uint(10), pageToken: random.chance(0.7) ? '' : id() };
     case 'listJobs': return { pageSize: d.uint(10), pageToken: random.chance(0.7) ? '' : id(), states: Array.from({ length: random.int(0, 3) }, () => d.enumValue(7)) };
-    case 'getAdapter': case 'loadAdapter': case 'unloadAdapter': case 'deleteAdapter': return { adapterId: d.existing('ad') };
+    case 'getAdapter': case 'deleteAdapter': return { adapterId: d.existing('ad') };
+    case 'loadAdapter': case 'unloadAdapter': return { adapterId: random.pick([d.existing('ad'), 'ad@v1', 'ad@prod', 'ad@v0', 'ad@v99', 'ad@'] ) };
     case 'setAdapterShared': return { adapterId: d.existing('ad'), shared: d.bool() };
+    case 'setAdapterAlias': return { adapterId: d.existing('ad'), alias: random.pick(['prod', 'latest', 'v1', 'a.b', d.str()]), version: d.uint(2) };
+    case 'rollbackAdapterAlias': case 'deleteAdapterAlias': return { adapterId: d.existing('ad'), alias: random.pick(['prod', 'latest', d.str()]) };
+    case 'pinAdapter': return { adapterId: random.pick([d.existing('ad'), 'ad@v1', 'ad@prod', 'ad@v99']), pinned: d.bool() };
     case 'exportAdapter': return { adapterId: d.existing('ad'), chunkSize: d.uint(65536) };
     case 'mergeAndUnload': return { adapterId: d.existing('ad'), outputName: d.fresh(), dtype: d.enumValue(4), base: d.enumValue(3), unloadAdapter: d.bool() };
     case 'getDataset': case 'deleteDataset': return { datasetId: d.existing('ds') };
@@ -159,8 +163,8 @@ function request(name: string, d: Draw): Record<string, unknown> {
     case 'watchJob': return { jobId: id(), afterSequence: d.uint(3) };
     case 'cancelJob': case 'resumeJob': return { jobId: id() };
     case 'train': return {
-      jobId: d.fresh(), adapterId: d.fresh(), initAdapterId: random.chance(0.7) ? '' : d.existing('ad'), detach: random.chance(0.7),
-      ...(random.chance(0.6) ? { datasetId: d.existing('ds') } : { inlineJsonl: d.rows() }), ...(random.chance(0.9) ? { config: trainingConfig(d) } : {}),
+      jobId: d.fresh(), adapterId: random.chance(0.8) ? d.fresh() : d.existing('ad'), initAdapterId: random.chance(0.7) ? '' : d.existing('ad'), detach: random.chance(0.7), newVersion: random.chance(0.2),
+      ...(random.chance(0.6) ? { datasetId: d.existing('ds') } : { inlineJsonl: d.rows() }), ...(random.chance(0.9) ? { config: TrainingConfig.fromPartial(trainingConfig(d)) } : {}),
     };
     case 'generate': {
       const prompt = random.below(4);
@@ -173,7 +177,7 @@ function request(name: string, d: Draw): Record<string, unknown> {
       };
     }
     case 'uploadDataset': return { header: { datasetId: id(), sizeBytes: d.uint(100), sha256: random.chance(0.5) ? 'a'.repeat(64) : id(), shared: d.bool() } };
-    case 'importAdapter': return { header: { adapterId: id(), files: Array.from({ length: random.int(0, 4) }, () => ({ name: random.pick(['adapter_config.json', 'adapter_model.safetensors', 'README.md', id()]), sizeBytes: d.uint(100), sha256: random.chance(0.5) ? 'b'.repeat(64) : id() })), shared: d.bool() } };
+    case 'importAdapter': return { header: { adapterId: id(), newVersion: random.chance(0.2), files: Array.from({ length: random.int(0, 4) }, () => ({ name: random.pick(['adapter_config.json', 'adapter_model.safetensors', 'README.md', id()]), sizeBytes: d.uint(100), sha256: random.chance(0.5) ? 'b'.repeat(64) : id() })), shared: d.bool() } };
     default: throw new Error(`no generator for ${name}`);
   }
 }
@@ -183,8 +187,14 @@ function encode(method: Method, value: Record<string, unknown>): Buffer {
   try {
     return method.requestSerialize(value as never);
   } catch {
-    const clean = JSON.parse(JSON.stringify(value, (_k, v: unknown) => (typeof v === 'number' && (!Number.isFinite(v) || v < 0 || !Number.isInteger(v)) ? 1 : v))) as Record<string, unknown>;
-    return method.requestSerialize(clean as never);
+    // Every number a uint32 field could refuse becomes 1; bytes, strings and structure stay.
+    const clean = (v: unknown): unknown => {
+      if (typeof v === 'number') return Number.isInteger(v) && v >= 0 && v < 2 ** 32 ? v : 1;
+      if (Array.isArray(v)) return v.map(clean);
+      if (v !== null && typeof v === 'object' && !(v instanceof Uint8Array)) return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, clean(x)]));
+      return v;
+    };
+    return method.requestSerialize(clean(value) as never);
   }
 }
 

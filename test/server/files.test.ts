@@ -188,7 +188,7 @@ describe('adapter files', () => {
     await fs.writeFile(weights, bytes);
     const integrity = { reason: 'INTEGRITY_MISMATCH' };
     const loaded = await expectStatus(call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'bad' }), status.DATA_LOSS, integrity);
-    expect(loaded.message).toMatch(/^adapter "bad": adapter_model\.safetensors has changed \(SHA-256 [0-9a-f]{12}…, stored [0-9a-f]{12}…\) since it was stored/);
+    expect(loaded.message).toMatch(/^adapter "bad@v1": adapter_model\.safetensors has changed \(SHA-256 [0-9a-f]{12}…, stored [0-9a-f]{12}…\) since it was stored/);
     const generated = await collect(clients.generation.generate(GenerateRequest.fromPartial({ text: 'hi', adapterId: 'bad', maxTokens: 2 })));
     expect(generated.error?.code).toBe(status.DATA_LOSS);
     const exported = await collect(clients.adapters.exportAdapter({ adapterId: 'bad', chunkSize: 0 }));
@@ -199,7 +199,7 @@ describe('adapter files', () => {
     // The other adapter loads and serves.
     await call(clients.adapters.loadAdapter, clients.adapters, { adapterId: 'good' });
     expect((await collect(clients.generation.generate(GenerateRequest.fromPartial({ text: 'hi', adapterId: 'good', maxTokens: 2 })))).error).toBeNull();
-    expect(engine.loadedAdapters()).toEqual(['good']);
+    expect(engine.loadedAdapters()).toEqual(['good@v1']);
   });
 
   it('deletes an idle loaded adapter (unloading it first)', async () => {
