@@ -42,6 +42,8 @@ std::string state_json(const TrainerState& s) {
   o += "  \"best_eval_loss\": " + number(s.best_eval_loss) + ",\n";
   o += "  \"best_step\": " + std::to_string(s.best_step) + ",\n";
   o += "  \"evals_since_best\": " + std::to_string(s.evals_since_best) + ",\n";
+  o += "  \"last_loss\": " + number(s.last_loss) + ",\n";
+  o += "  \"last_eval_loss\": " + number(s.last_eval_loss) + ",\n";
   o += "  \"config_hash\": ";
   json_append_string(o, s.config_hash);
   o += ",\n  \"data_hash\": ";
@@ -135,6 +137,13 @@ TrainerState read_trainer_state(const std::string& dir) {
   s.best_eval_loss = num("best_eval_loss");
   s.best_step = int64_t(num("best_step"));
   s.evals_since_best = int(num("evals_since_best"));
+  // Checkpoints written before these two fields: the spike window's newest loss, no evaluation known.
+  const JsonValue* last_loss = v.find("last_loss");
+  const JsonValue* last_eval = v.find("last_eval_loss");
+  require(!last_loss || last_loss->is_number(), "INVALID_CHECKPOINT", path + ": \"last_loss\" is not a number");
+  require(!last_eval || last_eval->is_number(), "INVALID_CHECKPOINT", path + ": \"last_eval_loss\" is not a number");
+  s.last_loss = last_loss ? last_loss->number : s.recent_losses.empty() ? 0 : s.recent_losses.back();
+  s.last_eval_loss = last_eval ? last_eval->number : -1;
   s.config_hash = str("config_hash");
   s.data_hash = str("data_hash");
   return s;

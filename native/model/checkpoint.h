@@ -33,6 +33,10 @@ struct TrainerState {
   double best_eval_loss = -1;         // -1: no evaluation yet
   int64_t best_step = 0;
   int evals_since_best = 0;
+  // The step the position ends: its loss and the job's latest evaluation (-1: none yet). A job resumed
+  // at its last step, or stopped before its first new step, reports these.
+  double last_loss = 0;
+  double last_eval_loss = -1;
   std::string config_hash, data_hash;
 };
 

@@ -713,6 +713,7 @@ bool Executor::training_step() {
         j->trainer = std::make_unique<Trainer>(model_, pool_, j->adapter, std::move(j->examples), j->hyper,
                                                std::move(j->eval_examples), std::move(j->forgetting_examples));
         training_bytes_ = j->trainer->workspace_bytes();
+        j->last = j->trainer->resumed_report();  // what the job reports if it runs no step (resumed at its end)
         auto plan = std::make_shared<const TrainingMemoryPlan>(j->trainer->memory_plan());
         std::lock_guard<std::mutex> lock(mu_);
         training_plan_ = std::move(plan);
@@ -721,7 +722,7 @@ bool Executor::training_step() {
       StepReport report;
       stepped = true;
       const auto t0 = std::chrono::steady_clock::now();
-      const bool step_done = !j->trainer->done() && j->trainer->micro_step(&report);  // resumed at its last step: nothing to run
+      const bool step_done = !j->trainer->done() && j->trainer->micro_step(&report);  // resumed at its end: nothing to run
       account(true, seconds_since(t0));
       if (step_done) {
         j->last = report;

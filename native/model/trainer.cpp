@@ -137,6 +137,8 @@ Trainer::Trainer(LlamaModel& model, AdapterPool& pool, AdapterPool::Handle adapt
     interventions_ = st.interventions;
     recent_losses_ = st.recent_losses;
     best_eval_ = st.best_eval_loss;
+    last_loss_ = st.last_loss;
+    last_eval_ = st.last_eval_loss;
     best_step_ = st.best_step;
     evals_since_best_ = st.evals_since_best;
   }
@@ -283,6 +285,19 @@ void Trainer::restore(const LoraAdapter& from) {
     }
 }
 
+StepReport Trainer::resumed_report() const {
+  StepReport r;
+  r.step = step_;
+  r.total_steps = total_steps_;
+  r.epoch = epoch_ < 0 ? 0 : (double)epoch_ + (double)cursor_ / (double)micro_batches_per_epoch_;
+  r.loss = last_loss_;
+  r.has_eval = last_eval_ >= 0;
+  r.eval_loss = r.has_eval ? last_eval_ : 0;
+  r.best_step = best_step_;
+  r.best_eval_loss = best_eval_ < 0 ? 0 : best_eval_;
+  return r;
+}
+
 TrainerState Trainer::state_at(const TrainerPosition& p) const {
   TrainerState s;
   s.position = p;
@@ -294,6 +309,8 @@ TrainerState Trainer::state_at(const TrainerPosition& p) const {
   s.best_eval_loss = best_eval_;
   s.best_step = best_step_;
   s.evals_since_best = evals_since_best_;
+  s.last_loss = last_loss_;
+  s.last_eval_loss = last_eval_;
   s.config_hash = hyper_.config_hash;
   s.data_hash = hyper_.data_hash;
   return s;
@@ -325,6 +342,8 @@ void Trainer::rollback(StepReport* report, const std::string& reason) {
   micro_counter_ = st.position.micro_counter;
   if (epoch_ >= 0 && cursor_ < micro_batches_per_epoch_) reorder(epoch_);
   recent_losses_ = st.recent_losses;
+  last_loss_ = st.last_loss;
+  last_eval_ = st.last_eval_loss;
   lr_scale_ *= hyper_.rollback_lr_factor;
   planned_.clear();
   planned_next_ = 0;
@@ -434,6 +453,7 @@ bool Trainer::micro_step(StepReport* report) {
     if (recent_losses_.size() > SPIKE_WINDOW) recent_losses_.erase(recent_losses_.begin());
   }
   report->step = step_;
+  last_loss_ = loss;
   report->epoch = (double)epoch_ + (double)cursor_ / (double)micro_batches_per_epoch_;
   report->seconds = now_seconds() - step_started_;
   const bool eval_now = hyper_.eval_every > 0 ? step_ % hyper_.eval_every == 0 || step_ >= total_steps_
@@ -441,6 +461,7 @@ bool Trainer::micro_step(StepReport* report) {
   if (eval_now && !eval_examples_.empty()) {
     report->has_eval = true;
     report->eval_loss = evaluate(eval_examples_, true);
+    last_eval_ = report->eval_loss;
     if (best_eval_ < 0 || report->eval_loss < best_eval_ - hyper_.early_stopping_min_delta) {
       best_eval_ = report->eval_loss;
       best_step_ = step_;

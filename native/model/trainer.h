@@ -106,6 +106,9 @@ class Trainer {
   bool done() const { return step_ >= total_steps_ || stopped_early_; }
   size_t workspace_bytes() const { return workspace_.bytes(); }
   const TrainingMemoryPlan& memory_plan() const { return plan_; }
+  // The last completed step as the trainer knows it without running one (step, loss, latest
+  // evaluation, best): what a job reports when it resumed at its end or stops before a new step.
+  StepReport resumed_report() const;
   // Runs one micro-batch; returns true (and fills *report) when it completed an optimizer step.
   bool micro_step(StepReport* report);
   // Writes a checkpoint of the last completed step (a micro-step in progress is discarded: a resume
@@ -172,6 +175,8 @@ class Trainer {
   std::vector<double> recent_losses_;
   std::unique_ptr<Snapshot> last_good_;  // what a rollback returns to
   double best_eval_ = -1;
+  double last_loss_ = 0;    // loss of the last completed step
+  double last_eval_ = -1;   // the latest evaluation's loss (-1: none)
   int64_t best_step_ = 0;
   int evals_since_best_ = 0;
   std::unique_ptr<LoraAdapter> best_weights_;  // with keep_best: the weights of the best evaluation (host)

@@ -393,7 +393,7 @@ export class Engine {
     });
     const last = await awaitCancellable(job.promise, () => this.native.cancel(job.id), handlers.signal);
     return {
-      steps: last.step, finalLoss: last.loss, evalLoss, tokens, seconds: (performance.now() - started) / 1000, cancelled: last.cancelled,
+      steps: last.step, finalLoss: last.loss, evalLoss: evalLoss ?? last.evalLoss ?? null, tokens, seconds: (performance.now() - started) / 1000, cancelled: last.cancelled,
       stoppedEarly: last.stoppedEarly === true, bestStep: last.bestStep ?? 0, bestEvalLoss: last.bestEvalLoss ?? null,
       forgettingBaseLoss, forgettingLoss, interventions, cancelCheckpoint: last.cancelled ? last.checkpoint ?? null : null,
     };
