@@ -15,7 +15,6 @@
 
 import { credentials, Metadata, status, type ServiceError } from '@grpc/grpc-js';
 import * as fs from 'node:fs/promises';
-import * as net from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeModel } from '../../src/engine/make-model.js';
@@ -25,20 +24,13 @@ import { hashKey, newKey } from '../../src/server/auth.js';
 import { createClients, type TuneClients } from '../../src/client/index.js';
 import { ROOT } from '../helpers/dist.js';
 import { startOtlpReceiver, type OtlpReceiver, type ReceivedSpan } from '../helpers/otlp-receiver.js';
+import { freePort } from '../helpers/ports.js';
 import { startServe, type ServeProcess } from '../helpers/serve-process.js';
 import { call, collect, eventually, makeSandbox, upload } from '../server/harness.js';
 
 const DATA = join(ROOT, 'data', 'memorize-20.jsonl');
 const PROMPT_SECRET = 'SECRET-PROMPT-7f3a';
 const SPAN_KIND_SERVER = 2;
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
 const withRequestId = (id: string): Metadata => {
   const metadata = new Metadata();

@@ -10,7 +10,6 @@
 
 import { createHash } from 'node:crypto';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -27,16 +26,9 @@ import { JobState, TrainingConfig } from '../../src/gen/tuneserve/v1/training.js
 import { FULL, record } from '../helpers/fuzz.js';
 import { Random } from '../helpers/random.js';
 import { inheritedSanitizerEnv, SANITIZER_REPORT } from '../helpers/sanitizer.js';
+import { freePort } from '../helpers/ports.js';
 import { startServe, type ServeProcess } from '../helpers/serve-process.js';
 import { call, collect, eventually } from '../server/harness.js';
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
 /** Resident and peak resident memory of a process, MiB (Linux /proc). */
 async function memoryOf(pid: number): Promise<{ rss: number; peak: number }> {

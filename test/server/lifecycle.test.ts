@@ -5,11 +5,11 @@
 import { credentials, loadPackageDefinition, makeClientConstructor, status, type Client, type ServiceError } from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { service as healthService } from 'grpc-health-check';
-import * as net from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { GenerateRequest } from '../../src/gen/tuneserve/v1/generation.js';
 import { Quantization } from '../../src/gen/tuneserve/v1/model.js';
 import { SERVICE_NAMES } from '../../src/server/server.js';
+import { freePort } from '../helpers/ports.js';
 import { EngineDouble } from './engine-double.js';
 import { call, collect, eventually, expectStatus, startHarness, type Harness } from './harness.js';
 
@@ -26,14 +26,6 @@ function health(client: HealthClient, service: string): Promise<string> {
   return new Promise((resolve, reject) =>
     client.check({ service }, (error, response) => (error ? reject(error) : resolve(String(response.status)))),
   );
-}
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
 }
 
 describe('lifecycle', () => {
