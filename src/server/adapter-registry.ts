@@ -426,10 +426,6 @@ export class AdapterRegistry {
   }
 
   /**
-   * Serves the adapter a training run left in memory as the version just published for it: the
-   * pool keeps it, so the first request reads no file.
-   */
-  /**
    * Checks a version's files against the manifest in its tuneserve.json (integrity.ts): INTEGRITY_MISMATCH
    * (gRPC DATA_LOSS) when one changed on disk since it was stored. Loads into the pool (once per process
    * and version), exports and merges read the files only after this.
@@ -444,6 +440,10 @@ export class AdapterRegistry {
     return record;
   }
 
+  /**
+   * Serves the adapter a training run left in memory as the version just published for it: the
+   * pool keeps it, so the first request reads no file.
+   */
   adoptTrained(record: VersionRecord, trained: TrainedAdapter): void {
     // Its files were written from this very copy and hashed in memory.
     this.verified.add(`${versionKey(record.adapterId, record.version)}:${record.contentHash}`);

@@ -122,7 +122,10 @@ describe('adapter versions and train-to-serve over the real engine', () => {
     expect(remade.ids).not.toEqual(v1.ids);
   });
 
-  it('an adapter whose file went bad fails its own request with ADAPTER_LOAD_FAILED; the request beside it goes on', async () => {
+  it('an adapter whose file went bad on disk fails its own request with INTEGRITY_MISMATCH; the request beside it goes on', async () => {
+    // The bytes are checked against the manifest before the pool first reads a version (integrity.ts), so
+    // the damaged file never reaches the engine; the pool's own ADAPTER_LOAD_FAILED path (and its
+    // loadFailures counter) is tested in test/adapter-pool.test.ts.
     await importAdapter(clients, 'good', { files: files(5) });
     await importAdapter(clients, 'bad', { files: files(6) });
     const alone = await generate('good', 60);
@@ -130,8 +133,12 @@ describe('adapter versions and train-to-serve over the real engine', () => {
     const [good, bad] = await Promise.all([collect(clients.generation.generate(request('good', 60))), collect(clients.generation.generate(request('bad', 60)))]);
     expect(good.error).toBeNull();
     expect(good.messages.flatMap((m) => m.tokenIds)).toEqual(alone.ids);
-    expectError(bad.error, status.FAILED_PRECONDITION, { reason: 'ADAPTER_LOAD_FAILED' });
+    expectError(bad.error, status.DATA_LOSS, { reason: 'INTEGRITY_MISMATCH' });
+    expect(bad.error?.details).toContain('adapter_model.safetensors');
+    // Refused again on the next request: a failed check is not remembered as passed.
+    const again = await collect(clients.generation.generate(request('bad', 60)));
+    expectError(again.error, status.DATA_LOSS, { reason: 'INTEGRITY_MISMATCH' });
     const { adapter } = await call(clients.adapters.getAdapter, clients.adapters, { adapterId: 'bad' });
-    expect(adapter?.stats?.loadFailures).toBe(1);
+    expect(adapter?.stats?.loads).toBe(0);
   });
 });

@@ -9,17 +9,18 @@
 // again they get every byte.
 
 import { createHash } from 'node:crypto';
+import http2 from 'node:http2';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Metadata, status, type ClientReadableStream, type ServiceError } from '@grpc/grpc-js';
+import { Metadata, status, type ServiceError } from '@grpc/grpc-js';
 
 import { createClients, importAdapterFolder, uploadDatasetFile, type TuneClients } from '../../src/client/index.js';
 import { Engine } from '../../src/engine/engine.js';
 import { makeModel } from '../../src/engine/make-model.js';
 import { createLoraConfig } from '../../src/engine/peft-config.js';
-import type { ExportAdapterResponse } from '../../src/gen/tuneserve/v1/adapters.js';
+import { ExportAdapterRequest, ExportAdapterResponse } from '../../src/gen/tuneserve/v1/adapters.js';
 import { GenerateRequest } from '../../src/gen/tuneserve/v1/generation.js';
 import { percentiles, runLoad } from '../../src/loadgen/load.js';
 import { JobState, TrainingConfig } from '../../src/gen/tuneserve/v1/training.js';
@@ -35,6 +36,48 @@ async function memoryOf(pid: number): Promise<{ rss: number; peak: number }> {
   const text = await readFile(`/proc/${pid}/status`, 'utf8');
   const kib = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(text)?.[1] ?? 0);
   return { rss: kib('VmRSS') / 1024, peak: kib('VmHWM') / 1024 };
+}
+
+/**
+ * An ExportAdapter call by a raw HTTP/2 client that reads nothing until resume(): the stream is paused
+ * from the start, so Node grants no more HTTP/2 window (stream or connection) than the first 64 KiB and
+ * whatever else the server would send stays with the server. resume() reads the rest and resolves with
+ * the adapter weights file reassembled and the call's outcome. (A grpc-js client cannot stall a server
+ * this way: paused, it still reads into its own memory.)
+ */
+function stalledExport(session: http2.ClientHttp2Session, adapterId: string, chunkSize: number): { resume(): Promise<{ error: string | null; file: Buffer }> } {
+  const stream = session.request({ ':method': 'POST', ':path': '/tuneserve.v1.AdapterService/ExportAdapter', 'content-type': 'application/grpc', te: 'trailers' });
+  const body = ExportAdapterRequest.encode(ExportAdapterRequest.fromPartial({ adapterId, chunkSize })).finish();
+  const frame = Buffer.alloc(5 + body.length);
+  frame.writeUInt32BE(body.length, 1);
+  frame.set(body, 5);
+  stream.end(frame);
+  stream.pause();
+  const received: Buffer[] = [];
+  const ended = new Promise<string | null>((resolve) => {
+    let grpcStatus: string | null = null;
+    stream.on('trailers', (trailers) => { grpcStatus = String(trailers['grpc-status']); });
+    stream.on('response', (headers) => { if (headers['grpc-status'] !== undefined) grpcStatus = String(headers['grpc-status']); });
+    stream.on('data', (chunk: Buffer) => received.push(chunk));
+    stream.on('close', () => resolve(grpcStatus === '0' ? null : `grpc-status ${grpcStatus}`));
+    stream.on('error', (error) => resolve(String(error)));
+  });
+  return {
+    async resume() {
+      stream.resume();
+      const error = await ended;
+      // Length-prefixed gRPC messages: a flag byte, a 4-byte big-endian length, the protobuf bytes.
+      const bytes = Buffer.concat(received);
+      const parts: Buffer[] = [];
+      for (let at = 0; at + 5 <= bytes.length; ) {
+        const length = bytes.readUInt32BE(at + 1);
+        const message = ExportAdapterResponse.decode(bytes.subarray(at + 5, at + 5 + length));
+        if (message.chunk?.name === 'adapter_model.safetensors') parts.push(Buffer.from(message.chunk.data));
+        at += 5 + length;
+      }
+      return { error, file: Buffer.concat(parts) };
+    },
+  };
 }
 
 describe('load with faults on loopback', () => {
@@ -78,27 +121,13 @@ describe('load with faults on loopback', () => {
     const pid = serve.child.pid!;
     const alongside: string[] = [];
 
-    // Stalled readers: exports of the 2.5 MB adapter in 4 KiB chunks that read one message and then stop.
+    // Stalled readers: exports of the 2.5 MB adapter in 4 KiB chunks by clients that stop reading at the
+    // HTTP/2 level (a grpc-js client keeps reading into its own memory when paused, so it cannot stall one).
     const stalledCount = 16;
     const waitsBefore = await drainWaits();
     const rssBefore = (await memoryOf(pid)).rss;
-    const stalled = Array.from({ length: stalledCount }, () => {
-      const stream: ClientReadableStream<ExportAdapterResponse> = clients.adapters.exportAdapter({ adapterId: 'ad', chunkSize: 4096 });
-      const chunks: Buffer[] = [];
-      let paused = false;
-      const done = new Promise<{ error: unknown }>((resolve) => {
-        stream.on('data', (m: ExportAdapterResponse) => {
-          if (m.chunk?.name === 'adapter_model.safetensors') chunks.push(Buffer.from(m.chunk.data));
-          if (!paused) {
-            paused = true;
-            stream.pause();
-          }
-        });
-        stream.on('end', () => resolve({ error: null }));
-        stream.on('error', (error) => resolve({ error }));
-      });
-      return { stream, chunks, done };
-    });
+    const stallSession = http2.connect(`http://127.0.0.1:${serve.port}`);
+    const stalled = Array.from({ length: stalledCount }, () => stalledExport(stallSession, 'ad', 4096));
 
     // Buffered whole, the stalled files would cost the server 16 × 2.5 MB at once; it must not.
     await new Promise((resolve) => setTimeout(resolve, 2000));
@@ -172,13 +201,13 @@ describe('load with faults on loopback', () => {
     // The stalled readers held the server back through the whole load, then got every byte.
     const waits = (await drainWaits()) - waitsBefore;
     const want = await readFile(join(sandbox, 'adapter', 'adapter_model.safetensors'));
-    for (const s of stalled) s.stream.resume();
-    const results = await Promise.all(stalled.map((s) => s.done));
+    const results = await Promise.all(stalled.map((s) => s.resume()));
+    stallSession.close();
     clearInterval(sampler);
     peak = Math.max(peak, (await memoryOf(pid)).peak);
-    for (const [i, r] of results.entries()) {
+    for (const r of results) {
       expect(r.error).toBeNull();
-      expect(createHash('sha256').update(Buffer.concat(stalled[i]!.chunks)).digest('hex')).toBe(createHash('sha256').update(want).digest('hex'));
+      expect(createHash('sha256').update(r.file).digest('hex')).toBe(createHash('sha256').update(want).digest('hex'));
     }
     alongside.push(`${stalledCount} export readers stalled through the whole load, then read: every byte arrived (${(want.length / 1e6).toFixed(1)} MB each)`);
 
@@ -201,11 +230,10 @@ describe('load with faults on loopback', () => {
     expect(figures.hung).toBe(0);
     expect(figures.completed).toBeGreaterThan(figures.sent / 4);
     expect(slow.completed).toBeGreaterThan(0);
-    // Sixteen stalled 2.5 MB exports would add 40 MB buffered whole; what the server may hold per stream
-    // (16 queued 4 KiB messages plus HTTP/2's 64 KiB window) is about 2 MB for all of them, and 20 MB
-    // leaves room for the allocator.
-    expect(waitsStalled).toBeGreaterThan(0);
-    expect(rssGrowthMb).toBeLessThan(20);
+    // Sixteen stalled 2.5 MB exports add 40 MB when buffered whole (39–40 MB measured with the server
+    // changed to ignore 'drain'); honouring it, the server grew 15–16 MB (per-call state, the integrity
+    // check's read buffers, code paths warming up). 28 MB sits between the two with room either side.
+    expect(rssGrowthMb).toBeLessThan(28);
     expect(serve.stderr().match(SANITIZER_REPORT) ?? []).toEqual([]);
     expect(serve.lines.filter((l) => l.level === 'error' || Number(l.level) >= 50).map((l) => l.msg)).toEqual([]);
   }, 3_600_000);
