@@ -27,24 +27,14 @@
 #include "cuda/cuda_backend.h"
 #include "model/executor.h"
 
+#include "bench_shapes.h"
+
 namespace {
 
 using namespace ts;
 using Clock = std::chrono::steady_clock;
 
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-LlamaConfig shape(const std::string& preset) {
-  LlamaConfig c;
-  if (preset == "tiny") {
-    c.H = 256, c.I = 768, c.L = 2, c.NH = 8, c.NKV = 4, c.D = 32, c.V = 2048;
-  } else {  // Llama 3 / 3.1 8B
-    c.H = 4096, c.I = 14336, c.L = 32, c.NH = 32, c.NKV = 8, c.D = 128, c.V = 128256;
-  }
-  c.rope_llama3 = true;
-  c.max_pos = 131072;
-  return c;
-}
 
 // Uniform [-scale, scale) values from a counter hash, filled in parallel.
 void fill_uniform(std::vector<float>& v, size_t n, float scale, uint64_t key) {
@@ -171,7 +161,7 @@ int main(int argc, char** argv) {
     }
   }
   try {
-    const LlamaConfig c = shape(preset);
+    const LlamaConfig c = bench_shape(preset);
     auto t0 = Clock::now();
     auto weights = random_model(c);
     std::printf("{\"note\": \"random %s NF4 model made on the host in %.1f s\"}\n", preset.c_str(), since(t0));

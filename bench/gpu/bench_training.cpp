@@ -46,6 +46,8 @@
 #include "model/memory_plan.h"
 #include "model/trainer.h"
 
+#include "bench_shapes.h"
+
 namespace {
 
 using namespace ts;
@@ -56,18 +58,6 @@ double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock:
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
-LlamaConfig shape(const std::string& preset) {
-  LlamaConfig c;
-  if (preset == "tiny") {
-    c.H = 256, c.I = 768, c.L = 2, c.NH = 8, c.NKV = 4, c.D = 32, c.V = 2048;
-  } else {  // Llama 3 / 3.1 8B
-    c.H = 4096, c.I = 14336, c.L = 32, c.NH = 32, c.NKV = 8, c.D = 128, c.V = 128256;
-  }
-  c.rope_llama3 = true;
-  c.max_pos = 131072;
-  return c;
 }
 
 // ---- a backend that counts allocations and, when asked, times every op ----------------------------
@@ -402,7 +392,7 @@ int main(int argc, char** argv) {
   const uint32_t qkvo = (1u << Q) | (1u << K) | (1u << V_PROJ) | (1u << O);
   const uint32_t targets = targets_name == "all" ? (1u << NUM_TARGETS) - 1 : qkvo;
   try {
-    const LlamaConfig c = shape(preset);
+    const LlamaConfig c = bench_shape(preset);
     cuda::CudaBackendOptions co;
     co.float32_compute = compute == "f32";
     std::unique_ptr<Backend> device = cuda::make_cuda_backend(co);

@@ -285,13 +285,7 @@ void AdapterPool::loader() {
       std::lock_guard<std::mutex> lock(mu_);
       e->loading = false;
       if (host) {
-        e->bytes = adapter_bytes(*host);
-        e->host = std::move(host);
-        e->fresh = true;
-        host_bytes_ += e->bytes;
-        e->stats.loads++;
-        e->stats.load_seconds += dt;
-        e->stats.last_load_seconds = dt;
+        install_host_locked(*e, std::move(host), dt);
       } else {
         e->failure_code = code;
         e->failure = message;
@@ -314,13 +308,17 @@ void AdapterPool::load_now(const Handle& e) {
   const double dt = seconds_since(t0);
   std::lock_guard<std::mutex> lock(mu_);
   if (e->host) return;  // the loader finished first
-  e->bytes = adapter_bytes(*host);
-  e->host = std::move(host);
-  e->fresh = true;
-  host_bytes_ += e->bytes;
-  e->stats.loads++;
-  e->stats.load_seconds += dt;
-  e->stats.last_load_seconds = dt;
+  install_host_locked(*e, std::move(host), dt);
+}
+
+void AdapterPool::install_host_locked(Entry& e, std::shared_ptr<LoraAdapter> host, double seconds) {
+  e.bytes = adapter_bytes(*host);
+  e.host = std::move(host);
+  e.fresh = true;
+  host_bytes_ += e.bytes;
+  e.stats.loads++;
+  e.stats.load_seconds += seconds;
+  e.stats.last_load_seconds = seconds;
 }
 
 // ---------------------------------------------------------------------------------- slots

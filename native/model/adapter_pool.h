@@ -155,6 +155,8 @@ class AdapterPool {
   void point_at_host(Entry& e);
   void release_slot(Entry& e);  // from ~Entry, any thread
   std::vector<Handle> residents_locked() const;  // what the slots hold (drop outside the lock)
+  // A read finished: `host` joins the host tier, counted as a load of `seconds`.
+  void install_host_locked(Entry& e, std::shared_ptr<LoraAdapter> host, double seconds);
   Entry* lru_idle_locked(const std::vector<Handle>& residents) const;
   void loader();
 

@@ -5,6 +5,7 @@
 import { encodeSafetensors } from '../engine/safetensors.js';
 import { adapterConfigJson, createLoraConfig, loraTensorShapes } from '../engine/peft-config.js';
 import type { LlamaConfig } from '../engine/model-folder.js';
+import { seededRandom } from './random.js';
 
 /** The shape fields an adapter depends on (GetModelInfo's architecture carries them). */
 export type AdapterBaseShape = Pick<LlamaConfig, 'hiddenSize' | 'intermediateSize' | 'numLayers' | 'numHeads' | 'numKvHeads' | 'headDim'>;
@@ -22,22 +23,10 @@ export interface RandomAdapterOptions {
   poison?: boolean;
 }
 
-/** mulberry32: a small seeded generator of uniforms in [0, 1). */
-function uniform(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** adapter_config.json and adapter_model.safetensors of a random adapter, as bytes. */
 export function randomAdapterFiles(base: AdapterBaseShape, options: RandomAdapterOptions): Record<'adapter_config.json' | 'adapter_model.safetensors', Buffer> {
   const lora = createLoraConfig({ r: options.rank, alpha: options.alpha ?? 2 * options.rank, dropout: 0, targets: options.targets ?? 'q_proj,k_proj,v_proj,o_proj' });
-  const next = uniform(options.seed);
+  const next = seededRandom(options.seed);
   const scale = options.scale ?? 0.05;
   let poisoned = !options.poison;
   const tensors = [...loraTensorShapes(base as LlamaConfig, lora)].map(([name, shape]) => {

@@ -9,6 +9,7 @@
 import { Metadata, status, type ClientReadableStream, type ServiceError } from '@grpc/grpc-js';
 import type { TuneClients } from '../client/connection.js';
 import { GenerateRequest, type GenerateResponse } from '../gen/tuneserve/v1/generation.js';
+import { seededRandom } from './random.js';
 
 /** What to send. */
 export interface LoadOptions {
@@ -78,18 +79,6 @@ export interface LoadReport {
   wallSeconds: number;
   outputTokensPerSecond: number;
   records: RequestRecord[];
-}
-
-/** mulberry32: seeded uniforms in [0, 1). */
-export function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** Nearest-rank percentiles of a sample (zeros for an empty one). */

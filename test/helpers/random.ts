@@ -1,16 +1,9 @@
 // Seeded pseudo-random numbers for test inputs (mulberry32): the same seed gives the same stream.
 
-/** A generator of uniform numbers in [0, 1). */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { seededRandom } from '../../src/loadgen/random.js';
+
+/** A generator of uniform numbers in [0, 1): the project's one seeded stream. */
+export const rng = seededRandom;
 
 /** Draws of the shapes fuzz cases need, on one rng stream. */
 export class Random {
